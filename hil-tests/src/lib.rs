@@ -1,1 +1,5 @@
-//! Outpost hil.
+//! System tests, crash tests, the link emulator and benchmarks for Outpost. The tests under
+//! `tests/` start real peers (Mosquitto, pymodbus, asyncua, ...) and the gateway itself;
+//! `src/bin/bench.rs` runs the benchmarks.
+
+pub mod benches;

@@ -189,11 +189,20 @@ mod tests {
         m.float_gauge("outpost_test_ratio", "Ratio", &[("x", "y")])
             .set(0.5);
         let text = m.encode();
-        assert!(text.contains("outpost_test_events_total{stream=\"a\"} 4"), "{text}");
+        assert!(
+            text.contains("outpost_test_events_total{stream=\"a\"} 4"),
+            "{text}"
+        );
         assert!(text.contains("outpost_test_depth{} 7"), "{text}");
         assert!(text.contains("outpost_test_ratio{x=\"y\"} 0.5"), "{text}");
-        assert_eq!(m.counter_value("outpost_test_events", &[("stream", "a")]), 4);
-        assert_eq!(m.counter_value("outpost_test_events", &[("stream", "b")]), 0);
+        assert_eq!(
+            m.counter_value("outpost_test_events", &[("stream", "a")]),
+            4
+        );
+        assert_eq!(
+            m.counter_value("outpost_test_events", &[("stream", "b")]),
+            0
+        );
     }
 
     #[tokio::test]
