@@ -2,6 +2,7 @@
 //! over ractor, durable storage (the outbox), metrics and logging. Everything else in the
 //! workspace depends on this crate; it depends on none of them.
 
+pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,570 @@
+//! The gateway config schema: one TOML file per gateway. Every struct rejects unknown keys;
+//! every number and duration checks its range while it is read (see [`super::types`]), and
+//! [`super::validate`] checks what spans several keys (unique names, references).
+//!
+//! `config/reference.toml` documents every key; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Bounded, ByteSize, Dur, Secret};
+use crate::logging::LogFormat;
+use crate::model::Priority;
+
+/// A whole gateway config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this gateway is and where it keeps its data.
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    /// Device connections: one device-stream actor each.
+    #[serde(default)]
+    pub devices: Vec<DeviceConfig>,
+    /// Fusion groups: an aligner and a fusion actor each.
+    #[serde(default)]
+    pub fusion: Vec<FusionGroupConfig>,
+    /// Where data goes. Without it the gateway only stores.
+    pub uplink: Option<UplinkConfig>,
+    #[serde(default)]
+    pub link: LinkSection,
+    #[serde(default)]
+    pub supervision: SupervisionSection,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Identity of this gateway at the hub: letters, digits, `-`, `_`, `.`; at most 64.
+    pub id: String,
+    /// Directory for the outbox, local history and model state. Created if missing.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// An EnvFilter directive such as `info` or `info,outpost_actors=debug`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[serde(default = "default_metrics_addr")]
+    pub listen: SocketAddr,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_metrics_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            enabled: true,
+            listen: default_metrics_addr(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Most bytes the outbox may hold. Past it: bulk evicted first, then normal
+    /// oldest-first; control and critical never (intake is slowed and an alarm raised).
+    #[serde(default = "default_quota")]
+    pub quota: ByteSize,
+    /// Longest time a sample may wait in memory before its batch is made durable.
+    #[serde(default = "default_commit")]
+    pub commit_interval: Dur<1, 10_000>,
+    /// Most samples in one durable batch.
+    #[serde(default = "default_batch")]
+    pub max_batch: Bounded<1, 100_000>,
+}
+
+fn default_quota() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_commit() -> Dur<1, 10_000> {
+    Dur::from_millis(20)
+}
+fn default_batch() -> Bounded<1, 100_000> {
+    Bounded(2_000)
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            quota: default_quota(),
+            commit_interval: default_commit(),
+            max_batch: default_batch(),
+        }
+    }
+}
+
+/// One device connection. Exactly one protocol section (`modbus`, `mqtt`) is present.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Unique name; also the prefix of this device's metrics labels.
+    pub name: String,
+    /// Priority class of this device's samples.
+    #[serde(default = "normal")]
+    pub priority: Priority,
+    pub modbus: Option<ModbusDeviceConfig>,
+    pub mqtt: Option<MqttDeviceConfig>,
+}
+
+fn normal() -> Priority {
+    Priority::Normal
+}
+
+impl DeviceConfig {
+    /// The protocol this device speaks, for logs and metrics.
+    pub fn protocol(&self) -> &'static str {
+        match (&self.modbus, &self.mqtt) {
+            (Some(_), _) => "modbus",
+            (_, Some(_)) => "mqtt",
+            _ => "none",
+        }
+    }
+}
+
+/// Modbus TCP device.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusDeviceConfig {
+    /// `host:port` of the Modbus TCP server.
+    pub address: String,
+    #[serde(default = "one_u8")]
+    pub unit_id: Bounded<0, 255>,
+    /// Timeout of each request; the connection is re-opened after one.
+    #[serde(default = "default_modbus_timeout")]
+    pub timeout: Dur<10, 60_000>,
+    /// Gap (in registers) bridged when merging neighbouring points into one request.
+    #[serde(default = "default_max_gap")]
+    pub max_gap: Bounded<0, 124>,
+    pub poll_groups: Vec<PollGroupConfig>,
+}
+
+fn one_u8() -> Bounded<0, 255> {
+    Bounded(1)
+}
+fn default_modbus_timeout() -> Dur<10, 60_000> {
+    Dur::from_millis(1000)
+}
+fn default_max_gap() -> Bounded<0, 124> {
+    Bounded(8)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollGroupConfig {
+    pub interval: Dur<10, 86_400_000>,
+    pub points: Vec<ModbusPointConfig>,
+}
+
+/// Modbus table a point lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTable {
+    /// Function code 1.
+    Coil,
+    /// Function code 2.
+    DiscreteInput,
+    /// Function code 3.
+    Holding,
+    /// Function code 4.
+    Input,
+}
+
+/// Data type of a Modbus point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusType {
+    Bool,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    F64,
+}
+
+impl ModbusType {
+    /// Registers (or bits, for `bool`) the type occupies.
+    pub fn width(self) -> u16 {
+        match self {
+            ModbusType::Bool | ModbusType::U16 | ModbusType::I16 => 1,
+            ModbusType::U32 | ModbusType::I32 | ModbusType::F32 => 2,
+            ModbusType::F64 => 4,
+        }
+    }
+}
+
+/// Order of words (registers) or of bytes within a word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endian {
+    #[default]
+    Big,
+    Little,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusPointConfig {
+    /// Stream name of the samples this point produces.
+    pub stream: String,
+    pub table: ModbusTable,
+    /// Zero-based address (protocol address, not the 4xxxx notation).
+    pub address: Bounded<0, 65_535>,
+    #[serde(rename = "type")]
+    pub data_type: ModbusType,
+    #[serde(default)]
+    pub word_order: Endian,
+    #[serde(default)]
+    pub byte_order: Endian,
+    /// value = raw * scale + offset
+    #[serde(default = "one_f64")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum MqttVersion {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttDeviceConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    #[serde(default)]
+    pub version: MqttVersion,
+    /// Defaults to `outpost-<gateway id>-<device name>`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsClientConfig>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Dur<1_000, 3_600_000>,
+    #[serde(default)]
+    pub reconnect: BackoffConfig,
+    pub subscriptions: Vec<MqttSubscriptionConfig>,
+}
+
+fn default_keep_alive() -> Dur<1_000, 3_600_000> {
+    Dur::from_millis(30_000)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientConfig {
+    /// CA certificate(s), PEM, that sign the server's certificate.
+    pub ca: PathBuf,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key: Option<Secret>,
+    /// Name expected in the server certificate; defaults to the host part of the address.
+    pub server_name: Option<String>,
+}
+
+/// Payload format of an MQTT subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON document; `fields` pick values by JSON pointer.
+    Json,
+    /// The payload is one number in text (`21.5`).
+    Number,
+    /// The payload as a string value (at most 255 bytes kept).
+    Raw,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSubscriptionConfig {
+    /// Topic filter; `+` and `#` wildcards allowed.
+    pub topic: String,
+    #[serde(default = "one_qos")]
+    pub qos: Bounded<0, 1>,
+    pub format: PayloadFormat,
+    /// For `number` and `raw`: the stream name; `{1}`, `{2}`... are the topic segments
+    /// matched by the 1st, 2nd... `+` wildcard.
+    pub stream: Option<String>,
+    /// For `json`: one stream per field.
+    #[serde(default)]
+    pub fields: Vec<JsonFieldConfig>,
+    /// JSON pointer to a source timestamp (ns, ms or s since the epoch as a number, or
+    /// RFC 3339 text). Without it, the arrival time is used.
+    pub timestamp_pointer: Option<String>,
+}
+
+fn one_qos() -> Bounded<0, 1> {
+    Bounded(1)
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonFieldConfig {
+    /// JSON pointer (RFC 6901), e.g. `/sensors/0/value`.
+    pub pointer: String,
+    /// Stream name; `{1}`... as for `stream` above.
+    pub stream: String,
+    #[serde(default = "one_f64")]
+    pub scale: f64,
+    #[serde(default)]
+    pub offset: f64,
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    #[serde(default = "default_backoff_initial")]
+    pub initial: Dur<1, 600_000>,
+    #[serde(default = "default_backoff_max")]
+    pub max: Dur<1, 3_600_000>,
+}
+
+fn default_backoff_initial() -> Dur<1, 600_000> {
+    Dur::from_millis(200)
+}
+fn default_backoff_max() -> Dur<1, 3_600_000> {
+    Dur::from_millis(30_000)
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+/// Interpolation used by the aligner for one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    ZeroOrderHold,
+    #[default]
+    Linear,
+    Cubic,
+}
+
+/// What the aligner does with a sample older than the watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    #[default]
+    Drop,
+    Reemit,
+}
+
+/// A fusion group: its input streams are aligned on a common tick, then fused.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusionGroupConfig {
+    pub name: String,
+    /// Input stream names (from devices or other fusion groups).
+    pub inputs: Vec<String>,
+    /// Name of the fused output stream.
+    pub output: String,
+    pub tick: Dur<1, 3_600_000>,
+    #[serde(default = "default_lateness")]
+    pub allowed_lateness: Dur<0, 3_600_000>,
+    #[serde(default)]
+    pub late: LatePolicy,
+    /// A stream silent longer than this is marked bad until it speaks again.
+    #[serde(default = "default_stale")]
+    pub stale_after: Dur<1, 86_400_000>,
+    #[serde(default)]
+    pub interpolation: Interpolation,
+}
+
+fn default_lateness() -> Dur<0, 3_600_000> {
+    Dur::from_millis(200)
+}
+fn default_stale() -> Dur<1, 86_400_000> {
+    Dur::from_millis(5_000)
+}
+
+/// Uplink transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UplinkTransport {
+    #[default]
+    Quic,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    #[serde(default)]
+    pub transport: UplinkTransport,
+    /// `host:port` of the hub.
+    pub hub: String,
+    /// Name in the hub's certificate.
+    pub server_name: String,
+    /// CA certificate (PEM) that signs the hub's and the gateways' certificates.
+    pub ca: PathBuf,
+    /// This gateway's certificate (PEM), signed by the CA.
+    pub cert: PathBuf,
+    /// This gateway's private key (PEM).
+    pub key: Secret,
+    #[serde(default = "default_uplink_keep_alive")]
+    pub keep_alive: Dur<100, 600_000>,
+    /// Most samples per frame.
+    #[serde(default = "default_frame_samples")]
+    pub max_frame_samples: Bounded<1, 65_535>,
+    #[serde(default)]
+    pub reconnect: BackoffConfig,
+}
+
+fn default_uplink_keep_alive() -> Dur<100, 600_000> {
+    Dur::from_millis(5_000)
+}
+fn default_frame_samples() -> Bounded<1, 65_535> {
+    Bounded(1_000)
+}
+
+/// Thresholds of the link classes (SPEC §2).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSection {
+    #[serde(default = "d_fiber_mbps")]
+    pub fiber_min_mbps: f64,
+    #[serde(default = "d_fiber_rtt")]
+    pub fiber_max_rtt: Dur<0, 60_000>,
+    #[serde(default = "d_broadband_mbps")]
+    pub broadband_min_mbps: f64,
+    #[serde(default = "d_mobile_mbps")]
+    pub mobile_min_mbps: f64,
+    /// RTT above which the link is satellite whatever its rate.
+    #[serde(default = "d_sat_rtt")]
+    pub satellite_min_rtt: Dur<0, 60_000>,
+    /// Sustained evidence needed before an up-grade.
+    #[serde(default = "d_upgrade")]
+    pub upgrade_after: Dur<0, 3_600_000>,
+    /// Least time spent in a class before another change.
+    #[serde(default = "d_dwell")]
+    pub min_dwell: Dur<0, 3_600_000>,
+    /// Active probe budget.
+    #[serde(default = "d_probe_budget")]
+    pub probe_budget_per_hour: ByteSize,
+}
+
+fn d_fiber_mbps() -> f64 {
+    100.0
+}
+fn d_fiber_rtt() -> Dur<0, 60_000> {
+    Dur::from_millis(20)
+}
+fn d_broadband_mbps() -> f64 {
+    10.0
+}
+fn d_mobile_mbps() -> f64 {
+    1.0
+}
+fn d_sat_rtt() -> Dur<0, 60_000> {
+    Dur::from_millis(500)
+}
+fn d_upgrade() -> Dur<0, 3_600_000> {
+    Dur::from_millis(5_000)
+}
+fn d_dwell() -> Dur<0, 3_600_000> {
+    Dur::from_millis(1_000)
+}
+fn d_probe_budget() -> ByteSize {
+    ByteSize(20_000_000)
+}
+
+impl Default for LinkSection {
+    fn default() -> Self {
+        LinkSection {
+            fiber_min_mbps: d_fiber_mbps(),
+            fiber_max_rtt: d_fiber_rtt(),
+            broadband_min_mbps: d_broadband_mbps(),
+            mobile_min_mbps: d_mobile_mbps(),
+            satellite_min_rtt: d_sat_rtt(),
+            upgrade_after: d_upgrade(),
+            min_dwell: d_dwell(),
+            probe_budget_per_hour: d_probe_budget(),
+        }
+    }
+}
+
+/// Restart policy of the device-stream actors' supervisor.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisionSection {
+    /// Most restarts of one supervisor's children within `within` before it escalates.
+    #[serde(default = "d_max_restarts")]
+    pub max_restarts: Bounded<1, 10_000>,
+    #[serde(default = "d_within")]
+    pub within: Dur<100, 86_400_000>,
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+}
+
+fn d_max_restarts() -> Bounded<1, 10_000> {
+    Bounded(10)
+}
+fn d_within() -> Dur<100, 86_400_000> {
+    Dur::from_millis(60_000)
+}
+
+impl Default for SupervisionSection {
+    fn default() -> Self {
+        SupervisionSection {
+            max_restarts: d_max_restarts(),
+            within: d_within(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Checks that span several keys or need more than a type: unique names, references
+//! between sections, address syntax, topic filters, files and secrets that must exist.
+
+use std::collections::{HashMap, HashSet};
+
+use super::schema::*;
+use super::{KeyPath, Secret};
+use crate::model::StreamId;
+
+type Problems = Vec<(KeyPath, String)>;
+
+fn root() -> KeyPath {
+    KeyPath::default()
+}
+
+/// Every problem found; empty when the config is valid.
+pub(super) fn validate(c: &Config) -> Problems {
+    let mut p = Problems::new();
+    let id = &c.gateway.id;
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    {
+        p.push((
+            root().key("gateway").key("id"),
+            format!("invalid gateway id {id:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    if c.storage.quota.0 < 1 << 20 {
+        p.push((
+            root().key("storage").key("quota"),
+            format!(
+                "quota of {} bytes is too small: expected at least 1MiB",
+                c.storage.quota.0
+            ),
+        ));
+    }
+
+    let mut streams: HashMap<String, KeyPath> = HashMap::new();
+    let mut device_names = HashSet::new();
+    for (i, d) in c.devices.iter().enumerate() {
+        let at = root().key("devices").index(i);
+        if d.name.trim().is_empty() {
+            p.push((at.clone().key("name"), "device name is empty".into()));
+        } else if !device_names.insert(d.name.as_str()) {
+            p.push((
+                at.clone().key("name"),
+                format!("duplicate device name {:?}: names must be unique", d.name),
+            ));
+        }
+        let sections = usize::from(d.modbus.is_some()) + usize::from(d.mqtt.is_some());
+        if sections != 1 {
+            p.push((
+                at.clone(),
+                format!(
+                    "device {:?} must have exactly one protocol section (`modbus` or `mqtt`), found {sections}",
+                    d.name
+                ),
+            ));
+        }
+        if let Some(m) = &d.modbus {
+            let at = at.clone().key("modbus");
+            check_host_port(&mut p, &m.address, at.clone().key("address"));
+            if m.poll_groups.is_empty() {
+                p.push((
+                    at.clone().key("poll_groups"),
+                    "expected at least one poll group".into(),
+                ));
+            }
+            for (g, group) in m.poll_groups.iter().enumerate() {
+                let at = at.clone().key("poll_groups").index(g);
+                if group.points.is_empty() {
+                    p.push((
+                        at.clone().key("points"),
+                        "expected at least one point".into(),
+                    ));
+                }
+                for (k, pt) in group.points.iter().enumerate() {
+                    let at = at.clone().key("points").index(k);
+                    add_stream(&mut p, &mut streams, &pt.stream, at.clone().key("stream"));
+                    let bit_table =
+                        matches!(pt.table, ModbusTable::Coil | ModbusTable::DiscreteInput);
+                    if bit_table != (pt.data_type == ModbusType::Bool) {
+                        p.push((
+                            at.clone().key("type"),
+                            if bit_table {
+                                "coils and discrete inputs hold bits: expected type = \"bool\"".into()
+                            } else {
+                                "registers hold numbers: expected one of u16, i16, u32, i32, f32, f64".into()
+                            },
+                        ));
+                    }
+                    if pt.address.0 + u64::from(pt.data_type.width()) > 65_536 {
+                        p.push((
+                            at.clone().key("address"),
+                            format!(
+                                "a {:?} at address {} runs past the last register (65535)",
+                                pt.data_type, pt.address.0
+                            ),
+                        ));
+                    }
+                    if !pt.scale.is_finite() || pt.scale == 0.0 {
+                        p.push((
+                            at.clone().key("scale"),
+                            "expected a finite, non-zero number".into(),
+                        ));
+                    }
+                    if !pt.offset.is_finite() {
+                        p.push((at.clone().key("offset"), "expected a finite number".into()));
+                    }
+                }
+            }
+        }
+        if let Some(m) = &d.mqtt {
+            let at = at.clone().key("mqtt");
+            check_host_port(&mut p, &m.broker, at.clone().key("broker"));
+            if m.password.is_some() && m.username.is_none() {
+                p.push((
+                    at.clone().key("password"),
+                    "a password needs a `username`".into(),
+                ));
+            }
+            if let Some(t) = &m.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                p.push((
+                    at.clone().key("tls"),
+                    "a client certificate needs both `cert` and `key`".into(),
+                ));
+            }
+            if m.reconnect.initial.get() > m.reconnect.max.get() {
+                p.push((
+                    at.clone().key("reconnect").key("initial"),
+                    "initial backoff is larger than `max`".into(),
+                ));
+            }
+            if m.subscriptions.is_empty() {
+                p.push((
+                    at.clone().key("subscriptions"),
+                    "expected at least one subscription".into(),
+                ));
+            }
+            for (k, s) in m.subscriptions.iter().enumerate() {
+                let at = at.clone().key("subscriptions").index(k);
+                let wildcards = match topic_filter_wildcards(&s.topic) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        p.push((at.clone().key("topic"), e));
+                        0
+                    }
+                };
+                let check_template = |p: &mut Problems, name: &str, at: KeyPath| {
+                    for n in placeholders(name) {
+                        if n == 0 || n > wildcards {
+                            p.push((
+                                at.clone(),
+                                format!(
+                                    "placeholder {{{n}}} refers to a `+` wildcard the topic {:?} does not have ({wildcards} there)",
+                                    s.topic
+                                ),
+                            ));
+                        }
+                    }
+                };
+                match s.format {
+                    PayloadFormat::Json => {
+                        if s.fields.is_empty() {
+                            p.push((
+                                at.clone().key("fields"),
+                                "format \"json\" needs at least one `fields` entry".into(),
+                            ));
+                        }
+                        if s.stream.is_some() {
+                            p.push((
+                                at.clone().key("stream"),
+                                "format \"json\" names its streams in `fields`; remove `stream`"
+                                    .into(),
+                            ));
+                        }
+                        for (f, field) in s.fields.iter().enumerate() {
+                            let at = at.clone().key("fields").index(f);
+                            if !(field.pointer.is_empty() || field.pointer.starts_with('/')) {
+                                p.push((
+                                    at.clone().key("pointer"),
+                                    format!("invalid JSON pointer {:?}: expected \"\" or a path starting with `/`", field.pointer),
+                                ));
+                            }
+                            check_template(&mut p, &field.stream, at.clone().key("stream"));
+                            add_stream(
+                                &mut p,
+                                &mut streams,
+                                &field.stream,
+                                at.clone().key("stream"),
+                            );
+                        }
+                    }
+                    PayloadFormat::Number | PayloadFormat::Raw => {
+                        match &s.stream {
+                            Some(name) => {
+                                check_template(&mut p, name, at.clone().key("stream"));
+                                add_stream(&mut p, &mut streams, name, at.clone().key("stream"));
+                            }
+                            None => p.push((
+                                at.clone().key("stream"),
+                                "formats \"number\" and \"raw\" need a `stream` name".into(),
+                            )),
+                        }
+                        if !s.fields.is_empty() {
+                            p.push((
+                                at.clone().key("fields"),
+                                "`fields` is only for format \"json\"".into(),
+                            ));
+                        }
+                    }
+                }
+                if let Some(ptr) = &s.timestamp_pointer
+                    && !(ptr.is_empty() || ptr.starts_with('/'))
+                {
+                    p.push((
+                        at.clone().key("timestamp_pointer"),
+                        format!("invalid JSON pointer {ptr:?}: expected a path starting with `/`"),
+                    ));
+                }
+            }
+        }
+    }
+
+    let mut group_names = HashSet::new();
+    let known: HashSet<String> = streams.keys().cloned().collect();
+    let mut outputs = Vec::new();
+    for (i, g) in c.fusion.iter().enumerate() {
+        let at = root().key("fusion").index(i);
+        if !group_names.insert(g.name.as_str()) {
+            p.push((
+                at.clone().key("name"),
+                format!("duplicate fusion group name {:?}", g.name),
+            ));
+        }
+        if g.inputs.is_empty() {
+            p.push((
+                at.clone().key("inputs"),
+                "expected at least one input stream".into(),
+            ));
+        }
+        let outputs_so_far: HashSet<&str> =
+            c.fusion[..i].iter().map(|g| g.output.as_str()).collect();
+        for input in &g.inputs {
+            if !known.contains(input) && !outputs_so_far.contains(input.as_str()) {
+                let names: Vec<&str> = known.iter().map(String::as_str).collect();
+                let hint = super::did_you_mean(input, &names)
+                    .map(|k| format!("; did you mean {k:?}?"))
+                    .unwrap_or_default();
+                p.push((
+                    at.clone().key("inputs"),
+                    format!("input stream {input:?} is not produced by any device or earlier fusion group{hint}"),
+                ));
+            }
+        }
+        outputs.push((g.output.clone(), at.key("output")));
+    }
+    for (name, at) in outputs {
+        add_stream(&mut p, &mut streams, &name, at);
+    }
+
+    if let Some(u) = &c.uplink {
+        let at = root().key("uplink");
+        check_host_port(&mut p, &u.hub, at.clone().key("hub"));
+        if u.server_name.trim().is_empty() {
+            p.push((
+                at.key("server_name"),
+                "expected the name in the hub's certificate".into(),
+            ));
+        }
+    }
+
+    let l = &c.link;
+    let at = root().key("link");
+    for (key, v) in [
+        ("fiber_min_mbps", l.fiber_min_mbps),
+        ("broadband_min_mbps", l.broadband_min_mbps),
+        ("mobile_min_mbps", l.mobile_min_mbps),
+    ] {
+        if !v.is_finite() || v <= 0.0 || v > 1e6 {
+            p.push((
+                at.clone().key(key),
+                format!("{v} is out of range: expected a rate in Mbit/s from above 0 to 1000000"),
+            ));
+        }
+    }
+    if !(l.fiber_min_mbps > l.broadband_min_mbps && l.broadband_min_mbps > l.mobile_min_mbps) {
+        p.push((
+            at.clone().key("broadband_min_mbps"),
+            "thresholds must decrease: fiber_min_mbps > broadband_min_mbps > mobile_min_mbps"
+                .into(),
+        ));
+    }
+    if l.satellite_min_rtt <= l.fiber_max_rtt {
+        p.push((
+            at.key("satellite_min_rtt"),
+            "satellite_min_rtt must be larger than fiber_max_rtt".into(),
+        ));
+    }
+    p
+}
+
+/// `{1}` placeholders replaced by a letter, so a template can be checked as a stream name.
+fn placeholder_free(name: &str) -> String {
+    name.replace(['{', '}'], "_")
+}
+
+/// The numbers inside `{n}` placeholders.
+fn placeholders(name: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut rest = name;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                out.push(after[..end].parse().unwrap_or(0));
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Validates an MQTT topic filter; returns its number of `+` wildcards.
+pub fn topic_filter_wildcards(filter: &str) -> Result<usize, String> {
+    if filter.is_empty() || filter.len() > 65_535 {
+        return Err("invalid topic filter: expected 1 to 65535 bytes".into());
+    }
+    let segs: Vec<&str> = filter.split('/').collect();
+    let mut plus = 0;
+    for (i, s) in segs.iter().enumerate() {
+        if s.contains('#') && (*s != "#" || i + 1 != segs.len()) {
+            return Err(format!(
+                "invalid topic filter {filter:?}: `#` must be a whole, last level"
+            ));
+        }
+        if s.contains('+') {
+            if *s != "+" {
+                return Err(format!(
+                    "invalid topic filter {filter:?}: `+` must be a whole level"
+                ));
+            }
+            plus += 1;
+        }
+    }
+    Ok(plus)
+}
+
+fn check_host_port(p: &mut Problems, addr: &str, at: KeyPath) {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        p.push((
+            at,
+            format!("invalid address {addr:?}: expected host:port, e.g. \"127.0.0.1:502\""),
+        ));
+        return;
+    };
+    if host.trim_matches(['[', ']']).is_empty() {
+        p.push((at, format!("invalid address {addr:?}: the host is empty")));
+        return;
+    }
+    match port.parse::<u32>() {
+        Ok(n) if (1..=65_535).contains(&n) => {}
+        Ok(n) => p.push((at, format!("port {n} is out of range: expected 1 to 65535"))),
+        Err(_) => p.push((
+            at,
+            format!("invalid port {port:?} in {addr:?}: expected a number from 1 to 65535"),
+        )),
+    }
+}
+
+fn check_file(p: &mut Problems, path: &std::path::Path, at: KeyPath) {
+    if let Err(e) = std::fs::metadata(path) {
+        p.push((at, format!("cannot read {}: {e}", path.display())));
+    }
+}
+
+fn check_secret(p: &mut Problems, s: &Secret, at: KeyPath) {
+    if let Err(e) = s.resolve() {
+        p.push((at, e.to_string()));
+    }
+}
+
+fn check_tls(p: &mut Problems, t: &TlsClientConfig, at: KeyPath) {
+    check_file(p, &t.ca, at.clone().key("ca"));
+    if let Some(c) = &t.cert {
+        check_file(p, c, at.clone().key("cert"));
+    }
+    if let Some(k) = &t.key {
+        check_secret(p, k, at.key("key"));
+    }
+}
+
+/// What the config needs from the machine: files that must exist, secrets that must
+/// resolve. Separate from [`validate`] so `outpost check` can validate a config on a
+/// machine other than the gateway.
+pub(super) fn environment(c: &Config) -> Problems {
+    let mut p = Problems::new();
+    for (i, d) in c.devices.iter().enumerate() {
+        if let Some(m) = &d.mqtt {
+            let at = root().key("devices").index(i).key("mqtt");
+            if let Some(s) = &m.password {
+                check_secret(&mut p, s, at.clone().key("password"));
+            }
+            if let Some(t) = &m.tls {
+                check_tls(&mut p, t, at.key("tls"));
+            }
+        }
+    }
+    if let Some(u) = &c.uplink {
+        let at = root().key("uplink");
+        check_file(&mut p, &u.ca, at.clone().key("ca"));
+        check_file(&mut p, &u.cert, at.clone().key("cert"));
+        check_secret(&mut p, &u.key, at.key("key"));
+    }
+    p
+}
+
+/// Makes every relative path in the config relative to `base` (the config file's folder).
+pub(super) fn rebase_paths(c: &mut Config, base: &std::path::Path) {
+    fn fix(p: &mut std::path::PathBuf, base: &std::path::Path) {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    fn fix_secret(s: &mut Secret, base: &std::path::Path) {
+        if let Secret::File { file } = s {
+            fix(file, base);
+        }
+    }
+    fix(&mut c.gateway.data_dir, base);
+    for d in &mut c.devices {
+        if let Some(m) = &mut d.mqtt {
+            if let Some(s) = &mut m.password {
+                fix_secret(s, base);
+            }
+            if let Some(t) = &mut m.tls {
+                fix(&mut t.ca, base);
+                if let Some(c) = &mut t.cert {
+                    fix(c, base);
+                }
+                if let Some(k) = &mut t.key {
+                    fix_secret(k, base);
+                }
+            }
+        }
+    }
+    if let Some(u) = &mut c.uplink {
+        fix(&mut u.ca, base);
+        fix(&mut u.cert, base);
+        fix_secret(&mut u.key, base);
+    }
+}
+
+fn add_stream(p: &mut Problems, streams: &mut HashMap<String, KeyPath>, name: &str, at: KeyPath) {
+    if let Err(e) = StreamId::intern(&placeholder_free(name)) {
+        p.push((at.clone(), format!("invalid stream name {name:?}: {e}")));
+    }
+    if let Some(prev) = streams.get(name) {
+        p.push((
+            at,
+            format!("stream {name:?} is already produced by `{prev}`: stream names must be unique"),
+        ));
+    } else {
+        streams.insert(name.to_owned(), at);
+    }
+}
