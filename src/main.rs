@@ -1,1 +1,94 @@
-fn main() {}
+//! `outpost`: the gateway binary. A thin CLI over the workspace crates: it parses arguments,
+//! loads config, installs logging and hands over to `outpost-actors`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Actor-based edge runtime for IoT gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a gateway config without starting anything.
+    Check {
+        /// The gateway's TOML file.
+        config: PathBuf,
+        /// Treat what the machine lacks (certificate files, secret variables) as errors.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Run a gateway until SIGINT or SIGTERM.
+    Run {
+        /// The gateway's TOML file.
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, strict } => check(&config, strict),
+        Command::Run { config } => match run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn check(path: &std::path::Path, strict: bool) -> ExitCode {
+    match outpost_runtime::config::load(path) {
+        Ok(loaded) => {
+            for e in &loaded.environment {
+                eprintln!("{}: {e}", if strict { "error" } else { "warning" });
+            }
+            if strict && !loaded.environment.is_empty() {
+                return ExitCode::FAILURE;
+            }
+            let c = &loaded.config;
+            println!(
+                "{}: ok (gateway {:?}, {} device(s), {} fusion group(s), uplink {})",
+                path.display(),
+                c.gateway.id,
+                c.devices.len(),
+                c.fusion.len(),
+                c.uplink
+                    .as_ref()
+                    .map_or("none".to_owned(), |u| u.hub.clone())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = outpost_runtime::config::load(path)
+        .and_then(|l| l.strict())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("invalid config {}", path.display()))?;
+    outpost_runtime::logging::init(config.log.format, &config.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(outpost_actors::gateway::run_until_signal(config))
+        .context("gateway failed")
+}

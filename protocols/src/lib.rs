@@ -1,1 +1,5 @@
-//! Outpost protocols.
+//! Outpost's protocol layer: device drivers (Modbus, MQTT; OPC-UA and CAN to come), the
+//! uplink transports, and the frame codecs. Pure cores (codecs, mappings, planners) are
+//! plain types with no I/O; the drivers around them do the networking.
+
+pub mod mqtt;

@@ -1,0 +1,492 @@
+//! Pure core of the MQTT source: which subscription a publish matches, which streams its
+//! payload feeds, and the samples it yields. No I/O: the driver hands it (topic, payload,
+//! arrival time) and gets samples or a counted, named error back.
+
+use outpost_runtime::config::{MqttSubscriptionConfig, PayloadFormat};
+use outpost_runtime::model::{Quality, Sample, StreamId, TimestampNs, Value};
+
+/// Largest payload parsed as JSON or a number; bigger ones are rejected (and counted).
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// Why a publish produced no (or fewer) samples.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MappingError {
+    #[error("no subscription matches topic {0:?}")]
+    NoMatch(String),
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("payload is not UTF-8 text")]
+    NotText,
+    #[error("payload is not a number: {0:?}")]
+    NotANumber(String),
+    #[error("payload is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("JSON pointer {0:?} not found in payload")]
+    MissingField(String),
+    #[error("value at {0:?} is not a number, boolean or string")]
+    BadValue(String),
+    #[error("invalid stream name {name:?}: {reason}")]
+    BadStream { name: String, reason: String },
+    #[error("timestamp at {0:?} is not a number or RFC 3339 text")]
+    BadTimestamp(String),
+}
+
+impl MappingError {
+    /// Short label for the `outpost_stream_errors{kind}` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MappingError::NoMatch(_) => "no_match",
+            MappingError::TooLarge(_) => "too_large",
+            MappingError::NotText => "not_text",
+            MappingError::NotANumber(_) => "not_a_number",
+            MappingError::BadJson(_) => "bad_json",
+            MappingError::MissingField(_) => "missing_field",
+            MappingError::BadValue(_) => "bad_value",
+            MappingError::BadStream { .. } => "bad_stream",
+            MappingError::BadTimestamp(_) => "bad_timestamp",
+        }
+    }
+}
+
+/// Does `topic` match the filter? Returns the levels matched by each `+`, in order.
+pub fn match_topic<'t>(filter: &str, topic: &'t str) -> Option<Vec<&'t str>> {
+    let mut captures = Vec::new();
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match f {
+            "#" => {
+                // `#` also matches the parent level itself ("a/#" matches "a").
+                // Topics starting with `$` are not matched by a leading wildcard.
+                if captures.is_empty() && filter.starts_with('#') && topic.starts_with('$') {
+                    return None;
+                }
+                return Some(captures);
+            }
+            "+" => {
+                let level = t.next()?;
+                if captures.is_empty() && filter.starts_with('+') && level.starts_with('$') {
+                    return None;
+                }
+                captures.push(level);
+            }
+            lit => {
+                if t.next()? != lit {
+                    return None;
+                }
+            }
+        }
+    }
+    t.next().is_none().then_some(captures)
+}
+
+/// Replaces `{1}`, `{2}`... by the captured levels.
+pub fn expand(template: &str, captures: &[&str]) -> String {
+    if !template.contains('{') {
+        return template.to_owned();
+    }
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                match after[..end].parse::<usize>() {
+                    Ok(n) if n >= 1 && n <= captures.len() => out.push_str(captures[n - 1]),
+                    _ => out.push_str(&rest[start..start + end + 2]),
+                }
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The mapping of one MQTT device: its subscriptions, in config order (first match wins).
+#[derive(Debug, Clone)]
+pub struct Mapper {
+    subs: Vec<MqttSubscriptionConfig>,
+}
+
+/// Result of mapping one publish: the samples, and the fields that failed.
+#[derive(Debug, Default)]
+pub struct Mapped {
+    pub samples: Vec<Sample>,
+    pub errors: Vec<MappingError>,
+}
+
+impl Mapper {
+    pub fn new(subs: Vec<MqttSubscriptionConfig>) -> Mapper {
+        Mapper { subs }
+    }
+
+    pub fn subscriptions(&self) -> &[MqttSubscriptionConfig] {
+        &self.subs
+    }
+
+    /// Maps one publish received at `arrival_ns`.
+    pub fn map(&self, topic: &str, payload: &[u8], arrival_ns: TimestampNs) -> Mapped {
+        let mut out = Mapped::default();
+        let Some((sub, caps)) = self
+            .subs
+            .iter()
+            .find_map(|s| match_topic(&s.topic, topic).map(|c| (s, c)))
+        else {
+            out.errors.push(MappingError::NoMatch(truncate(topic)));
+            return out;
+        };
+        if payload.len() > MAX_PAYLOAD {
+            out.errors.push(MappingError::TooLarge(payload.len()));
+            return out;
+        }
+        let stream = |template: &str| -> Result<StreamId, MappingError> {
+            let name = expand(template, &caps);
+            StreamId::intern(&name).map_err(|e| MappingError::BadStream {
+                name: truncate(&name),
+                reason: e.to_string(),
+            })
+        };
+        match sub.format {
+            PayloadFormat::Number | PayloadFormat::Raw => {
+                let template = sub.stream.as_deref().unwrap_or("{1}");
+                let id = match stream(template) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        out.errors.push(e);
+                        return out;
+                    }
+                };
+                let Ok(text) = std::str::from_utf8(payload) else {
+                    out.errors.push(MappingError::NotText);
+                    return out;
+                };
+                let value = if sub.format == PayloadFormat::Raw {
+                    Value::text(text)
+                } else {
+                    match parse_number(text.trim()) {
+                        Some(v) => v,
+                        None => {
+                            out.errors.push(MappingError::NotANumber(truncate(text)));
+                            return out;
+                        }
+                    }
+                };
+                out.samples.push(Sample {
+                    stream: id,
+                    ts_ns: arrival_ns,
+                    value,
+                    quality: Quality::Good,
+                });
+            }
+            PayloadFormat::Json => {
+                let doc: serde_json::Value = match serde_json::from_slice(payload) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        out.errors.push(MappingError::BadJson(e.to_string()));
+                        return out;
+                    }
+                };
+                let ts = match &sub.timestamp_pointer {
+                    None => arrival_ns,
+                    Some(p) => match doc.pointer(p).and_then(json_timestamp) {
+                        Some(ts) => ts,
+                        None => {
+                            out.errors.push(MappingError::BadTimestamp(p.clone()));
+                            arrival_ns
+                        }
+                    },
+                };
+                for f in &sub.fields {
+                    let id = match stream(&f.stream) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            out.errors.push(e);
+                            continue;
+                        }
+                    };
+                    let Some(v) = doc.pointer(&f.pointer) else {
+                        out.errors
+                            .push(MappingError::MissingField(f.pointer.clone()));
+                        continue;
+                    };
+                    let value = match v {
+                        serde_json::Value::Number(n) => {
+                            if f.scale == 1.0 && f.offset == 0.0 {
+                                match n.as_i64() {
+                                    Some(i) => Value::I64(i),
+                                    None => Value::F64(n.as_f64().unwrap_or(f64::NAN)),
+                                }
+                            } else {
+                                Value::F64(n.as_f64().unwrap_or(f64::NAN) * f.scale + f.offset)
+                            }
+                        }
+                        serde_json::Value::Bool(b) => Value::Bool(*b),
+                        serde_json::Value::String(s) => Value::text(s),
+                        _ => {
+                            out.errors.push(MappingError::BadValue(f.pointer.clone()));
+                            continue;
+                        }
+                    };
+                    if matches!(value, Value::F64(x) if !x.is_finite()) {
+                        out.errors.push(MappingError::BadValue(f.pointer.clone()));
+                        continue;
+                    }
+                    out.samples.push(Sample {
+                        stream: id,
+                        ts_ns: ts,
+                        value,
+                        quality: Quality::Good,
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn truncate(s: &str) -> String {
+    match Value::text(&s[..s.len().min(64)]) {
+        Value::Str(t) => t.into(),
+        _ => String::new(),
+    }
+}
+
+fn parse_number(s: &str) -> Option<Value> {
+    if let Ok(i) = s.parse::<i64>() {
+        return Some(Value::I64(i));
+    }
+    match s {
+        "true" => return Some(Value::Bool(true)),
+        "false" => return Some(Value::Bool(false)),
+        _ => {}
+    }
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite())
+        .map(Value::F64)
+}
+
+/// A JSON timestamp: a number of s, ms, µs or ns since the epoch (by magnitude), or RFC 3339.
+fn json_timestamp(v: &serde_json::Value) -> Option<TimestampNs> {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                // Integers exactly (f64 would lose ns precision).
+                return match i {
+                    i if i < 0 => None,
+                    i if i < 100_000_000_000 => i.checked_mul(1_000_000_000),
+                    i if i < 100_000_000_000_000 => i.checked_mul(1_000_000),
+                    i if i < 100_000_000_000_000_000 => i.checked_mul(1_000),
+                    i => Some(i),
+                };
+            }
+            let x = n.as_f64()?;
+            if !x.is_finite() || x < 0.0 {
+                return None;
+            }
+            let ns = if x < 1e11 {
+                x * 1e9 // seconds
+            } else if x < 1e14 {
+                x * 1e6 // milliseconds
+            } else if x < 1e17 {
+                x * 1e3 // microseconds
+            } else {
+                x
+            };
+            (ns < 9.2e18).then_some(ns as i64)
+        }
+        serde_json::Value::String(s) => parse_rfc3339(s),
+        _ => None,
+    }
+}
+
+/// Minimal RFC 3339 (`2026-11-21T08:59:00.123Z`, `+01:00` offsets) to ns since the epoch.
+fn parse_rfc3339(s: &str) -> Option<TimestampNs> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac_ns = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = s.get(start..i)?;
+        if digits.is_empty() {
+            return None;
+        }
+        let d9: String = digits
+            .chars()
+            .chain(std::iter::repeat('0'))
+            .take(9)
+            .collect();
+        frac_ns = d9.parse().ok()?;
+    }
+    let offset_s = match s.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            let oh: i64 = tz.get(1..3)?.parse().ok()?;
+            let om: i64 = tz.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
+    secs.checked_mul(1_000_000_000)?.checked_add(frac_ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_runtime::config::{Bounded, JsonFieldConfig};
+
+    fn sub(topic: &str, format: PayloadFormat, stream: Option<&str>) -> MqttSubscriptionConfig {
+        MqttSubscriptionConfig {
+            topic: topic.into(),
+            qos: Bounded(1),
+            format,
+            stream: stream.map(Into::into),
+            fields: vec![],
+            timestamp_pointer: None,
+        }
+    }
+
+    #[test]
+    fn topic_matching_follows_mqtt_rules() {
+        assert_eq!(match_topic("a/+/c", "a/b/c"), Some(vec!["b"]));
+        assert_eq!(match_topic("a/+/c", "a/b/d"), None);
+        assert_eq!(match_topic("a/#", "a/b/c"), Some(vec![]));
+        assert_eq!(match_topic("a/#", "a"), Some(vec![]));
+        assert_eq!(match_topic("+/+", "x/y"), Some(vec!["x", "y"]));
+        assert_eq!(match_topic("a/b", "a/b/c"), None);
+        assert_eq!(match_topic("a/b/c", "a/b"), None);
+        assert_eq!(match_topic("#", "$SYS/x"), None);
+        assert_eq!(match_topic("+/x", "$SYS/x"), None);
+        assert_eq!(match_topic("a/+", "a/"), Some(vec![""]));
+    }
+
+    #[test]
+    fn templates_expand() {
+        assert_eq!(expand("plant/{1}/t", &["m7"]), "plant/m7/t");
+        assert_eq!(expand("{2}-{1}", &["a", "b"]), "b-a");
+        assert_eq!(expand("x/{3}", &["a"]), "x/{3}");
+        assert_eq!(expand("x/{", &["a"]), "x/{");
+    }
+
+    #[test]
+    fn json_fields_become_samples() {
+        let mut s = sub("plant/+/sensors", PayloadFormat::Json, None);
+        s.timestamp_pointer = Some("/ts".into());
+        s.fields = vec![
+            JsonFieldConfig {
+                pointer: "/temp".into(),
+                stream: "plant/{1}/temp".into(),
+                scale: 1.0,
+                offset: 0.0,
+            },
+            JsonFieldConfig {
+                pointer: "/p".into(),
+                stream: "plant/{1}/p".into(),
+                scale: 0.5,
+                offset: 1.0,
+            },
+            JsonFieldConfig {
+                pointer: "/on".into(),
+                stream: "plant/{1}/on".into(),
+                scale: 1.0,
+                offset: 0.0,
+            },
+            JsonFieldConfig {
+                pointer: "/missing".into(),
+                stream: "plant/{1}/m".into(),
+                scale: 1.0,
+                offset: 0.0,
+            },
+        ];
+        let m = Mapper::new(vec![s]);
+        let out = m.map(
+            "plant/m7/sensors",
+            br#"{"temp": 21, "p": 4.0, "on": true, "ts": 1700000000123}"#,
+            5,
+        );
+        assert_eq!(out.samples.len(), 3);
+        assert_eq!(&*out.samples[0].stream.name(), "plant/m7/temp");
+        assert_eq!(out.samples[0].value, Value::I64(21));
+        assert_eq!(out.samples[1].value, Value::F64(3.0));
+        assert_eq!(out.samples[2].value, Value::Bool(true));
+        assert_eq!(out.samples[0].ts_ns, 1_700_000_000_123_000_000);
+        assert_eq!(
+            out.errors,
+            vec![MappingError::MissingField("/missing".into())]
+        );
+    }
+
+    #[test]
+    fn numbers_raw_and_garbage() {
+        let m = Mapper::new(vec![
+            sub("n/+", PayloadFormat::Number, Some("num/{1}")),
+            sub("r/#", PayloadFormat::Raw, Some("raw")),
+        ]);
+        assert_eq!(
+            m.map("n/a", b" 21.5\n", 1).samples[0].value,
+            Value::F64(21.5)
+        );
+        assert_eq!(m.map("n/a", b"-3", 1).samples[0].value, Value::I64(-3));
+        assert_eq!(m.map("n/a", b"NaN", 1).errors[0].kind(), "not_a_number");
+        assert_eq!(m.map("n/a", &[0xff, 0xfe], 1).errors[0].kind(), "not_text");
+        assert_eq!(
+            m.map("r/x/y", b"hello", 1).samples[0].value,
+            Value::text("hello")
+        );
+        assert_eq!(m.map("zzz", b"1", 1).errors[0].kind(), "no_match");
+        let big = vec![b'1'; MAX_PAYLOAD + 1];
+        assert_eq!(m.map("n/a", &big, 1).errors[0].kind(), "too_large");
+    }
+
+    #[test]
+    fn hostile_topic_levels_cannot_make_bad_streams() {
+        let m = Mapper::new(vec![sub("n/+", PayloadFormat::Number, Some("num/{1}"))]);
+        let long = format!("n/{}", "x".repeat(400));
+        assert_eq!(m.map(&long, b"1", 1).errors[0].kind(), "bad_stream");
+        assert_eq!(m.map("n/a\u{7}b", b"1", 1).errors[0].kind(), "bad_stream");
+    }
+
+    #[test]
+    fn rfc3339_timestamps() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2023-11-14T22:13:20.5Z"),
+            Some(1_700_000_000_500_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T23:13:20+01:00"),
+            Some(1_700_000_000_000_000_000)
+        );
+        assert_eq!(parse_rfc3339("2023-13-14T23:13:20Z"), None);
+        assert_eq!(parse_rfc3339("garbage"), None);
+        assert_eq!(parse_rfc3339("2023-11-14T23:13:20.Z"), None);
+    }
+}

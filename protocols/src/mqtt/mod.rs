@@ -1,0 +1,4 @@
+//! MQTT source: subscribes to a broker (rumqttc, v3.1.1 and v5) and turns publishes into
+//! samples. [`mapping`] is the pure core (topic matching, payload parsing).
+
+pub mod mapping;
