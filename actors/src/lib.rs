@@ -1,1 +1,6 @@
-//! Outpost actors.
+//! Outpost's actors — device streams, aligner, fusion, training, link monitor, sync — and
+//! the assembly of a gateway (and of the hub) from config. Actors own state and wiring;
+//! the algorithms they run are plain types (here, in `outpost-protocols`, or in
+//! `outpost-runtime`).
+
+pub mod gateway;

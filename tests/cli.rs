@@ -1,0 +1,105 @@
+//! The `outpost` binary's command line: `check` exit codes and messages, `--version`.
+
+use std::process::Command;
+
+fn outpost() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+}
+
+fn reference() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/reference.toml"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn check_accepts_the_reference_config() {
+    let out = outpost()
+        .args([
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/reference.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[test]
+fn check_strict_fails_when_the_machine_lacks_the_certificates() {
+    let out = outpost()
+        .args([
+            "check",
+            "--strict",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/reference.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uplink.ca"));
+}
+
+fn check_text(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("gw.toml");
+    std::fs::write(&f, text).unwrap();
+    let out = outpost().arg("check").arg(&f).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_a_misspelt_key_with_line_column_and_key() {
+    let text = reference().replacen("timeout = \"1s\"", "timout = \"1s\"", 1);
+    let line = text[..text.find("timout").unwrap()].matches('\n').count() + 1;
+    let (ok, err) = check_text(&text);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("gw.toml:{line}:1: `devices[0].modbus.timout`")),
+        "{err}"
+    );
+    assert!(err.contains("did you mean `timeout`?"), "{err}");
+}
+
+#[test]
+fn check_reports_an_out_of_range_value_with_line_column_and_key() {
+    let text = reference().replacen("interval = \"1s\"", "interval = \"0ms\"", 1);
+    let line = text[..text.find("interval = \"0ms\"").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    let (ok, err) = check_text(&text);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "gw.toml:{line}:12: `devices[0].modbus.poll_groups[0].interval`"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = outpost()
+        .args(["check", "/nonexistent/gw.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn version_prints() {
+    let out = outpost().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("outpost "));
+}
