@@ -224,7 +224,7 @@ impl RestartWindow {
         while self.stamps.len() > cap {
             self.stamps.pop_front();
         }
-        self.stamps.len() <= cap - 1
+        self.stamps.len() < cap
     }
 
     /// Restarts currently inside the window (as of the last `record`).
