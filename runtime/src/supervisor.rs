@@ -18,7 +18,9 @@
 //!   with `send_after` so the supervisor's mailbox keeps flowing. A child's backoff goes back
 //!   to the initial delay when its last run lasted at least [`BackoffPolicy::reset_after`]
 //!   (by default the maximum delay: a child that outlived the longest pause we would impose
-//!   counts as having been stable).
+//!   counts as having been stable). A one-for-all group restart waits for the backoff of the
+//!   child whose exit triggered it. A restart whose start function fails counts as another
+//!   abnormal exit: it uses up intensity and is retried after the next backoff.
 //! - **Observability**: every restart decision is logged (child, reason, attempt, delay);
 //!   every restart attempt increments `outpost_restarts{supervisor,child}` and every
 //!   escalation `outpost_supervisor_escalations{supervisor}`.
