@@ -6,5 +6,6 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod supervisor;
 
 pub use model::{LinkClass, Priority, Quality, Sample, StreamId, SyncMode, TimestampNs, Value};
