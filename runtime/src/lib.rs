@@ -6,6 +6,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod record;
 pub mod supervisor;
 
 pub use model::{LinkClass, Priority, Quality, Sample, StreamId, SyncMode, TimestampNs, Value};
