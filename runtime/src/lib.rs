@@ -6,6 +6,7 @@ pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod rangeset;
 pub mod record;
 pub mod supervisor;
 
