@@ -4,3 +4,4 @@
 //! `outpost-runtime`).
 
 pub mod gateway;
+pub mod hub;
