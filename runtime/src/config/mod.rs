@@ -3,6 +3,7 @@
 //! a "did you mean"; values are range-checked; secrets may come from files or environment
 //! variables ([`types::Secret`]). `outpost check FILE` is [`load`] + printing the result.
 
+pub mod hub;
 pub mod schema;
 pub mod types;
 mod validate;
@@ -11,6 +12,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use hub::{HubConfig, load_hub, parse_hub};
 pub use schema::*;
 pub use types::{Bounded, ByteSize, Dur, Secret};
 pub use validate::topic_filter_wildcards;
@@ -125,6 +127,13 @@ impl Loaded {
 /// Reads and validates a config file. Relative paths in it are taken relative to the
 /// file's folder.
 pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let text = read_config_text(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, path, base)
+}
+
+/// Reads a config file, refusing one larger than [`MAX_CONFIG_BYTES`].
+fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
     let io_err = |message: String| {
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
@@ -142,14 +151,15 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
             meta.len()
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(format!("cannot read: {e}")))?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, path, base)
+    std::fs::read_to_string(path).map_err(|e| io_err(format!("cannot read: {e}")))
 }
 
-/// Parses and validates config text. `file` names it in messages; relative paths are
-/// taken relative to `base`.
-pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigErrors> {
+/// Deserializes config text into `T`, with located errors; also returns the spanned
+/// document for locating later (semantic) errors.
+fn deserialize<'t, T: serde::de::DeserializeOwned>(
+    text: &'t str,
+    file: &Path,
+) -> Result<(T, toml::Spanned<toml::de::DeTable<'t>>), ConfigErrors> {
     let doc = toml::de::DeTable::parse(text).map_err(|e| {
         ConfigErrors(vec![locate(
             file,
@@ -161,26 +171,42 @@ pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigError
         )])
     })?;
     let de = toml::de::Deserializer::from(doc.clone());
-    let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         ConfigErrors(vec![serde_error(file, text, &path, &inner)])
     })?;
-    let to_errors = |problems: Vec<(KeyPath, String)>| -> Vec<ConfigError> {
+    Ok((value, doc))
+}
+
+/// Locates semantic problems (key paths) in the document.
+fn located(
+    text: &str,
+    file: &Path,
+    doc: &toml::Spanned<toml::de::DeTable<'_>>,
+    problems: Vec<(KeyPath, String)>,
+) -> ConfigErrors {
+    ConfigErrors(
         problems
             .into_iter()
             .map(|(path, message)| {
-                let span = span_of(&doc, &path);
+                let span = span_of(doc, &path);
                 locate(file, text, span, path.to_string(), message, None)
             })
-            .collect()
-    };
+            .collect(),
+    )
+}
+
+/// Parses and validates config text. `file` names it in messages; relative paths are
+/// taken relative to `base`.
+pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigErrors> {
+    let (mut config, doc): (Config, _) = deserialize(text, file)?;
     let problems = validate::validate(&config);
     if !problems.is_empty() {
-        return Err(ConfigErrors(to_errors(problems)));
+        return Err(located(text, file, &doc, problems));
     }
     validate::rebase_paths(&mut config, base);
-    let environment = to_errors(validate::environment(&config));
+    let environment = located(text, file, &doc, validate::environment(&config)).0;
     Ok(Loaded {
         config,
         environment,

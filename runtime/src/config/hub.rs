@@ -1,0 +1,106 @@
+//! The hub's config file (`outpost hub CONFIG`): where it listens, its certificates, and
+//! where samples go. Same conventions and error reporting as the gateway config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::schema::{LogSection, MetricsSection};
+use super::types::Secret;
+use super::{ConfigErrors, KeyPath};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    pub hub: HubSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default = "hub_metrics")]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub sink: SinkSection,
+}
+
+fn hub_metrics() -> MetricsSection {
+    MetricsSection {
+        enabled: true,
+        listen: SocketAddr::from(([127, 0, 0, 1], 9465)),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSection {
+    /// UDP address the QUIC listener binds.
+    pub listen: SocketAddr,
+    /// Folder for the de-duplication state (and the sink, by default).
+    pub data_dir: PathBuf,
+    /// CA certificate (PEM): only gateways with a certificate it signed are accepted.
+    pub ca: PathBuf,
+    /// The hub's certificate (PEM) and private key.
+    pub cert: PathBuf,
+    pub key: Secret,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    /// Folder of the JSON-lines files (`<gateway>/<YYYY-MM-DD>.jsonl`). Default
+    /// `<data_dir>/sink`.
+    pub dir: Option<PathBuf>,
+}
+
+impl HubConfig {
+    /// The sink folder.
+    pub fn sink_dir(&self) -> PathBuf {
+        self.sink
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.hub.data_dir.join("sink"))
+    }
+}
+
+/// Reads and validates a hub config file; relative paths are relative to its folder.
+pub fn load_hub(path: &Path) -> Result<HubConfig, ConfigErrors> {
+    let text = super::read_config_text(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_hub(&text, path, base)
+}
+
+/// Parses and validates hub config text.
+pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, ConfigErrors> {
+    let (mut c, doc): (HubConfig, _) = super::deserialize(text, file)?;
+    let fix = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    fix(&mut c.hub.data_dir);
+    fix(&mut c.hub.ca);
+    fix(&mut c.hub.cert);
+    if let Secret::File { file } = &mut c.hub.key {
+        fix(file);
+    }
+    if let Some(d) = &mut c.sink.dir {
+        fix(d);
+    }
+    let mut problems = Vec::new();
+    let at = KeyPath::default().key("hub");
+    for (key, p) in [("ca", &c.hub.ca), ("cert", &c.hub.cert)] {
+        if let Err(e) = std::fs::metadata(p) {
+            problems.push((
+                at.clone().key(key),
+                format!("cannot read {}: {e}", p.display()),
+            ));
+        }
+    }
+    if let Err(e) = c.hub.key.resolve() {
+        problems.push((at.key("key"), e.to_string()));
+    }
+    if problems.is_empty() {
+        Ok(c)
+    } else {
+        Err(super::located(text, file, &doc, problems))
+    }
+}
