@@ -524,8 +524,8 @@ impl Counters {
 
 /// The hub's QUIC endpoint: accepts gateways authenticated by client certificate.
 ///
-/// Dropping it stops accepting; connections already handed out stay up. [`Self::close`]
-/// closes everything.
+/// Dropping it stops accepting (new clients' handshakes go unanswered and time out);
+/// connections already handed out stay up. [`Self::close`] closes everything.
 pub struct QuicServer {
     endpoint: Endpoint,
     accepted: mpsc::Receiver<GatewayConnection>,
@@ -544,6 +544,10 @@ impl fmt::Debug for QuicServer {
 
 impl Drop for QuicServer {
     fn drop(&mut self) {
+        // New clients are no longer taken in (quinn drops their handshakes) instead of
+        // piling up for an accept loop that is gone; connections already handed out keep
+        // the endpoint alive.
+        self.endpoint.set_server_config(None);
         self.accept_loop.abort();
     }
 }
@@ -1428,6 +1432,64 @@ mod tests {
             "{:?}",
             hub.close_reason()
         );
+    }
+
+    /// The first datagram (the Initial packet) a real client sends, caught by a UDP socket
+    /// that never answers.
+    async fn captured_initial(pki: &Pki) -> Vec<u8> {
+        let trap = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        let trap_addr = trap.local_addr().unwrap();
+        let client = pki.client("gw-1");
+        let connecting =
+            tokio::spawn(async move { client.connect(trap_addr, "outpost-hub").await });
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = tokio::time::timeout(WAIT, trap.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        connecting.abort();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn half_open_clients_time_out_and_cannot_exhaust_the_hub() {
+        let pki = Pki::new();
+        let opts = ServerOptions {
+            handshake_timeout: Duration::from_millis(500),
+            max_pending_handshakes: 1,
+            ..ServerOptions::default()
+        };
+        let mut server = QuicServer::bind(loopback(), &pki.server, opts).unwrap();
+        let addr = server.local_addr().unwrap();
+        // Two clients that start a handshake and then go silent (a replayed Initial from a
+        // socket that never reads the hub's answer).
+        let first = captured_initial(&pki).await;
+        let second = captured_initial(&pki).await;
+        let silent_a = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        let silent_b = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        silent_a.send_to(&first, addr).await.unwrap();
+        // Let the hub take the first into a handshake before the second arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(server.counters(), ServerCounters::default());
+        silent_b.send_to(&second, addr).await.unwrap();
+        // The second finds the only handshake slot taken: refused at once.
+        let c = counters_reach(&server, |c| c.refused_busy == 1).await;
+        assert_eq!(c.refused_busy, 1, "{c:?}");
+        // The first is given up at the deadline, which frees the slot for a real gateway.
+        let c = counters_reach(&server, |c| c.handshakes_timed_out == 1).await;
+        assert_eq!(c.handshakes_timed_out, 1, "{c:?}");
+        let _conn = pki
+            .client("gw-9")
+            .connect(addr, "outpost-hub")
+            .await
+            .unwrap();
+        let gw = tokio::time::timeout(WAIT, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(gw.gateway_id, "gw-9");
+        assert_eq!(server.counters().accepted, 1);
     }
 
     #[test]
