@@ -3,3 +3,4 @@
 //! plain types with no I/O; the drivers around them do the networking.
 
 pub mod mqtt;
+pub mod uplink;
