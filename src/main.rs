@@ -33,20 +33,57 @@ enum Command {
         /// The gateway's TOML file.
         config: PathBuf,
     },
+    /// Create a CA, a hub certificate and gateway certificates, for trying Outpost out.
+    /// Keep `ca.key` offline in production.
+    Certs {
+        /// Folder to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// A name (DNS name or IP address) gateways use for the hub; repeat for several.
+        #[arg(long = "hub-name", required = true)]
+        hub_names: Vec<String>,
+        /// A gateway id (its certificate's CN); repeat for several.
+        #[arg(long = "gateway", required = true)]
+        gateways: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, strict } => check(&config, strict),
-        Command::Run { config } => match run(&config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run { config } => report(run(&config)),
+        Command::Certs {
+            out,
+            hub_names,
+            gateways,
+        } => report(certs(&out, &hub_names, &gateways)),
     }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn certs(out: &std::path::Path, hub_names: &[String], gateways: &[String]) -> anyhow::Result<()> {
+    let b = outpost_protocols::uplink::certs::generate_bundle(out, hub_names, gateways)
+        .with_context(|| format!("cannot create certificates in {}", out.display()))?;
+    println!(
+        "CA:  {} (key {}: keep it offline)",
+        b.ca_cert.display(),
+        b.ca_key.display()
+    );
+    println!("hub: {} {}", b.hub_cert.display(), b.hub_key.display());
+    for g in &b.gateways {
+        println!("gateway {}: {} {}", g.id, g.cert.display(), g.key.display());
+    }
+    Ok(())
 }
 
 fn check(path: &std::path::Path, strict: bool) -> ExitCode {

@@ -103,3 +103,39 @@ fn version_prints() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("outpost "));
 }
+
+#[test]
+fn certs_writes_a_bundle_and_refuses_to_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let run = || {
+        outpost()
+            .arg("certs")
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--hub-name",
+                "localhost",
+                "--gateway",
+                "gw-a",
+                "--gateway",
+                "gw-b",
+            ])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for f in [
+        "ca.pem", "ca.key", "hub.pem", "hub.key", "gw-a.pem", "gw-a.key", "gw-b.pem",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let second = run();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("exists"));
+}
