@@ -1,1 +1,3 @@
 //! Outpost actors.
+
+pub mod fusion;
