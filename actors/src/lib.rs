@@ -1,3 +1,4 @@
 //! Outpost actors.
 
+pub mod aligner;
 pub mod fusion;
