@@ -101,9 +101,34 @@ pub enum UpdateOutcome {
     Rejected { nis: f64, threshold: f64 },
 }
 
-/// Symmetric `m` checked positive definite with a Cholesky factorisation.
+/// Symmetric `m` (lower triangle read) checked positive definite with a Cholesky
+/// factorisation: every pivot must be finite and > 0. Hand-rolled on a stack copy because it runs
+/// after every step and nalgebra's `Cholesky::new` costs noticeably more for small sizes.
 pub fn is_positive_definite<const N: usize>(m: &SMatrix<f64, N, N>) -> bool {
-    m.iter().all(|v| v.is_finite()) && m.cholesky().is_some()
+    let mut l = [[0.0f64; N]; N];
+    for j in 0..N {
+        let mut d = m[(j, j)];
+        for k in 0..j {
+            d -= l[j][k] * l[j][k];
+        }
+        if !(d > 0.0 && d.is_finite()) {
+            return false;
+        }
+        let d = d.sqrt();
+        l[j][j] = d;
+        for i in j + 1..N {
+            let mut v = m[(i, j)];
+            for k in 0..j {
+                v -= l[i][k] * l[j][k];
+            }
+            let v = v / d;
+            if !v.is_finite() {
+                return false;
+            }
+            l[i][j] = v;
+        }
+    }
+    true
 }
 
 /// Symmetric `m` checked positive semi-definite: Cholesky of `m + ε·I` with `ε` scaled by the
@@ -163,6 +188,9 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
         check_finite(&f, "F")?;
         check_finite(&b, "B")?;
         check_finite(&h, "H")?;
+        check_finite(&p0, "P0")?;
+        check_finite(&q, "Q")?;
+        check_finite(&r, "R")?;
         if !is_positive_definite(&p0) || (p0 - p0.transpose()).amax() > 1e-12 * p0.amax() {
             return Err(KalmanError::NotPositiveDefinite("P0", ""));
         }

@@ -1,8 +1,10 @@
 //! Sensor-fusion pure cores: plain Rust types with no I/O that the fusion actors own.
 //!
 //! - [`kalman`]: linear Kalman filter with gating and the built-in kinematic models.
+//! - [`voting`]: majority, median, Marzullo and Brooks–Iyengar voting with fault flagging.
 
 pub mod kalman;
+pub mod voting;
 
 #[cfg(test)]
 pub(crate) mod sim;
