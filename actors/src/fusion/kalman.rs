@@ -349,8 +349,10 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
         // K = P Hᵀ S⁻¹  ⇔  Kᵀ = S⁻¹ (H P)  (S and P symmetric).
         let k: SMatrix<f64, N, M> = chol.solve(&hp).transpose();
         self.x += k * y;
-        let ikh = SMatrix::<f64, N, N>::identity() - k * h;
-        self.p = ikh * self.p * ikh.transpose() + k * r * k.transpose();
+        // Joseph form (I − KH) P (I − KH)ᵀ + K R Kᵀ, evaluated as A − (A Hᵀ) Kᵀ + (K R) Kᵀ with
+        // A = (I − KH) P = P − K (H P): the same products, reassociated to reuse H P.
+        let a = self.p - k * hp;
+        self.p = a - (a * h.transpose()) * k.transpose() + (k * r) * k.transpose();
         self.stats.updates += 1;
         self.finish_step()?;
         Ok(UpdateOutcome::Accepted { nis })

@@ -2,9 +2,11 @@
 //!
 //! - [`kalman`]: linear Kalman filter with gating and the built-in kinematic models.
 //! - [`voting`]: majority, median, Marzullo and Brooks–Iyengar voting with fault flagging.
+//! - [`wavg`]: inverse-variance weighted average with MAD outlier rejection.
 
 pub mod kalman;
 pub mod voting;
+pub mod wavg;
 
 #[cfg(test)]
 pub(crate) mod sim;

@@ -59,10 +59,10 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs the benchmark; `args`: optional step count (default 20000) and rounds (default 15).
+/// Runs the benchmark; `args`: optional step count (default 20000) and rounds (default 41).
 pub fn run(args: &[String]) -> Result<Value, String> {
     let steps = arg(args, 0, 20_000)?.max(1);
-    let rounds = arg(args, 1, 15)?.max(1);
+    let rounds = arg(args, 1, 41)?.max(1);
     let dt = 0.1;
     let (f, _b, q) = kinematic_matrices::<4, 0>(MotionModel::ConstantVelocity, 2, dt, 0.5)
         .map_err(|e| e.to_string())?;
