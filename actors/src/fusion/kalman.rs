@@ -104,6 +104,7 @@ pub enum UpdateOutcome {
 /// Symmetric `m` (lower triangle read) checked positive definite with a Cholesky
 /// factorisation: every pivot must be finite and > 0. Hand-rolled on a stack copy because it runs
 /// after every step and nalgebra's `Cholesky::new` costs noticeably more for small sizes.
+#[allow(clippy::needless_range_loop)] // triangular index arithmetic reads best as loops
 pub fn is_positive_definite<const N: usize>(m: &SMatrix<f64, N, N>) -> bool {
     let mut l = [[0.0f64; N]; N];
     for j in 0..N {

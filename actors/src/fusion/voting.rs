@@ -206,6 +206,7 @@ impl Voter {
     }
 
     /// Updates the streaks from this frame's out-voted set and flags sensors that reach K.
+    #[allow(clippy::needless_range_loop)] // three parallel per-sensor arrays
     fn account(&mut self, present: &[bool], outvoted: &[usize]) -> Vec<FaultAlarm> {
         let mut alarms = Vec::new();
         for i in 0..self.cfg.sensors {
