@@ -306,8 +306,10 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
 
     /// Fuses measurement `z` with the stored H and R.
     pub fn update(&mut self, z: &SVector<f64, M>) -> Result<UpdateOutcome, KalmanError> {
-        let (h, r) = (self.h, self.r);
-        self.update_with(z, &h, &r)
+        check_finite(z, "z")?;
+        let (h, r) = (self.h, self.r); // validated when stored
+        let y = z - h * self.x;
+        self.update_innovation(y, &h, &r)
     }
 
     /// Fuses measurement `z` with measurement matrix `h` and noise `r` for this step only
@@ -319,6 +321,8 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
         r: &SMatrix<f64, M, M>,
     ) -> Result<UpdateOutcome, KalmanError> {
         check_finite(z, "z")?;
+        check_finite(h, "H")?;
+        check_finite(r, "R")?;
         let y = z - h * self.x;
         self.update_innovation(y, h, r)
     }
@@ -332,12 +336,10 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
         r: &SMatrix<f64, M, M>,
     ) -> Result<UpdateOutcome, KalmanError> {
         check_finite(&y, "innovation")?;
-        check_finite(h, "H")?;
-        check_finite(r, "R")?;
         let hp = h * self.p; // M x N
         let s = hp * h.transpose() + r;
+        // nalgebra's Cholesky reads only the lower triangle, so S needs no symmetrising.
         let chol = s
-            .symmetric_part()
             .cholesky()
             .ok_or(KalmanError::InnovationNotPositiveDefinite)?;
         let nis = y.dot(&chol.solve(&y));
