@@ -436,15 +436,15 @@ impl StreamState {
                 quality: p0.q,
             };
         }
-        let h = (p1.ts - p0.ts) as f64;
-        let s = (t - p0.ts) as f64 / h;
+        let h = span(p0.ts, p1.ts);
+        let s = span(p0.ts, t) / h;
         let mut q = p0.q.max(p1.q);
         let v = match self.interp {
             Interpolation::Hold | Interpolation::Linear => p0.v + s * (p1.v - p0.v),
             Interpolation::Cubic => {
                 let pm = (i >= 2).then(|| self.hist[i - 2]);
                 let pp = self.hist.get(i + 1).copied();
-                let slope = |a: Pt, b: Pt| (b.v - a.v) / (b.ts - a.ts) as f64;
+                let slope = |a: Pt, b: Pt| (b.v - a.v) / span(a.ts, b.ts);
                 // Tangents in value per ns (finite differences over the neighbours).
                 let m0 = match pm {
                     Some(pm) => slope(pm, p1),
@@ -501,6 +501,11 @@ fn ms_to_ns(ms: u64) -> i64 {
     i64::try_from(ms)
         .unwrap_or(i64::MAX)
         .saturating_mul(1_000_000)
+}
+
+/// `b − a` in ns as f64, without overflow for any timestamps.
+fn span(a: TimestampNs, b: TimestampNs) -> f64 {
+    (i128::from(b) - i128::from(a)) as f64
 }
 
 /// Smallest multiple of `p` that is ≥ `t`.
@@ -653,7 +658,10 @@ impl Aligner {
             let f = self.frame_at(t, true);
             self.corrections.push(f);
             n += 1;
-            t = t.saturating_add(self.period);
+            let Some(next) = t.checked_add(self.period) else {
+                break;
+            };
+            t = next;
         }
         n
     }
@@ -687,7 +695,14 @@ impl Aligner {
             out.push(self.frame_at(t, false));
             self.stats.frames += 1;
             self.last_emitted = Some(t);
-            t = t.saturating_add(self.period);
+            match t.checked_add(self.period) {
+                Some(n) => t = n,
+                None => {
+                    // The end of representable time: no later tick exists.
+                    self.next_tick = None;
+                    return;
+                }
+            }
         }
         self.next_tick = Some(t);
     }

@@ -205,6 +205,38 @@ fn time_jump_is_bounded() {
 }
 
 #[test]
+fn extreme_timestamps_do_not_panic() {
+    for interp in [
+        Interpolation::Hold,
+        Interpolation::Linear,
+        Interpolation::Cubic,
+    ] {
+        let mut c = cfg(S, 0, vec![scfg("x.a", interp, 1)]);
+        c.late_policy = LatePolicy::Reemit;
+        c.max_pending_ticks = 10;
+        let mut a = Aligner::new(&c).unwrap();
+        let mut out = Vec::new();
+        for ts in [
+            i64::MIN,
+            i64::MIN + 1,
+            0,
+            i64::MAX - 1,
+            i64::MAX,
+            -5,
+            i64::MIN / 2,
+        ] {
+            a.push(&sample("x.a", ts, 1.0), ts);
+            a.poll(&mut out);
+        }
+        assert!(
+            out.iter()
+                .flat_map(|f| &f.values)
+                .all(|v| v.value.is_none_or(f64::is_finite))
+        );
+    }
+}
+
+#[test]
 fn config_validation() {
     let mut c = cfg(0, 0, vec![scfg("v.a", Interpolation::Hold, 1)]);
     assert!(c.validate().unwrap_err().to_string().contains("period_ns"));
