@@ -1,14 +1,21 @@
 //! Benchmarks run by the `bench` binary. Each is `fn(&[String]) -> Result<serde_json::Value, String>`
 //! and registers itself in [`run`] and [`NAMES`].
 
+pub mod aligner;
+#[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
+pub mod kalman;
+
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["kalman", "aligner"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
-    let _ = args;
-    Err(format!(
-        "unknown benchmark {name:?}; known: {}",
-        NAMES.join(", ")
-    ))
+    match name {
+        "kalman" => kalman::run(args),
+        "aligner" => aligner::run(args),
+        _ => Err(format!(
+            "unknown benchmark {name:?}; known: {}",
+            NAMES.join(", ")
+        )),
+    }
 }

@@ -1,0 +1,713 @@
+//! Temporal alignment of a fusion group's streams onto a common tick (pure core of the aligner
+//! actor).
+//!
+//! Each stream keeps a bounded, time-sorted history. The **watermark** is the newest (corrected)
+//! sample timestamp seen in the group minus the allowed lateness; a frame at tick `t` is emitted
+//! once `t ≤ watermark` and every stream can give a final value at `t`: it has a sample at or
+//! after `t` (two samples past its right neighbour for cubic), or it has been silent, i.e. the
+//! watermark is more than its `stale_after` past its newest sample. Ticks are multiples of the
+//! period, so frame timestamps strictly increase.
+//!
+//! Per tick and stream the value is:
+//! - interpolated (zero-order hold, linear, or cubic Hermite with Catmull-Rom tangents over the
+//!   four surrounding points) with the worst quality of the points used;
+//! - after a silent stream's newest sample: held with quality `Uncertain` for up to `stale_after`,
+//!   then `None` with quality `Bad` (stale, to be excluded downstream) until it speaks again.
+//!
+//! A sample older than the watermark when it arrives is **late**: with [`LatePolicy::Drop`] it is
+//! dropped and counted; with [`LatePolicy::Reemit`] it is inserted and the already-emitted frames
+//! it changes are computed again and emitted flagged `correction = true`.
+//!
+//! Clocks: for every stream the aligner estimates the source clock's offset and drift against
+//! the arrival clock from (arrival, source timestamp) pairs: per bucket of source time it keeps
+//! the pair with the smallest offset `arrival − source` (a min-filter on the one-way delay),
+//! fits a least-squares line through those minima over a sliding window of buckets, and shifts
+//! it down onto their lower envelope (the minimum residual). With
+//! `correct_clock = true` the stream's timestamps are mapped to the arrival clock with it.
+//!
+//! Memory is bounded: `history` samples and `clock_window` pairs per stream, at most
+//! `max_pending_ticks` ticks between two polls (older ones are skipped and counted).
+
+use std::collections::VecDeque;
+
+use outpost_runtime::model::{Quality, Sample, StreamId, StreamNameError, TimestampNs};
+use serde::Deserialize;
+
+/// Errors of the aligner configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AlignerError {
+    /// An invalid configuration value.
+    #[error("invalid aligner configuration: {0}")]
+    Config(String),
+    /// A stream name that cannot be interned.
+    #[error("aligner stream {name:?}: {source}")]
+    StreamName {
+        name: String,
+        source: StreamNameError,
+    },
+}
+
+/// How a stream's value is computed between its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// Zero-order hold: the newest sample at or before the tick.
+    Hold,
+    /// Linear between the samples either side of the tick.
+    #[default]
+    Linear,
+    /// Cubic Hermite with Catmull-Rom (finite-difference) tangents over the four surrounding
+    /// samples; one-sided tangents at the ends of the history.
+    Cubic,
+}
+
+/// What happens to a sample older than the watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    /// Drop it and count it.
+    #[default]
+    Drop,
+    /// Use it and re-emit the frames it changes, flagged as corrections.
+    Reemit,
+}
+
+fn default_stale_ms() -> u64 {
+    5_000
+}
+fn default_history() -> usize {
+    256
+}
+fn default_clock_window() -> usize {
+    64
+}
+fn default_clock_bucket_ms() -> u64 {
+    1_000
+}
+fn default_lateness_ms() -> u64 {
+    200
+}
+fn default_max_pending() -> usize {
+    10_000
+}
+fn default_max_future_ms() -> u64 {
+    60_000
+}
+
+/// One input stream of a group.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignerStreamConfig {
+    /// Stream name.
+    pub stream: String,
+    /// Interpolation (default linear).
+    #[serde(default)]
+    pub interpolation: Interpolation,
+    /// Silence after which the stream is marked bad, ms (default 5000, > 0).
+    #[serde(default = "default_stale_ms")]
+    pub stale_after_ms: u64,
+    /// Map source timestamps to the arrival clock with the estimated offset and drift
+    /// (default false; the estimate is kept either way).
+    #[serde(default)]
+    pub correct_clock: bool,
+}
+
+/// Aligner settings of one fusion group.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlignerConfig {
+    /// Common tick period, ns (> 0). Frames are at multiples of it.
+    pub period_ns: i64,
+    /// Allowed lateness, ms (default 200): watermark = newest timestamp − this.
+    #[serde(default = "default_lateness_ms")]
+    pub allowed_lateness_ms: u64,
+    /// Late-sample policy (default drop).
+    #[serde(default)]
+    pub late_policy: LatePolicy,
+    /// Samples kept per stream (default 256, 4–65536).
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// Clock-estimate buckets kept per stream (default 64, 2–4096): the fit spans
+    /// `clock_window × clock_bucket_ms` of source time.
+    #[serde(default = "default_clock_window")]
+    pub clock_window: usize,
+    /// Source time per clock bucket, ms (default 1000, > 0): each bucket keeps the pair with the
+    /// smallest `arrival − source` (a min-filter on the one-way delay).
+    #[serde(default = "default_clock_bucket_ms")]
+    pub clock_bucket_ms: u64,
+    /// Most ticks emitted per poll; older pending ticks are skipped (default 10000).
+    #[serde(default = "default_max_pending")]
+    pub max_pending_ticks: usize,
+    /// A sample stamped more than this ahead of its arrival time (after correction) is rejected,
+    /// ms (default 60000; 0 disables the check).
+    #[serde(default = "default_max_future_ms")]
+    pub max_future_ms: u64,
+    /// The streams (1–64, distinct).
+    pub streams: Vec<AlignerStreamConfig>,
+}
+
+impl AlignerConfig {
+    /// Checks ranges and distinct stream names.
+    pub fn validate(&self) -> Result<(), AlignerError> {
+        let err = |m: String| Err(AlignerError::Config(m));
+        if self.period_ns <= 0 {
+            return err(format!("period_ns = {} must be > 0", self.period_ns));
+        }
+        if self.streams.is_empty() || self.streams.len() > 64 {
+            return err(format!(
+                "a group needs 1-64 streams, not {}",
+                self.streams.len()
+            ));
+        }
+        if !(4..=65_536).contains(&self.history) {
+            return err(format!("history = {} must be in 4-65536", self.history));
+        }
+        if !(2..=4096).contains(&self.clock_window) {
+            return err(format!(
+                "clock_window = {} must be in 2-4096",
+                self.clock_window
+            ));
+        }
+        if self.clock_bucket_ms == 0 || self.clock_bucket_ms > 3_600_000 {
+            return err("clock_bucket_ms must be in 1-3600000".into());
+        }
+        if self.max_pending_ticks == 0 {
+            return err("max_pending_ticks must be > 0".into());
+        }
+        if self.allowed_lateness_ms > 86_400_000 {
+            return err("allowed_lateness_ms must be at most one day".into());
+        }
+        for (i, s) in self.streams.iter().enumerate() {
+            if s.stale_after_ms == 0 || s.stale_after_ms > 86_400_000 {
+                return err(format!(
+                    "stream {:?}: stale_after_ms must be in 1-86400000",
+                    s.stream
+                ));
+            }
+            if self.streams[..i].iter().any(|o| o.stream == s.stream) {
+                return err(format!("stream {:?} listed twice", s.stream));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One stream's value in a frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrameValue {
+    /// The stream.
+    pub stream: StreamId,
+    /// The aligned value; `None` when the stream is stale or has no data yet.
+    pub value: Option<f64>,
+    /// Good/Uncertain from the samples used (Uncertain when held past a silent stream's last
+    /// sample); Bad when stale or missing: exclude it.
+    pub quality: Quality,
+}
+
+/// All streams of a group at one tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    /// Tick timestamp (ns, arrival clock if corrected).
+    pub ts_ns: TimestampNs,
+    /// One entry per configured stream, in configuration order.
+    pub values: Vec<FrameValue>,
+    /// True for a re-emitted frame that replaces one sent earlier (late data).
+    pub correction: bool,
+}
+
+/// What [`Aligner::push`] did with a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Stored.
+    Accepted,
+    /// Older than the watermark, dropped ([`LatePolicy::Drop`], or older than the history).
+    LateDropped,
+    /// Older than the watermark, stored; this many corrected frames were queued.
+    LateReemitted(usize),
+    /// Not a stream of this group.
+    UnknownStream,
+    /// Not a finite number.
+    NotNumeric,
+    /// Stamped too far ahead of its arrival.
+    Future,
+}
+
+/// Counters; the actor exports them as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlignerStats {
+    pub accepted: u64,
+    pub late_dropped: u64,
+    pub late_reemitted: u64,
+    pub corrections_emitted: u64,
+    pub unknown_stream: u64,
+    pub not_numeric: u64,
+    pub future_rejected: u64,
+    pub frames: u64,
+    pub ticks_skipped: u64,
+    pub history_evictions: u64,
+}
+
+/// Estimated relation of a source clock to the arrival clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClockEstimate {
+    /// `arrival − source` (lower envelope, i.e. offset plus minimum delay) at `ref_source_ns`, ns.
+    pub offset_ns: f64,
+    /// Drift: change of the offset per ns of source time (e.g. 50e-6 = 50 ppm).
+    pub drift: f64,
+    /// Source time the offset refers to.
+    pub ref_source_ns: TimestampNs,
+}
+
+/// Bounded window of (arrival, source) pairs and the estimate computed from them.
+#[derive(Debug, Clone)]
+struct ClockEstimator {
+    /// (bucket of source time, arrival, source) with the smallest offset in each bucket.
+    pairs: VecDeque<(i64, TimestampNs, TimestampNs)>,
+    cap: usize,
+    bucket_ns: i64,
+    est: Option<ClockEstimate>,
+}
+
+/// Largest drift accepted from the fit (1000 ppm); beyond it the data is not a clock.
+const MAX_DRIFT: f64 = 1e-3;
+
+impl ClockEstimator {
+    fn new(cap: usize, bucket_ns: i64) -> Self {
+        ClockEstimator {
+            pairs: VecDeque::with_capacity(cap),
+            cap,
+            bucket_ns: bucket_ns.max(1),
+            est: None,
+        }
+    }
+
+    fn push(&mut self, arrival: TimestampNs, source: TimestampNs) {
+        let bucket = source.div_euclid(self.bucket_ns);
+        let off = i128::from(arrival) - i128::from(source);
+        match self.pairs.back_mut() {
+            // Same (or an older, out-of-order) bucket: keep the smallest offset, i.e. the
+            // sample with the least queueing delay.
+            Some(back) if bucket <= back.0 => {
+                if off < i128::from(back.1) - i128::from(back.2) {
+                    *back = (back.0, arrival, source);
+                } else {
+                    return;
+                }
+            }
+            _ => {
+                if self.pairs.len() == self.cap {
+                    self.pairs.pop_front();
+                }
+                self.pairs.push_back((bucket, arrival, source));
+            }
+        }
+        self.refit();
+    }
+
+    fn refit(&mut self) {
+        let Some(&(_, _, s0)) = self.pairs.front() else {
+            return;
+        };
+        let n = self.pairs.len() as f64;
+        let pts = || {
+            self.pairs.iter().map(move |&(_, a, s)| {
+                let x = (i128::from(s) - i128::from(s0)) as f64;
+                let y = (i128::from(a) - i128::from(s)) as f64;
+                (x, y)
+            })
+        };
+        let (mx, my) = pts().fold((0.0, 0.0), |(sx, sy), (x, y)| (sx + x / n, sy + y / n));
+        let (sxx, sxy) = pts().fold((0.0, 0.0), |(sxx, sxy), (x, y)| {
+            (sxx + (x - mx) * (x - mx), sxy + (x - mx) * (y - my))
+        });
+        let drift = if self.pairs.len() >= 8 && sxx > 0.0 {
+            (sxy / sxx).clamp(-MAX_DRIFT, MAX_DRIFT)
+        } else {
+            0.0
+        };
+        let a = my - drift * mx;
+        let min_res = pts()
+            .map(|(x, y)| y - (a + drift * x))
+            .fold(f64::INFINITY, f64::min);
+        if a.is_finite() && min_res.is_finite() {
+            self.est = Some(ClockEstimate {
+                offset_ns: a + min_res,
+                drift,
+                ref_source_ns: s0,
+            });
+        }
+    }
+
+    fn correct(&self, source: TimestampNs) -> TimestampNs {
+        match self.est {
+            None => source,
+            Some(e) => {
+                let x = (i128::from(source) - i128::from(e.ref_source_ns)) as f64;
+                let off = e.offset_ns + e.drift * x;
+                let t = source as f64 + off;
+                if t.is_finite() && t.abs() < 9.0e18 {
+                    source.saturating_add(off.round() as i64)
+                } else {
+                    source
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pt {
+    ts: TimestampNs,
+    v: f64,
+    q: Quality,
+}
+
+#[derive(Debug, Clone)]
+struct StreamState {
+    id: StreamId,
+    interp: Interpolation,
+    stale_after_ns: i64,
+    correct_clock: bool,
+    hist: VecDeque<Pt>,
+    clock: ClockEstimator,
+}
+
+impl StreamState {
+    fn newest(&self) -> Option<TimestampNs> {
+        self.hist.back().map(|p| p.ts)
+    }
+
+    /// Index of the first sample with ts > t.
+    fn upper(&self, t: TimestampNs) -> usize {
+        self.hist.partition_point(|p| p.ts <= t)
+    }
+
+    /// Whether the value at `t` is final given watermark `wm`.
+    fn ready(&self, t: TimestampNs, wm: TimestampNs, origin: TimestampNs) -> bool {
+        let newest = self.newest().unwrap_or(origin);
+        if wm.saturating_sub(newest) > self.stale_after_ns {
+            return true; // silent: hold / stale from here on
+        }
+        match self.interp {
+            Interpolation::Hold => newest >= t,
+            Interpolation::Linear => newest >= t,
+            Interpolation::Cubic => {
+                let i = self.upper(t);
+                // Need the right neighbour and the one after it (or an exact hit at t).
+                i + 1 < self.hist.len() || (i > 0 && self.hist[i - 1].ts == t && newest > t)
+            }
+        }
+    }
+
+    fn value_at(&self, t: TimestampNs) -> FrameValue {
+        let bad = FrameValue {
+            stream: self.id,
+            value: None,
+            quality: Quality::Bad,
+        };
+        let i = self.upper(t); // hist[i-1].ts <= t < hist[i].ts
+        if i == 0 {
+            return bad; // nothing at or before t
+        }
+        let p0 = self.hist[i - 1];
+        let Some(&p1) = self.hist.get(i) else {
+            // Past the newest sample: only reached for a silent stream (or an exact hit).
+            let age = t.saturating_sub(p0.ts);
+            if age == 0 {
+                return FrameValue {
+                    stream: self.id,
+                    value: Some(p0.v),
+                    quality: p0.q,
+                };
+            }
+            if age > self.stale_after_ns {
+                return bad;
+            }
+            return FrameValue {
+                stream: self.id,
+                value: Some(p0.v),
+                quality: p0.q.max(Quality::Uncertain),
+            };
+        };
+        if p0.ts == t || self.interp == Interpolation::Hold {
+            return FrameValue {
+                stream: self.id,
+                value: Some(p0.v),
+                quality: p0.q,
+            };
+        }
+        let h = span(p0.ts, p1.ts);
+        let s = span(p0.ts, t) / h;
+        let mut q = p0.q.max(p1.q);
+        let v = match self.interp {
+            Interpolation::Hold | Interpolation::Linear => p0.v + s * (p1.v - p0.v),
+            Interpolation::Cubic => {
+                let pm = (i >= 2).then(|| self.hist[i - 2]);
+                let pp = self.hist.get(i + 1).copied();
+                let slope = |a: Pt, b: Pt| (b.v - a.v) / span(a.ts, b.ts);
+                // Tangents in value per ns (finite differences over the neighbours).
+                let m0 = match pm {
+                    Some(pm) => slope(pm, p1),
+                    None => slope(p0, p1),
+                };
+                let m1 = match pp {
+                    Some(pp) => slope(p0, pp),
+                    None => slope(p0, p1),
+                };
+                if let Some(pm) = pm {
+                    q = q.max(pm.q);
+                }
+                if let Some(pp) = pp {
+                    q = q.max(pp.q);
+                }
+                let (s2, s3) = (s * s, s * s * s);
+                (2.0 * s3 - 3.0 * s2 + 1.0) * p0.v
+                    + (s3 - 2.0 * s2 + s) * h * m0
+                    + (-2.0 * s3 + 3.0 * s2) * p1.v
+                    + (s3 - s2) * h * m1
+            }
+        };
+        if v.is_finite() {
+            FrameValue {
+                stream: self.id,
+                value: Some(v),
+                quality: q,
+            }
+        } else {
+            bad
+        }
+    }
+}
+
+/// The aligner of one fusion group.
+#[derive(Debug, Clone)]
+pub struct Aligner {
+    period: i64,
+    lateness_ns: i64,
+    policy: LatePolicy,
+    history: usize,
+    max_pending: usize,
+    max_future_ns: i64,
+    streams: Vec<StreamState>,
+    newest: Option<TimestampNs>,
+    origin: Option<TimestampNs>,
+    next_tick: Option<TimestampNs>,
+    last_emitted: Option<TimestampNs>,
+    corrections: Vec<Frame>,
+    stats: AlignerStats,
+}
+
+fn ms_to_ns(ms: u64) -> i64 {
+    i64::try_from(ms)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+}
+
+/// `b − a` in ns as f64, without overflow for any timestamps.
+fn span(a: TimestampNs, b: TimestampNs) -> f64 {
+    (i128::from(b) - i128::from(a)) as f64
+}
+
+/// Smallest multiple of `p` that is ≥ `t`.
+fn ceil_tick(t: TimestampNs, p: i64) -> TimestampNs {
+    let r = t.rem_euclid(p);
+    if r == 0 { t } else { t.saturating_add(p - r) }
+}
+
+impl Aligner {
+    /// An aligner for `cfg` (validated here; stream names interned).
+    pub fn new(cfg: &AlignerConfig) -> Result<Aligner, AlignerError> {
+        cfg.validate()?;
+        let streams = cfg
+            .streams
+            .iter()
+            .map(|s| {
+                Ok(StreamState {
+                    id: StreamId::intern(&s.stream).map_err(|source| AlignerError::StreamName {
+                        name: s.stream.clone(),
+                        source,
+                    })?,
+                    interp: s.interpolation,
+                    stale_after_ns: ms_to_ns(s.stale_after_ms),
+                    correct_clock: s.correct_clock,
+                    hist: VecDeque::with_capacity(cfg.history.min(1024)),
+                    clock: ClockEstimator::new(cfg.clock_window, ms_to_ns(cfg.clock_bucket_ms)),
+                })
+            })
+            .collect::<Result<Vec<_>, AlignerError>>()?;
+        Ok(Aligner {
+            period: cfg.period_ns,
+            lateness_ns: ms_to_ns(cfg.allowed_lateness_ms),
+            policy: cfg.late_policy,
+            history: cfg.history,
+            max_pending: cfg.max_pending_ticks,
+            max_future_ns: ms_to_ns(cfg.max_future_ms),
+            streams,
+            newest: None,
+            origin: None,
+            next_tick: None,
+            last_emitted: None,
+            corrections: Vec::new(),
+            stats: AlignerStats::default(),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> AlignerStats {
+        self.stats
+    }
+
+    /// The watermark: newest timestamp − allowed lateness (`None` before the first sample).
+    pub fn watermark(&self) -> Option<TimestampNs> {
+        self.newest.map(|n| n.saturating_sub(self.lateness_ns))
+    }
+
+    /// The clock estimate of `stream`, if it is in the group and has data.
+    pub fn clock_estimate(&self, stream: StreamId) -> Option<ClockEstimate> {
+        self.streams
+            .iter()
+            .find(|s| s.id == stream)
+            .and_then(|s| s.clock.est)
+    }
+
+    /// Offers a sample that arrived at `arrival_ns` (the gateway's clock).
+    pub fn push(&mut self, sample: &Sample, arrival_ns: TimestampNs) -> PushOutcome {
+        let Some(si) = self.streams.iter().position(|s| s.id == sample.stream) else {
+            self.stats.unknown_stream += 1;
+            return PushOutcome::UnknownStream;
+        };
+        let Some(v) = sample.value.as_f64().filter(|v| v.is_finite()) else {
+            self.stats.not_numeric += 1;
+            return PushOutcome::NotNumeric;
+        };
+        let wm = self.watermark();
+        let st = &mut self.streams[si];
+        st.clock.push(arrival_ns, sample.ts_ns);
+        let ts = if st.correct_clock {
+            st.clock.correct(sample.ts_ns)
+        } else {
+            sample.ts_ns
+        };
+        if self.max_future_ns > 0 && ts.saturating_sub(arrival_ns) > self.max_future_ns {
+            self.stats.future_rejected += 1;
+            return PushOutcome::Future;
+        }
+        let pt = Pt {
+            ts,
+            v,
+            q: sample.quality,
+        };
+        let late = wm.is_some_and(|wm| ts < wm);
+        if late {
+            let too_old = st.hist.front().is_none_or(|f| ts < f.ts);
+            if self.policy == LatePolicy::Drop || too_old {
+                self.stats.late_dropped += 1;
+                return PushOutcome::LateDropped;
+            }
+        }
+        let i = st.hist.partition_point(|p| p.ts <= ts);
+        if i > 0 && st.hist[i - 1].ts == ts {
+            st.hist[i - 1] = pt; // same timestamp: the newer report wins
+        } else {
+            if st.hist.len() >= self.history {
+                st.hist.pop_front();
+                self.stats.history_evictions += 1;
+            }
+            let i = st.hist.partition_point(|p| p.ts <= ts);
+            st.hist.insert(i, pt);
+        }
+        if self.origin.is_none() {
+            self.origin = Some(ts);
+            self.next_tick = Some(ceil_tick(ts, self.period));
+        }
+        self.newest = Some(self.newest.map_or(ts, |n| n.max(ts)));
+        if late {
+            self.stats.late_reemitted += 1;
+            let n = self.reemit(si, ts);
+            return PushOutcome::LateReemitted(n);
+        }
+        self.stats.accepted += 1;
+        PushOutcome::Accepted
+    }
+
+    /// Queues corrected frames for the emitted ticks that a late sample at `ts` in stream `si`
+    /// influences; returns how many.
+    fn reemit(&mut self, si: usize, ts: TimestampNs) -> usize {
+        let (Some(last), Some(origin)) = (self.last_emitted, self.origin) else {
+            return 0;
+        };
+        let st = &self.streams[si];
+        let i = st.hist.partition_point(|p| p.ts < ts); // index of the new sample
+        let reach = match st.interp {
+            Interpolation::Hold => 0,
+            Interpolation::Linear => 1,
+            Interpolation::Cubic => 2,
+        };
+        // Emitted ticks whose value can change: [ts, next) for hold, strictly between the
+        // reach-th neighbours either side for linear/cubic.
+        let first = if reach == 0 {
+            ts
+        } else {
+            i.checked_sub(reach)
+                .map_or(origin, |j| st.hist[j].ts.saturating_add(1))
+        };
+        let end_excl = st.hist.get(i + reach.max(1)).map(|p| p.ts);
+        let mut t = ceil_tick(first.max(origin), self.period);
+        let mut n = 0;
+        while t <= last && end_excl.is_none_or(|e| t < e) && n < self.max_pending {
+            let f = self.frame_at(t, true);
+            self.corrections.push(f);
+            n += 1;
+            let Some(next) = t.checked_add(self.period) else {
+                break;
+            };
+            t = next;
+        }
+        n
+    }
+
+    fn frame_at(&self, t: TimestampNs, correction: bool) -> Frame {
+        Frame {
+            ts_ns: t,
+            values: self.streams.iter().map(|s| s.value_at(t)).collect(),
+            correction,
+        }
+    }
+
+    /// Appends to `out` the queued corrections, then every new frame that is final, oldest
+    /// first. New (non-correction) frame timestamps strictly increase across calls.
+    pub fn poll(&mut self, out: &mut Vec<Frame>) {
+        self.stats.corrections_emitted += self.corrections.len() as u64;
+        out.append(&mut self.corrections);
+        let (Some(wm), Some(origin), Some(mut t)) = (self.watermark(), self.origin, self.next_tick)
+        else {
+            return;
+        };
+        // Bound the work after a jump in time: skip all but the newest `max_pending` ticks.
+        let pending = (wm.saturating_sub(t) / self.period).saturating_add(1);
+        let max = i64::try_from(self.max_pending).unwrap_or(i64::MAX);
+        if pending > max {
+            let skip = pending - max;
+            self.stats.ticks_skipped += skip as u64;
+            t = t.saturating_add(skip.saturating_mul(self.period));
+        }
+        while t <= wm && self.streams.iter().all(|s| s.ready(t, wm, origin)) {
+            out.push(self.frame_at(t, false));
+            self.stats.frames += 1;
+            self.last_emitted = Some(t);
+            match t.checked_add(self.period) {
+                Some(n) => t = n,
+                None => {
+                    // The end of representable time: no later tick exists.
+                    self.next_tick = None;
+                    return;
+                }
+            }
+        }
+        self.next_tick = Some(t);
+    }
+}
+
+#[cfg(test)]
+#[path = "aligner_tests.rs"]
+mod tests;
