@@ -1,14 +1,9 @@
-<<<<<<< HEAD
 //! Outpost's actors — device streams, aligner, fusion, training, link monitor, sync — and
 //! the assembly of a gateway (and of the hub) from config. Actors own state and wiring;
 //! the algorithms they run are plain types (here, in `outpost-protocols`, or in
 //! `outpost-runtime`).
 
-pub mod gateway;
-pub mod hub;
-=======
-//! Outpost actors.
-
 pub mod aligner;
 pub mod fusion;
->>>>>>> fusion
+pub mod gateway;
+pub mod hub;
