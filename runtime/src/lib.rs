@@ -5,5 +5,6 @@
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod storage;
 
 pub use model::{LinkClass, Priority, Quality, Sample, StreamId, SyncMode, TimestampNs, Value};
