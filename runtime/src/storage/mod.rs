@@ -96,6 +96,9 @@ pub enum Direction {
     Reverse,
 }
 
+/// The visitor of [`KvEngine::scan`]: gets each key and value, breaks to stop the scan.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
 /// An ordered byte-key → byte-value tree: the operations the outbox needs, and no more.
 ///
 /// Implementations must make [`apply`](KvEngine::apply) atomic (all or nothing, for readers
@@ -115,7 +118,7 @@ pub trait KvEngine: Send + Sync + 'static {
         lo: Bound<&[u8]>,
         hi: Bound<&[u8]>,
         dir: Direction,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visitor<'_>,
     ) -> Result<(), StorageError>;
 
     /// Blocks until everything applied before the call is durable on disk.

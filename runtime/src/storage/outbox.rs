@@ -377,9 +377,7 @@ impl<E: KvEngine> Outbox<E> {
         let next = first.checked_add(n).ok_or(StorageError::SeqExhausted)?;
 
         let mut batch = WriteBatch::new();
-        batch
-            .ops
-            .reserve(items.len() + 2 + Priority::ALL.len());
+        batch.ops.reserve(items.len() + 2 + Priority::ALL.len());
         let mut bytes = st.bytes;
         let mut records = st.records;
         let mut evicted = [(0u64, 0u64, 0u64, 0u64); 4]; // (records, bytes, first seq, last seq)
@@ -675,10 +673,7 @@ impl<E: KvEngine> Outbox<E> {
                 )));
             }
         }
-        let stored = self
-            .engine
-            .get(&META_NEXT_SEQ)?
-            .and_then(|v| parse_u64(&v));
+        let stored = self.engine.get(&META_NEXT_SEQ)?.and_then(|v| parse_u64(&v));
         if stored.unwrap_or(0) != st.next_seq {
             return Err(StorageError::Corrupt(format!(
                 "stored sequence mark {stored:?} differs from {}",
@@ -728,5 +723,448 @@ fn scan_class_totals<E: KvEngine + ?Sized>(
     match err {
         Some(e) => Err(e),
         None => Ok((bytes, records)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{SledEngine, SledOptions, Visitor};
+    use std::time::Duration;
+
+    fn engine(dir: &std::path::Path) -> SledEngine {
+        SledEngine::open(dir, &SledOptions::default()).unwrap()
+    }
+
+    fn open(dir: &std::path::Path, quota: u64) -> Outbox<SledEngine> {
+        Outbox::open(
+            engine(dir),
+            OutboxConfig {
+                quota_bytes: quota,
+                metrics: None,
+            },
+        )
+        .unwrap()
+    }
+
+    fn all(ob: &Outbox<SledEngine>, p: Priority) -> Vec<Record> {
+        ob.scan(p, None, usize::MAX, usize::MAX).unwrap()
+    }
+
+    fn values(recs: &[Record]) -> Vec<Vec<u8>> {
+        recs.iter().map(|r| r.value.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn orders_by_class_then_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 1 << 20);
+        let s1 = ob
+            .append(&[
+                (Priority::Bulk, b"b0"),
+                (Priority::Critical, b"c0"),
+                (Priority::Normal, b"n0"),
+            ])
+            .unwrap();
+        let s2 = ob
+            .append(&[(Priority::Normal, b"n1"), (Priority::Bulk, b"b1")])
+            .unwrap();
+        assert_eq!(s1, vec![0, 1, 2]);
+        assert_eq!(s2, vec![3, 4]);
+        ob.durable().await.unwrap();
+        let n = all(&ob, Priority::Normal);
+        assert_eq!(values(&n), vec![b"n0".to_vec(), b"n1".to_vec()]);
+        assert_eq!(n.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(n.iter().all(|r| r.priority == Priority::Normal));
+        assert_eq!(
+            values(&all(&ob, Priority::Bulk)),
+            vec![b"b0".to_vec(), b"b1".to_vec()]
+        );
+        assert_eq!(values(&all(&ob, Priority::Critical)), vec![b"c0".to_vec()]);
+        assert!(all(&ob, Priority::Control).is_empty());
+        let st = ob.stats();
+        assert_eq!(st.records, [0, 1, 2, 2]);
+        assert_eq!(
+            st.bytes[Priority::Normal as usize],
+            2 * (KEY_LEN as u64 + 2)
+        );
+        ob.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn scan_sees_only_durable_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 1 << 20);
+        ob.append(&[(Priority::Normal, b"a")]).unwrap();
+        assert!(all(&ob, Priority::Normal).is_empty());
+        ob.durable().await.unwrap();
+        assert_eq!(all(&ob, Priority::Normal).len(), 1);
+        ob.append(&[(Priority::Normal, b"b")]).unwrap();
+        assert_eq!(all(&ob, Priority::Normal).len(), 1);
+        ob.durable().await.unwrap();
+        assert_eq!(all(&ob, Priority::Normal).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn sequence_survives_reopen_even_when_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ob = open(dir.path(), 1 << 20);
+            let s = ob
+                .append(&[(Priority::Normal, b"x"), (Priority::Bulk, b"y")])
+                .unwrap();
+            ob.durable().await.unwrap();
+            assert_eq!(s, vec![0, 1]);
+        }
+        {
+            let ob = open(dir.path(), 1 << 20);
+            assert_eq!(ob.stats().records, [0, 0, 1, 1]);
+            // Records present at open are durable and visible.
+            assert_eq!(all(&ob, Priority::Normal)[0].seq, 0);
+            let s = ob.append(&[(Priority::Critical, b"z")]).unwrap();
+            assert_eq!(s, vec![2]);
+            ob.durable().await.unwrap();
+            let n = ob
+                .remove(&[
+                    (Priority::Normal, 0),
+                    (Priority::Bulk, 1),
+                    (Priority::Critical, 2),
+                ])
+                .unwrap();
+            assert_eq!(n, 3);
+            ob.durable().await.unwrap();
+            assert_eq!(ob.stats().records, [0; 4]);
+            assert_eq!(ob.stats().bytes, [0; 4]);
+        }
+        {
+            let ob = open(dir.path(), 1 << 20);
+            assert_eq!(ob.stats().records, [0; 4]);
+            assert_eq!(ob.stats().next_seq, 3);
+            assert_eq!(ob.append(&[(Priority::Normal, b"w")]).unwrap(), vec![3]);
+            ob.verify().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn counters_rebuilt_when_meta_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = {
+            let ob = open(dir.path(), 1 << 20);
+            ob.append(&[(Priority::Normal, b"abc"), (Priority::Bulk, b"de")])
+                .unwrap();
+            ob.durable().await.unwrap();
+            let mut b = WriteBatch::new();
+            b.remove(class_meta_key(Priority::Normal).to_vec());
+            b.remove(META_NEXT_SEQ.to_vec());
+            ob.engine().apply(b).unwrap();
+            ob.engine().flush().unwrap();
+            ob.stats()
+        };
+        let ob = open(dir.path(), 1 << 20);
+        let after = ob.stats();
+        assert_eq!(after.bytes, before.bytes);
+        assert_eq!(after.records, before.records);
+        // The mark is recovered from the stored records: no seq is handed out twice.
+        assert_eq!(after.next_seq, 2);
+        ob.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn quota_evicts_bulk_then_normal_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metrics::new();
+        let rec = (KEY_LEN + 1) as u64; // 10 bytes per one-byte record
+        let ob = Outbox::open(
+            engine(dir.path()),
+            OutboxConfig {
+                quota_bytes: 6 * rec,
+                metrics: Some(m.clone()),
+            },
+        )
+        .unwrap();
+        ob.append(&[
+            (Priority::Bulk, b"1"),
+            (Priority::Normal, b"2"),
+            (Priority::Bulk, b"3"),
+            (Priority::Normal, b"4"),
+            (Priority::Critical, b"5"),
+            (Priority::Control, b"6"),
+        ])
+        .unwrap();
+        // Full. A normal record evicts the oldest bulk.
+        ob.append(&[(Priority::Normal, b"7")]).unwrap();
+        ob.durable().await.unwrap();
+        assert_eq!(values(&all(&ob, Priority::Bulk)), vec![b"3".to_vec()]);
+        // An incoming bulk may evict only older bulk.
+        ob.append(&[(Priority::Bulk, b"8")]).unwrap();
+        ob.durable().await.unwrap();
+        assert_eq!(values(&all(&ob, Priority::Bulk)), vec![b"8".to_vec()]);
+        // Critical evicts bulk, then the oldest normal.
+        ob.append(&[(Priority::Critical, b"9"), (Priority::Critical, b"a")])
+            .unwrap();
+        ob.durable().await.unwrap();
+        assert!(all(&ob, Priority::Bulk).is_empty());
+        assert_eq!(
+            values(&all(&ob, Priority::Normal)),
+            vec![b"4".to_vec(), b"7".to_vec()]
+        );
+        let st = ob.stats();
+        assert_eq!(st.evicted_records, [0, 0, 1, 3]);
+        assert_eq!(st.evicted_bytes, [0, 0, rec, 3 * rec]);
+        assert_eq!(st.total_bytes(), 6 * rec);
+        assert_eq!(
+            m.counter_value("outpost_outbox_evicted", &[("class", "bulk")]),
+            3
+        );
+        assert_eq!(
+            m.counter_value("outpost_outbox_evicted", &[("class", "normal")]),
+            1
+        );
+        assert!(
+            m.encode()
+                .contains("outpost_outbox_bytes{class=\"critical\"} 30")
+        );
+        ob.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn critical_gets_backpressure_not_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Metrics::new();
+        let rec = (KEY_LEN + 1) as u64;
+        let ob = Outbox::open(
+            engine(dir.path()),
+            OutboxConfig {
+                quota_bytes: 3 * rec,
+                metrics: Some(m.clone()),
+            },
+        )
+        .unwrap();
+        ob.append(&[
+            (Priority::Critical, b"1"),
+            (Priority::Control, b"2"),
+            (Priority::Normal, b"3"),
+        ])
+        .unwrap();
+        ob.append(&[(Priority::Critical, b"4")]).unwrap(); // evicts the normal
+        let before = ob.stats();
+        let err = ob.append(&[(Priority::Critical, b"5")]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::Backpressure {
+                    class: Priority::Critical,
+                    needed: 10,
+                    evictable: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = ob.append(&[(Priority::Bulk, b"6")]).unwrap_err();
+        assert!(matches!(
+            err,
+            StorageError::Backpressure {
+                class: Priority::Bulk,
+                ..
+            }
+        ));
+        let after = ob.stats();
+        assert_eq!(
+            after.next_seq, before.next_seq,
+            "a refused batch uses no seq"
+        );
+        assert_eq!(after.bytes, before.bytes);
+        assert_eq!(after.backpressure, [0, 1, 0, 1]);
+        assert_eq!(
+            m.counter_value("outpost_outbox_backpressure", &[("class", "critical")]),
+            1
+        );
+        ob.durable().await.unwrap();
+        assert_eq!(
+            values(&all(&ob, Priority::Critical)),
+            vec![b"1".to_vec(), b"4".to_vec()]
+        );
+        // Acking frees room again.
+        ob.remove(&[(Priority::Critical, 0)]).unwrap();
+        assert_eq!(ob.append(&[(Priority::Critical, b"5")]).unwrap(), vec![4]);
+    }
+
+    #[test]
+    fn too_large_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 100);
+        let big = vec![0u8; 100];
+        let err = ob.append(&[(Priority::Bulk, &big)]).unwrap_err();
+        assert!(matches!(
+            err,
+            StorageError::TooLarge {
+                bytes: 109,
+                quota: 100
+            }
+        ));
+        assert_eq!(ob.stats().next_seq, 0);
+    }
+
+    #[tokio::test]
+    async fn remove_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 1 << 20);
+        let s = ob
+            .append(&[(Priority::Normal, b"a"), (Priority::Normal, b"bb")])
+            .unwrap();
+        ob.durable().await.unwrap();
+        let id = (Priority::Normal, s[0]);
+        assert_eq!(ob.remove(&[id, id]).unwrap(), 1);
+        assert_eq!(ob.remove(&[id]).unwrap(), 0);
+        // Wrong class or never-issued seq: nothing happens.
+        assert_eq!(
+            ob.remove(&[(Priority::Bulk, s[1]), (Priority::Normal, 999)])
+                .unwrap(),
+            0
+        );
+        assert_eq!(ob.stats().records, [0, 0, 1, 0]);
+        assert_eq!(ob.stats().bytes, [0, 0, KEY_LEN as u64 + 2, 0]);
+        ob.verify().unwrap();
+    }
+
+    #[tokio::test]
+    async fn scan_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 1 << 20);
+        let items: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 10]).collect();
+        let batch: Vec<(Priority, &[u8])> = items
+            .iter()
+            .map(|v| (Priority::Normal, v.as_slice()))
+            .collect();
+        ob.append(&batch).unwrap();
+        ob.append(&[(Priority::Normal, &[7u8; 100][..])]).unwrap();
+        ob.durable().await.unwrap();
+        let seqs = |r: Vec<Record>| r.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(ob.scan(Priority::Normal, None, 3, usize::MAX).unwrap()),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            seqs(ob.scan(Priority::Normal, Some(2), 2, usize::MAX).unwrap()),
+            vec![3, 4]
+        );
+        // max_bytes: 25 bytes allow two 10-byte values.
+        assert_eq!(
+            seqs(ob.scan(Priority::Normal, Some(4), 100, 25).unwrap()),
+            vec![5, 6]
+        );
+        // A value larger than max_bytes still comes out alone.
+        assert_eq!(
+            seqs(ob.scan(Priority::Normal, Some(9), 100, 5).unwrap()),
+            vec![10]
+        );
+        assert!(
+            ob.scan(Priority::Normal, Some(10), 100, 100)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            ob.scan(Priority::Normal, Some(u64::MAX), 100, 100)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(ob.scan(Priority::Normal, None, 0, 100).unwrap().is_empty());
+        assert!(ob.scan(Priority::Bulk, None, 100, 100).unwrap().is_empty());
+    }
+
+    /// Counts flushes and makes them slow enough for callers to overlap.
+    struct CountingEngine {
+        inner: SledEngine,
+        flushes: Arc<AtomicU64>,
+    }
+
+    impl KvEngine for CountingEngine {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(key)
+        }
+        fn apply(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.inner.apply(batch)
+        }
+        fn scan(
+            &self,
+            lo: Bound<&[u8]>,
+            hi: Bound<&[u8]>,
+            dir: Direction,
+            visit: &mut Visitor<'_>,
+        ) -> Result<(), StorageError> {
+            self.inner.scan(lo, hi, dir, visit)
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            self.inner.flush()
+        }
+        fn size_on_disk(&self) -> Result<u64, StorageError> {
+            self.inner.size_on_disk()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn group_commit_with_concurrent_appenders() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushes = Arc::new(AtomicU64::new(0));
+        let ob = Arc::new(
+            Outbox::open(
+                CountingEngine {
+                    inner: engine(dir.path()),
+                    flushes: flushes.clone(),
+                },
+                OutboxConfig {
+                    quota_bytes: 1 << 30,
+                    metrics: None,
+                },
+            )
+            .unwrap(),
+        );
+        const TASKS: u64 = 8;
+        const ROUNDS: u64 = 25;
+        let mut handles = Vec::new();
+        for t in 0..TASKS {
+            let ob = ob.clone();
+            handles.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for r in 0..ROUNDS {
+                    let v = [t.to_be_bytes(), r.to_be_bytes()].concat();
+                    let seqs = ob.append(&[(Priority::Normal, &v)]).unwrap();
+                    ob.durable().await.unwrap();
+                    // Durable point reached: my record is covered and visible.
+                    assert!(ob.stats().durable_seq > seqs[0]);
+                    let got = ob
+                        .scan(Priority::Normal, seqs[0].checked_sub(1), 1, usize::MAX)
+                        .unwrap();
+                    assert_eq!(got[0].seq, seqs[0]);
+                    assert_eq!(got[0].value, v);
+                    mine.push(seqs[0]);
+                }
+                mine
+            }));
+        }
+        let mut seqs = Vec::new();
+        for h in handles {
+            let mine = h.await.unwrap();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]));
+            seqs.extend(mine);
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len() as u64, TASKS * ROUNDS, "no seq handed out twice");
+        let n = flushes.load(Ordering::SeqCst);
+        assert!(
+            n < TASKS * ROUNDS,
+            "{n} flushes for {} durable calls: callers did not share flushes",
+            TASKS * ROUNDS
+        );
+        // A durable call with nothing new to flush does not flush.
+        ob.durable().await.unwrap();
+        let before = flushes.load(Ordering::SeqCst);
+        ob.durable().await.unwrap();
+        assert_eq!(flushes.load(Ordering::SeqCst), before);
+        ob.verify().unwrap();
     }
 }

@@ -216,8 +216,8 @@ mod tests {
                 Ok(p) => {
                     prop_assert_eq!(p.evict[C], 0);
                     prop_assert_eq!(p.evict[K], 0);
-                    for i in 0..4 {
-                        prop_assert!(p.evict[i] <= usage[i]);
+                    for (e, u) in p.evict.iter().zip(usage.iter()) {
+                        prop_assert!(e <= u);
                     }
                     let after: u64 = (0..4).map(|i| usage[i] - p.evict[i] + incoming[i]).sum();
                     let before: u64 = usage.iter().sum();

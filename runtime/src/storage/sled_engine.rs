@@ -6,10 +6,10 @@
 //! space amplification) are what the `outbox_crash` test and the `outbox_space` benchmark
 //! watch.
 
-use std::ops::{Bound, ControlFlow};
+use std::ops::Bound;
 use std::path::Path;
 
-use super::{Direction, KvEngine, StorageError, WriteBatch};
+use super::{Direction, KvEngine, StorageError, Visitor, WriteBatch};
 
 /// Tuning for [`SledEngine::open`].
 #[derive(Debug, Clone)]
@@ -102,13 +102,16 @@ impl KvEngine for SledEngine {
         lo: Bound<&[u8]>,
         hi: Bound<&[u8]>,
         dir: Direction,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visitor<'_>,
     ) -> Result<(), StorageError> {
-        let iter = self.tree.range::<sled::IVec, _>((sled_bound(lo), sled_bound(hi)));
-        let mut step = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StorageError> {
-            let (k, v) = item.map_err(map_err)?;
-            Ok(visit(&k, &v).is_break())
-        };
+        let iter = self
+            .tree
+            .range::<sled::IVec, _>((sled_bound(lo), sled_bound(hi)));
+        let mut step =
+            |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<bool, StorageError> {
+                let (k, v) = item.map_err(map_err)?;
+                Ok(visit(&k, &v).is_break())
+            };
         match dir {
             Direction::Forward => {
                 for item in iter {
