@@ -1,14 +1,19 @@
 //! Benchmarks run by the `bench` binary. Each is `fn(&[String]) -> Result<serde_json::Value, String>`
 //! and registers itself in [`run`] and [`NAMES`].
 
+pub mod outbox;
+
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &[];
+pub const NAMES: &[&str] = &["outbox", "outbox_space"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
-    let _ = args;
-    Err(format!(
-        "unknown benchmark {name:?}; known: {}",
-        NAMES.join(", ")
-    ))
+    match name {
+        "outbox" => outbox::run(args),
+        "outbox_space" => outbox::run_space(args),
+        _ => Err(format!(
+            "unknown benchmark {name:?}; known: {}",
+            NAMES.join(", ")
+        )),
+    }
 }
