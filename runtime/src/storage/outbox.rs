@@ -263,7 +263,9 @@ impl<E: KvEngine> Outbox<E> {
             let meta = engine.get(&class_meta_key(p))?;
             let counted = meta.as_deref().and_then(parse_class_meta);
             match counted {
-                Some((b, r)) if (r == 0) == last.is_none() && b >= r * KEY_LEN as u64 => {
+                Some((b, r))
+                    if (r == 0) == last.is_none() && b >= r.saturating_mul(KEY_LEN as u64) =>
+                {
                     bytes[i] = b;
                     records[i] = r;
                 }
