@@ -3,3 +3,4 @@
 //! `src/bin/bench.rs` runs the benchmarks.
 
 pub mod benches;
+pub mod crash_record;

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod model;
 pub mod rangeset;
 pub mod record;
+pub mod storage;
 pub mod supervisor;
 
 pub use model::{LinkClass, Priority, Quality, Sample, StreamId, SyncMode, TimestampNs, Value};

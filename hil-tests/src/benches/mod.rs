@@ -4,13 +4,16 @@
 pub mod aligner;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
+pub mod outbox;
 
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &["kalman", "aligner"];
+pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
     match name {
+        "outbox" => outbox::run(args),
+        "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
         "aligner" => aligner::run(args),
         _ => Err(format!(
