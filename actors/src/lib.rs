@@ -4,6 +4,9 @@
 //! `outpost-runtime`).
 
 pub mod aligner;
+pub mod bus;
+pub mod device;
 pub mod fusion;
 pub mod gateway;
 pub mod hub;
+pub mod ingest;

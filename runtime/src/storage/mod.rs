@@ -127,3 +127,24 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Bytes the engine occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StorageError>;
 }
+
+/// The engine the gateway and the hub use. Changing storage engine (for example to redb,
+/// should a crash test fail) is this one line plus the new engine's `KvEngine` impl.
+pub type DefaultEngine = SledEngine;
+
+/// The gateway's outbox type.
+pub type GatewayOutbox = Outbox<DefaultEngine>;
+
+/// Opens (or creates) the default engine in `dir`, on the tree `tree`.
+pub fn open_default_engine(
+    dir: &std::path::Path,
+    tree: &str,
+) -> Result<DefaultEngine, StorageError> {
+    SledEngine::open(
+        dir,
+        &SledOptions {
+            tree: tree.to_owned(),
+            ..SledOptions::default()
+        },
+    )
+}

@@ -1,0 +1,347 @@
+//! The ingest path: every sample the gateway produces (devices, fusion, alarms) enters the
+//! outbox here. Producers submit batches through a bounded queue (so a full disk or a
+//! stalled outbox slows them down instead of growing memory); one writer task groups them
+//! into durable batches (group commit: up to `max_batch` samples or `commit_interval`,
+//! whichever comes first) and tells each producer when its samples are durable — only then
+//! may a producer acknowledge them to anyone (an MQTT broker, for instance).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_runtime::metrics::Metrics;
+use outpost_runtime::model::{Priority, Sample};
+use outpost_runtime::record;
+use outpost_runtime::storage::{GatewayOutbox, StorageError};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::bus::Bus;
+
+/// Why samples could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    #[error("the ingest writer has stopped (the gateway is shutting down)")]
+    Closed,
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+/// Tuning of the writer.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    /// Most samples in one durable batch.
+    pub max_batch: usize,
+    /// Longest a submission waits for companions before its batch is written.
+    pub commit_interval: Duration,
+    /// Submissions queued before producers wait.
+    pub queue: usize,
+    /// Pause between attempts while the outbox refuses data for lack of space.
+    pub backpressure_retry: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_batch: 2_000,
+            commit_interval: Duration::from_millis(20),
+            queue: 1_024,
+            backpressure_retry: Duration::from_millis(250),
+        }
+    }
+}
+
+struct Submission {
+    priority: Priority,
+    samples: Vec<Sample>,
+    done: Option<oneshot::Sender<Result<(), IngestError>>>,
+}
+
+/// A promise that submitted samples become durable.
+pub struct Durable(oneshot::Receiver<Result<(), IngestError>>);
+
+impl Durable {
+    /// Waits until the samples are durable in the outbox.
+    pub async fn wait(self) -> Result<(), IngestError> {
+        self.0.await.unwrap_or(Err(IngestError::Closed))
+    }
+}
+
+/// Handle producers use; clone freely. The writer stops once every clone is dropped, after
+/// writing what was queued.
+#[derive(Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Submission>,
+    bus: Bus,
+}
+
+struct Counters {
+    ingested: [Counter; 4],
+    dropped_bulk: Counter,
+    backpressure: Counter,
+    batches: Counter,
+}
+
+impl Ingest {
+    /// Starts the writer over `outbox`. `wake` is notified after every durable batch (the
+    /// sync actor waits on it).
+    pub fn start(
+        outbox: Arc<GatewayOutbox>,
+        config: IngestConfig,
+        bus: Bus,
+        metrics: &Metrics,
+        wake: Arc<Notify>,
+    ) -> (Ingest, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let c = Counters {
+            ingested: Priority::ALL.map(|p| {
+                metrics.counter(
+                    "outpost_samples_ingested",
+                    "Samples made durable in the outbox",
+                    &[("class", p.as_str())],
+                )
+            }),
+            dropped_bulk: metrics.counter(
+                "outpost_ingest_dropped",
+                "Samples dropped at ingest because the outbox quota was full of higher classes",
+                &[("class", "bulk")],
+            ),
+            backpressure: metrics.counter(
+                "outpost_ingest_backpressure",
+                "Times intake paused because the outbox quota was full of data it may not evict",
+                &[],
+            ),
+            batches: metrics.counter("outpost_ingest_batches", "Durable batches written", &[]),
+        };
+        let task = tokio::spawn(writer(outbox, config, rx, c, wake));
+        (Ingest { tx, bus }, task)
+    }
+
+    /// Queues `samples` (waiting while the queue is full) and publishes them on the bus.
+    /// Returns a promise of durability.
+    pub async fn submit(
+        &self,
+        priority: Priority,
+        samples: Vec<Sample>,
+    ) -> Result<Durable, IngestError> {
+        self.bus.publish(&samples);
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Submission {
+                priority,
+                samples,
+                done: Some(done),
+            })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(Durable(rx))
+    }
+
+    /// Submits and waits for durability.
+    pub async fn submit_durable(
+        &self,
+        priority: Priority,
+        samples: Vec<Sample>,
+    ) -> Result<(), IngestError> {
+        self.submit(priority, samples).await?.wait().await
+    }
+
+    /// The bus samples are published on.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+}
+
+async fn writer(
+    outbox: Arc<GatewayOutbox>,
+    config: IngestConfig,
+    mut rx: mpsc::Receiver<Submission>,
+    c: Counters,
+    wake: Arc<Notify>,
+) {
+    let max_batch = config.max_batch.max(1);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut count = batch[0].samples.len();
+        let deadline = tokio::time::Instant::now() + config.commit_interval;
+        while count < max_batch {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => { count += m.samples.len(); batch.push(m); }
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let result = write_batch(&outbox, &config, &batch, &c).await;
+        if result.is_ok() {
+            c.batches.inc();
+            for s in &batch {
+                c.ingested[s.priority as usize].inc_by(s.samples.len() as u64);
+            }
+            wake.notify_one();
+        } else if let Err(e) = &result {
+            tracing::error!(error = %e, samples = count, "ingest: cannot make samples durable");
+        }
+        for s in batch {
+            if let Some(d) = s.done {
+                let _ = d.send(result.clone());
+            }
+        }
+    }
+    tracing::debug!("ingest writer stopped: all producers are gone");
+}
+
+/// Appends one group of submissions and makes it durable. Bulk samples the quota has no
+/// room for are dropped (and counted); anything else waits for room (back-pressure).
+async fn write_batch(
+    outbox: &Arc<GatewayOutbox>,
+    config: &IngestConfig,
+    batch: &[Submission],
+    c: &Counters,
+) -> Result<(), IngestError> {
+    // Encode once; write per class so a refusal of one class does not hold the others.
+    for p in Priority::ALL {
+        let mut encoded: Vec<Vec<u8>> = Vec::new();
+        for s in batch.iter().filter(|s| s.priority == p) {
+            encoded.extend(s.samples.iter().map(record::encode));
+        }
+        if encoded.is_empty() {
+            continue;
+        }
+        let mut warned = false;
+        loop {
+            let ob = outbox.clone();
+            let enc = std::mem::take(&mut encoded);
+            let (enc, res) = tokio::task::spawn_blocking(move || {
+                let items: Vec<(Priority, &[u8])> = enc.iter().map(|r| (p, r.as_slice())).collect();
+                let res = ob.append(&items).map(|_| ());
+                (enc, res)
+            })
+            .await
+            .map_err(|e| IngestError::Storage(format!("append task failed: {e}")))?;
+            encoded = enc;
+            match res {
+                Ok(()) => break,
+                Err(StorageError::Backpressure { .. }) if p == Priority::Bulk => {
+                    c.dropped_bulk.inc_by(encoded.len() as u64);
+                    tracing::warn!(samples = encoded.len(), "outbox full: bulk samples dropped");
+                    break;
+                }
+                Err(StorageError::Backpressure {
+                    class,
+                    needed,
+                    evictable,
+                    quota,
+                }) => {
+                    c.backpressure.inc();
+                    if !warned {
+                        tracing::error!(
+                            class = class.as_str(),
+                            needed,
+                            evictable,
+                            quota,
+                            "ALARM: outbox quota full of data that may not be evicted; intake paused until the uplink drains it"
+                        );
+                        warned = true;
+                    }
+                    tokio::time::sleep(config.backpressure_retry).await;
+                }
+                Err(e) => return Err(IngestError::Storage(e.to_string())),
+            }
+        }
+    }
+    outbox
+        .durable()
+        .await
+        .map_err(|e| IngestError::Storage(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_runtime::model::{StreamId, Value};
+    use outpost_runtime::storage::{OutboxConfig, open_default_engine};
+
+    fn open(dir: &std::path::Path, quota: u64) -> Arc<GatewayOutbox> {
+        let engine = open_default_engine(dir, "outbox").unwrap();
+        Arc::new(
+            GatewayOutbox::open(
+                engine,
+                OutboxConfig {
+                    quota_bytes: quota,
+                    metrics: None,
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn submissions_become_durable_records_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 1 << 30);
+        let m = Metrics::new();
+        let wake = Arc::new(Notify::new());
+        let (ingest, task) = Ingest::start(
+            ob.clone(),
+            IngestConfig::default(),
+            Bus::new(&m),
+            &m,
+            wake.clone(),
+        );
+        let s = StreamId::intern("ingest/t").unwrap();
+        let mut promises = Vec::new();
+        for i in 0..50 {
+            let samples = (0..10)
+                .map(|j| Sample::new(s, i * 10 + j, Value::I64(i * 10 + j)))
+                .collect();
+            promises.push(ingest.submit(Priority::Normal, samples).await.unwrap());
+        }
+        for p in promises {
+            p.wait().await.unwrap();
+        }
+        wake.notified().await;
+        let recs = ob.scan(Priority::Normal, None, 1000, usize::MAX).unwrap();
+        assert_eq!(recs.len(), 500);
+        for (i, r) in recs.iter().enumerate() {
+            let d = record::decode(&r.value).unwrap();
+            assert_eq!(d.value, Value::I64(i as i64));
+        }
+        assert_eq!(
+            m.counter_value("outpost_samples_ingested", &[("class", "normal")]),
+            500
+        );
+        drop(ingest);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bulk_is_dropped_when_the_quota_is_full_of_critical() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = open(dir.path(), 4_000);
+        let m = Metrics::new();
+        let (ingest, _task) = Ingest::start(
+            ob.clone(),
+            IngestConfig::default(),
+            Bus::new(&m),
+            &m,
+            Arc::new(Notify::new()),
+        );
+        let s = StreamId::intern("ingest/q").unwrap();
+        let many = |n: i64| {
+            (0..n)
+                .map(|j| Sample::new(s, j, Value::I64(j)))
+                .collect::<Vec<_>>()
+        };
+        ingest
+            .submit_durable(Priority::Critical, many(80))
+            .await
+            .unwrap();
+        ingest
+            .submit_durable(Priority::Bulk, many(50))
+            .await
+            .unwrap();
+        assert!(m.counter_value("outpost_ingest_dropped", &[("class", "bulk")]) > 0);
+        assert_eq!(ob.stats().records[Priority::Critical as usize], 80);
+    }
+}
