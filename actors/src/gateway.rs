@@ -1,8 +1,28 @@
-//! Gateway assembly: builds the supervision tree from a [`Config`] and runs it until
-//! SIGINT/SIGTERM, then shuts down in order (stop intake, flush the outbox, exit).
+//! Gateway assembly: opens the outbox, starts the ingest writer and builds the supervision
+//! tree from a [`Config`]; runs until SIGINT/SIGTERM, then shuts down in order — stop
+//! intake (devices first), drain the ingest queue into the outbox, make it durable, exit.
+//!
+//! ```text
+//! root (one-for-one)
+//! ├── devices (one-for-one, [supervision] limits) ── device:<name> ...
+//! └── (fusion groups, sync: added by their modules)
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use outpost_runtime::config::Config;
 use outpost_runtime::metrics::{self, Metrics};
+use outpost_runtime::storage::{GatewayOutbox, OutboxConfig, StorageError, open_default_engine};
+use outpost_runtime::supervisor::{
+    self, BackoffPolicy, Restart, Strategy, SupervisorMsg, SupervisorSpec,
+};
+use ractor::ActorRef;
+use tokio::sync::Notify;
+
+use crate::bus::Bus;
+use crate::device::{self, DeviceContext};
+use crate::ingest::{Ingest, IngestConfig};
 
 /// Errors that stop a gateway from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +34,203 @@ pub enum GatewayError {
     },
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot create the data folder {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the outbox in {path}: {source}")]
+    Outbox {
+        path: std::path::PathBuf,
+        source: StorageError,
+    },
+    #[error("{0}")]
+    Device(String),
+    #[error("cannot start the supervision tree: {0}")]
+    Supervisor(String),
+    #[error("the supervision tree failed: {0}")]
+    TreeFailed(String),
+    #[error("the last outbox flush failed: {0}")]
+    Flush(StorageError),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    root: ActorRef<SupervisorMsg>,
+    root_join: tokio::task::JoinHandle<()>,
+    ingest: Ingest,
+    writer: tokio::task::JoinHandle<()>,
+    outbox: Arc<GatewayOutbox>,
+    metrics: Metrics,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Notified after every durable ingest batch (the sync actor waits on it).
+    pub wake: Arc<Notify>,
+}
+
+impl Gateway {
+    /// Starts a gateway: outbox, ingest, metrics endpoint, supervision tree.
+    pub async fn start(config: &Config, metrics: Metrics) -> Result<Gateway, GatewayError> {
+        let dir = &config.gateway.data_dir;
+        std::fs::create_dir_all(dir).map_err(|source| GatewayError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let outbox_dir = dir.join("outbox");
+        let engine =
+            open_default_engine(&outbox_dir, "outbox").map_err(|source| GatewayError::Outbox {
+                path: outbox_dir.clone(),
+                source,
+            })?;
+        let outbox = Arc::new(
+            GatewayOutbox::open(
+                engine,
+                OutboxConfig {
+                    quota_bytes: config.storage.quota.0,
+                    metrics: Some(metrics.clone()),
+                },
+            )
+            .map_err(|source| GatewayError::Outbox {
+                path: outbox_dir.clone(),
+                source,
+            })?,
+        );
+        let st = outbox.stats();
+        tracing::info!(
+            records = st.records.iter().sum::<u64>(),
+            bytes = st.total_bytes(),
+            next_seq = st.next_seq,
+            "outbox open"
+        );
+
+        let (metrics_task, metrics_addr) = if config.metrics.enabled {
+            let (addr, task) = metrics::serve(metrics.clone(), config.metrics.listen)
+                .await
+                .map_err(|source| GatewayError::Metrics {
+                    addr: config.metrics.listen,
+                    source,
+                })?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            (Some(task), Some(addr))
+        } else {
+            (None, None)
+        };
+
+        let wake = Arc::new(Notify::new());
+        let bus = Bus::new(&metrics);
+        let (ingest, writer) = Ingest::start(
+            outbox.clone(),
+            IngestConfig {
+                max_batch: config.storage.max_batch.get() as usize,
+                commit_interval: config.storage.commit_interval.get(),
+                ..IngestConfig::default()
+            },
+            bus,
+            &metrics,
+            wake.clone(),
+        );
+
+        let sv = &config.supervision;
+        let backoff = BackoffPolicy::new(sv.backoff.initial.get(), sv.backoff.max.get(), 2.0, 0.2);
+        let mut devices = SupervisorSpec::new("devices", Strategy::OneForOne, metrics.clone())
+            .with_intensity(sv.max_restarts.get() as u32, sv.within.get())
+            .with_backoff(backoff);
+        for d in &config.devices {
+            let driver = crate::devices::driver_for(d).map_err(GatewayError::Device)?;
+            let ctx = DeviceContext {
+                name: d.name.clone(),
+                priority: d.priority,
+                ingest: ingest.clone(),
+                metrics: metrics.clone(),
+                gateway_id: config.gateway.id.clone(),
+            };
+            devices = devices.child(device::child_spec(ctx, driver));
+        }
+        let root = SupervisorSpec::new("root", Strategy::OneForOne, metrics.clone())
+            .with_intensity(3, Duration::from_secs(600))
+            .with_backoff(backoff)
+            .child(devices.into_child(Restart::Permanent));
+        let (root, root_join) = root
+            .spawn()
+            .await
+            .map_err(|e| GatewayError::Supervisor(e.to_string()))?;
+        tracing::info!(
+            gateway = %config.gateway.id,
+            devices = config.devices.len(),
+            "gateway started"
+        );
+        Ok(Gateway {
+            root,
+            root_join,
+            ingest,
+            writer,
+            outbox,
+            metrics,
+            metrics_task,
+            metrics_addr,
+            wake,
+        })
+    }
+
+    /// The ingest handle (for in-process producers and tests).
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    /// The outbox.
+    pub fn outbox(&self) -> &Arc<GatewayOutbox> {
+        &self.outbox
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Where the metrics endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Runs until SIGINT/SIGTERM (then shuts down cleanly) or until the supervision tree
+    /// fails (then shuts down and reports it).
+    pub async fn run_until_signal(mut self) -> Result<(), GatewayError> {
+        let outcome = tokio::select! {
+            sig = shutdown_signal() => { tracing::info!(signal = sig?, "shutting down"); Ok(()) }
+            _ = &mut self.root_join => Err(GatewayError::TreeFailed(
+                "the root supervisor stopped (a restart storm escalated to the top)".into())),
+        };
+        let flushed = self.shutdown().await;
+        outcome.and(flushed)
+    }
+
+    /// Orderly stop: devices and all actors first (no new intake), then the ingest queue is
+    /// drained into the outbox and the outbox made durable.
+    pub async fn shutdown(self) -> Result<(), GatewayError> {
+        if !self.root_join.is_finished()
+            && let Err(e) = supervisor::shutdown(&self.root, Duration::from_secs(30)).await
+        {
+            tracing::warn!(error = %e, "supervision tree did not stop cleanly");
+        }
+        drop(self.ingest);
+        // The writer ends once every producer handle is gone (actors just released theirs).
+        if tokio::time::timeout(Duration::from_secs(30), self.writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("ingest writer did not finish within 30 s");
+        }
+        let flushed = self.outbox.durable().await.map_err(GatewayError::Flush);
+        if let Some(t) = self.metrics_task {
+            t.abort();
+        }
+        let st = self.outbox.stats();
+        tracing::info!(
+            records = st.records.iter().sum::<u64>(),
+            next_seq = st.next_seq,
+            "stopped; outbox flushed"
+        );
+        flushed
+    }
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -29,25 +246,6 @@ pub async fn shutdown_signal() -> Result<&'static str, GatewayError> {
 
 /// Runs the gateway described by `config` until SIGINT or SIGTERM.
 pub async fn run_until_signal(config: Config) -> Result<(), GatewayError> {
-    let metrics = Metrics::new();
-    let metrics_task = if config.metrics.enabled {
-        let (addr, task) = metrics::serve(metrics.clone(), config.metrics.listen)
-            .await
-            .map_err(|source| GatewayError::Metrics {
-                addr: config.metrics.listen,
-                source,
-            })?;
-        tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        Some(task)
-    } else {
-        None
-    };
-    tracing::info!(gateway = %config.gateway.id, devices = config.devices.len(), "gateway started");
-    let sig = shutdown_signal().await?;
-    tracing::info!(signal = sig, "shutting down");
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    tracing::info!("stopped");
-    Ok(())
+    let gw = Gateway::start(&config, Metrics::new()).await?;
+    gw.run_until_signal().await
 }

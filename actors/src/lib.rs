@@ -6,6 +6,7 @@
 pub mod aligner;
 pub mod bus;
 pub mod device;
+pub mod devices;
 pub mod fusion;
 pub mod gateway;
 pub mod hub;
