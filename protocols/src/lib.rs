@@ -1,1 +1,3 @@
-//! Outpost protocols.
+//! Outpost protocols: device drivers, uplink transports and the frame codec.
+
+pub mod frame;
