@@ -1,3 +1,4 @@
 //! Outpost protocols: device drivers, uplink transports and the frame codec.
 
 pub mod frame;
+pub mod modbus;
