@@ -33,6 +33,11 @@ enum Command {
         /// The gateway's TOML file.
         config: PathBuf,
     },
+    /// Run the hub: accept gateways, de-duplicate, write samples to the sink.
+    Hub {
+        /// The hub's TOML file.
+        config: PathBuf,
+    },
     /// Create a CA, a hub certificate and gateway certificates, for trying Outpost out.
     /// Keep `ca.key` offline in production.
     Certs {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, strict } => check(&config, strict),
         Command::Run { config } => report(run(&config)),
+        Command::Hub { config } => report(hub(&config)),
         Command::Certs {
             out,
             hub_names,
@@ -69,6 +75,42 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn hub(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = outpost_runtime::config::load_hub(path)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("invalid hub config {}", path.display()))?;
+    outpost_runtime::logging::init(config.log.format, &config.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async {
+        let metrics = outpost_runtime::metrics::Metrics::new();
+        let metrics_task = if config.metrics.enabled {
+            let (addr, task) =
+                outpost_runtime::metrics::serve(metrics.clone(), config.metrics.listen)
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve metrics on {}", config.metrics.listen)
+                    })?;
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+            Some(task)
+        } else {
+            None
+        };
+        let hub = outpost_actors::hub::Hub::start(&config, metrics)
+            .await
+            .context("cannot start the hub")?;
+        let sig = outpost_actors::gateway::shutdown_signal().await?;
+        tracing::info!(signal = sig, "hub shutting down");
+        hub.stop().await;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn certs(out: &std::path::Path, hub_names: &[String], gateways: &[String]) -> anyhow::Result<()> {

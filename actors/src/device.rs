@@ -35,7 +35,11 @@ pub type DriverFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
 /// Builds a driver run for a (re)started actor.
 pub type DriverFn = Arc<dyn Fn(DeviceContext) -> DriverFuture + Send + Sync>;
 
-/// The actor: owns the driver task.
+/// Builds a run of any supervised task (a device driver with its context, the sync loop...).
+pub type TaskFn = Arc<dyn Fn() -> DriverFuture + Send + Sync>;
+
+/// The actor: owns one task (a device driver, the sync loop); fails when the task fails so
+/// that its supervisor restarts it.
 pub struct DeviceActor;
 
 /// Messages the actor handles (only from its own driver task).
@@ -45,34 +49,40 @@ pub enum DeviceMsg {
 }
 
 pub struct DeviceState {
-    task: tokio::task::JoinHandle<()>,
+    /// The driver task itself.
+    driver: tokio::task::AbortHandle,
+    /// Awaits the driver and reports its end to the actor.
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl Actor for DeviceActor {
     type Msg = DeviceMsg;
     type State = DeviceState;
-    type Arguments = (DeviceContext, DriverFn);
+    type Arguments = (String, TaskFn);
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        (ctx, driver): Self::Arguments,
+        (name, task): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let name = ctx.name.clone();
-        let run = driver(ctx);
-        let task = tokio::spawn(async move {
+        let driver = tokio::spawn(task());
+        let driver_abort = driver.abort_handle();
+        let watcher = tokio::spawn(async move {
             // A panic in the driver is caught here and reported as a failure.
-            let res = match tokio::spawn(run).await {
+            let res = match driver.await {
                 Ok(r) => r,
                 Err(e) if e.is_panic() => Err(format!("driver panicked: {e}")),
                 Err(_) => return, // aborted: the actor is stopping
             };
             if let Err(e) = &res {
-                tracing::warn!(device = %name, error = %e, "device driver failed");
+                tracing::warn!(task = %name, error = %e, "supervised task failed");
             }
             let _ = myself.cast(DeviceMsg::Exited(res));
         });
-        Ok(DeviceState { task })
+        Ok(DeviceState {
+            driver: driver_abort,
+            watcher,
+        })
     }
 
     async fn handle(
@@ -95,7 +105,10 @@ impl Actor for DeviceActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.task.abort();
+        // Stop the driver and wait until it is gone (its resources — connections, the
+        // outbox handle — are released when this returns).
+        state.driver.abort();
+        let _ = (&mut state.watcher).await;
         Ok(())
     }
 }
@@ -103,8 +116,15 @@ impl Actor for DeviceActor {
 /// The supervisor child spec of a device.
 pub fn child_spec(ctx: DeviceContext, driver: DriverFn) -> ChildSpec {
     let name = format!("device:{}", ctx.name);
+    let task: TaskFn = Arc::new(move || driver(ctx.clone()));
+    task_child_spec(&name, task)
+}
+
+/// The supervisor child spec of any task run by a [`DeviceActor`].
+pub fn task_child_spec(name: &str, task: TaskFn) -> ChildSpec {
+    let n = name.to_owned();
     ChildSpec::actor(name, Restart::Permanent, move || {
-        (DeviceActor, (ctx.clone(), driver.clone()))
+        (DeviceActor, (n.clone(), task.clone()))
     })
 }
 

@@ -5,7 +5,8 @@
 //! ```text
 //! root (one-for-one)
 //! ├── devices (one-for-one, [supervision] limits) ── device:<name> ...
-//! └── (fusion groups, sync: added by their modules)
+//! ├── sync (when an uplink is configured)
+//! └── (fusion groups: added by their module)
 //! ```
 
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub enum GatewayError {
     },
     #[error("{0}")]
     Device(String),
+    #[error("uplink: {0}")]
+    Uplink(String),
     #[error("cannot start the supervision tree: {0}")]
     Supervisor(String),
     #[error("the supervision tree failed: {0}")]
@@ -146,10 +149,22 @@ impl Gateway {
             };
             devices = devices.child(device::child_spec(ctx, driver));
         }
-        let root = SupervisorSpec::new("root", Strategy::OneForOne, metrics.clone())
+        let mut root = SupervisorSpec::new("root", Strategy::OneForOne, metrics.clone())
             .with_intensity(3, Duration::from_secs(600))
             .with_backoff(backoff)
             .child(devices.into_child(Restart::Permanent));
+        if let Some(u) = &config.uplink {
+            let ctx = crate::sync::context_from_config(
+                &config.gateway.id,
+                u,
+                outbox.clone(),
+                wake.clone(),
+                metrics.clone(),
+            )
+            .map_err(GatewayError::Uplink)?;
+            let task: device::TaskFn = Arc::new(move || Box::pin(crate::sync::run(ctx.clone())));
+            root = root.child(device::task_child_spec("sync", task));
+        }
         let (root, root_join) = root
             .spawn()
             .await
@@ -220,6 +235,12 @@ impl Gateway {
             tracing::warn!("ingest writer did not finish within 30 s");
         }
         let flushed = self.outbox.durable().await.map_err(GatewayError::Flush);
+        // Blocking storage calls still running hold the outbox; let them finish so the
+        // store is closed when this returns (a restart in the same process can reopen it).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&self.outbox) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if let Some(t) = self.metrics_task {
             t.abort();
         }

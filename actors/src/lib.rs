@@ -11,3 +11,4 @@ pub mod fusion;
 pub mod gateway;
 pub mod hub;
 pub mod ingest;
+pub mod sync;

@@ -1,5 +1,9 @@
 //! The hub: the receiving end of the uplink (`outpost hub CONFIG`). It authenticates
 //! gateways, decodes their frames, de-duplicates by (gateway, stream, sequence) durably,
-//! writes every sample once to its sinks and acknowledges.
+//! writes every sample once to its sink and acknowledges.
 
+pub mod server;
 pub mod sink;
+pub mod store;
+
+pub use server::{Hub, HubError};

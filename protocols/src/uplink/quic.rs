@@ -258,7 +258,7 @@ impl ClientTls {
 }
 
 /// Reads a file of at most [`MAX_PEM_FILE_BYTES`].
-fn read_pem_file(path: &Path) -> Result<Vec<u8>, QuicError> {
+pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, QuicError> {
     use std::io::Read;
     let err = |source| QuicError::ReadFile {
         path: path.to_path_buf(),

@@ -1,0 +1,224 @@
+//! The hub's network side: accepts gateways over QUIC (mutual TLS: only certificates the
+//! configured CA signed), checks that each gateway's Hello names the id in its
+//! certificate, decodes frames (every byte is hostile: errors are counted and the
+//! connection is closed, the hub carries on), commits them through [`HubStore`] and
+//! acknowledges.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_protocols::frame::{self, Ack, FrameBuffer, Message};
+use outpost_protocols::uplink::quic::{
+    self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicServer, ServerOptions, ServerTls,
+};
+use outpost_runtime::config::HubConfig;
+use outpost_runtime::metrics::Metrics;
+use outpost_runtime::model::now_ns;
+
+use super::store::{HubStore, HubStoreError};
+
+/// Close code for a protocol violation (undecodable frame, wrong gateway id in a frame).
+pub const CLOSE_PROTOCOL: u32 = 2;
+/// Close code when the hub cannot store data (the gateway keeps it and retries).
+pub const CLOSE_STORAGE: u32 = 3;
+
+/// Hub start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot read the hub's certificates: {0}")]
+    Tls(quic::QuicError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: quic::QuicError,
+    },
+    #[error(transparent)]
+    Store(#[from] HubStoreError),
+}
+
+/// A running hub.
+pub struct Hub {
+    pub addr: SocketAddr,
+    pub store: Arc<HubStore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hub {
+    /// Opens the hub's state and starts listening.
+    pub async fn start(config: &HubConfig, metrics: Metrics) -> Result<Hub, HubError> {
+        let h = &config.hub;
+        let key = h
+            .key
+            .resolve()
+            .map_err(|e| HubError::Tls(quic::QuicError::InvalidOptions(e.to_string())))?;
+        let tls = ServerTls {
+            ca_pem: quic::read_pem_file(&h.ca).map_err(HubError::Tls)?,
+            cert_pem: quic::read_pem_file(&h.cert).map_err(HubError::Tls)?,
+            key_pem: key,
+        };
+        let store = Arc::new(HubStore::open(
+            &h.data_dir.join("state"),
+            &config.sink_dir(),
+        )?);
+        let server =
+            QuicServer::bind(h.listen, &tls, ServerOptions::default()).map_err(|source| {
+                HubError::Bind {
+                    addr: h.listen,
+                    source,
+                }
+            })?;
+        let addr = server.local_addr().map_err(|source| HubError::Bind {
+            addr: h.listen,
+            source,
+        })?;
+        let task = tokio::spawn(accept_loop(server, store.clone(), metrics));
+        tracing::info!(%addr, sink = %config.sink_dir().display(), "hub listening");
+        Ok(Hub { addr, store, task })
+    }
+
+    /// Stops accepting, drops open connections (unacknowledged frames will be resent by
+    /// their gateways), and waits until the state is closed.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        // Commits already running finish (each is atomic) and release the store.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn accept_loop(mut server: QuicServer, store: Arc<HubStore>, metrics: Metrics) {
+    let accepted = metrics.counter(
+        "outpost_hub_connections",
+        "Gateway connections accepted",
+        &[],
+    );
+    // Owned here so that aborting the loop aborts every connection task too.
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            conn = server.accept() => {
+                let Some(conn) = conn else { break };
+                accepted.inc();
+                let store = store.clone();
+                let metrics = metrics.clone();
+                conns.spawn(async move {
+                    let id = conn.gateway_id.clone();
+                    if let Err(e) = serve_gateway(conn, store, &metrics).await {
+                        tracing::info!(gateway = %id, reason = %e, "gateway connection ended");
+                    }
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Serves one gateway connection until it closes or misbehaves.
+async fn serve_gateway(
+    conn: GatewayConnection,
+    store: Arc<HubStore>,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let gw = conn.gateway_id.clone();
+    let c = &conn.connection;
+    let bad = |kind: &'static str| {
+        metrics
+            .counter(
+                "outpost_hub_bad_input",
+                "Rejected input from gateways",
+                &[("kind", kind)],
+            )
+            .inc();
+    };
+    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), c.accept_bi())
+        .await
+        .map_err(|_| "no stream opened within 30 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut buf = FrameBuffer::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut hello_seen = false;
+    let written = metrics.counter(
+        "outpost_hub_samples_written",
+        "Samples written to the sink",
+        &[("gateway", &gw)],
+    );
+    let dups = metrics.counter(
+        "outpost_hub_duplicates",
+        "Samples received again and dropped",
+        &[("gateway", &gw)],
+    );
+    loop {
+        let msg = match buf.next_message() {
+            Ok(Some(m)) => m,
+            Ok(None) => match quic::read_some(&mut recv, &mut chunk).await {
+                Ok(Some(n)) => {
+                    if let Err(e) = buf.push(&chunk[..n]) {
+                        bad(e.label());
+                        c.close(CLOSE_PROTOCOL, b"frame error");
+                        return Err(format!("bad frame: {e}"));
+                    }
+                    continue;
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            },
+            Err(e) => {
+                bad(e.label());
+                c.close(CLOSE_PROTOCOL, b"frame error");
+                return Err(format!("bad frame: {e}"));
+            }
+        };
+        match msg {
+            Message::Hello(h) => {
+                if h.gateway_id != gw {
+                    bad("identity");
+                    c.close(CLOSE_BAD_IDENTITY, b"hello does not match certificate");
+                    return Err(format!(
+                        "hello names {:?} but the certificate says {gw:?}",
+                        h.gateway_id
+                    ));
+                }
+                hello_seen = true;
+            }
+            Message::Data(frame) => {
+                if !hello_seen || frame.gateway_id != gw {
+                    bad("identity");
+                    c.close(CLOSE_BAD_IDENTITY, b"frame from another gateway");
+                    return Err("data frame without hello or with another gateway id".into());
+                }
+                let store2 = store.clone();
+                let gw2 = gw.clone();
+                let (frame, res) = tokio::task::spawn_blocking(move || {
+                    let r = store2.commit(&gw2, &frame, now_ns());
+                    (frame, r)
+                })
+                .await
+                .map_err(|e| format!("commit task failed: {e}"))?;
+                let done = match res {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(gateway = %gw, error = %e, "hub cannot store data");
+                        c.close(CLOSE_STORAGE, b"hub storage error");
+                        return Err(e.to_string());
+                    }
+                };
+                written.inc_by(done.written as u64);
+                dups.inc_by(done.duplicates as u64);
+                let ack = frame::encode(&Message::Ack(Ack::for_frame(&frame)))
+                    .map_err(|e| format!("cannot encode ack: {e}"))?;
+                quic::send_all(&mut send, &ack)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Message::Ack(_) => {
+                bad("unexpected_ack");
+                c.close(CLOSE_PROTOCOL, b"unexpected ack");
+                return Err("gateway sent an ack".into());
+            }
+        }
+    }
+}
