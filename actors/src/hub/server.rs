@@ -98,8 +98,31 @@ async fn accept_loop(mut server: QuicServer, store: Arc<HubStore>, metrics: Metr
     );
     // Owned here so that aborting the loop aborts every connection task too.
     let mut conns = tokio::task::JoinSet::new();
+    let handshake = |result: &'static str| {
+        metrics.counter(
+            "outpost_hub_handshakes_refused",
+            "QUIC handshakes that did not yield an authenticated gateway",
+            &[("reason", result)],
+        )
+    };
+    let (failed, timed_out, identity, busy) = (
+        handshake("tls_failed"),
+        handshake("timed_out"),
+        handshake("no_gateway_id"),
+        handshake("busy"),
+    );
+    let mut last = server.counters();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = tick.tick() => {
+                let now = server.counters();
+                failed.inc_by(now.handshakes_failed.saturating_sub(last.handshakes_failed));
+                timed_out.inc_by(now.handshakes_timed_out.saturating_sub(last.handshakes_timed_out));
+                identity.inc_by(now.identity_rejected.saturating_sub(last.identity_rejected));
+                busy.inc_by(now.refused_busy.saturating_sub(last.refused_busy));
+                last = now;
+            }
             conn = server.accept() => {
                 let Some(conn) = conn else { break };
                 accepted.inc();
