@@ -139,3 +139,42 @@ fn certs_writes_a_bundle_and_refuses_to_overwrite_it() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("exists"));
 }
+
+#[test]
+fn run_shuts_down_cleanly_on_sigterm_and_sigint() {
+    use std::io::{BufRead, BufReader};
+    for sig in ["-TERM", "-INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("gw.toml");
+        std::fs::write(
+            &cfg,
+            "[gateway]\nid = \"gw-cli\"\ndata_dir = \"data\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        let mut child = outpost()
+            .arg("run")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        while !log.contains("gateway started") {
+            let mut line = String::new();
+            assert!(err.read_line(&mut line).unwrap() > 0, "exited early: {log}");
+            log.push_str(&line);
+        }
+        let killed = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{sig}: exit {status:?}\n{log}{rest}");
+        assert!(rest.contains("outbox flushed"), "{rest}");
+        assert!(dir.path().join("data/outbox").exists());
+    }
+}
