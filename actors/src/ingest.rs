@@ -11,6 +11,9 @@ use std::time::Duration;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Priority, Sample};
 use outpost_runtime::record;
+use std::collections::HashMap;
+
+use outpost_runtime::storage::receipts::Receipts;
 use outpost_runtime::storage::{GatewayOutbox, StorageError};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -53,8 +56,25 @@ impl Default for IngestConfig {
 struct Submission {
     priority: Priority,
     samples: Vec<Sample>,
+    receipt: Option<Receipt>,
     done: Option<oneshot::Sender<Result<(), IngestError>>>,
 }
+
+/// Identifies the input message a submission came from, so that a message delivered again
+/// after a crash is not stored twice (see `outpost_runtime::storage::receipts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// The source, e.g. `fingerprint(&[device name])`.
+    pub namespace: u64,
+    /// The message, e.g. `fingerprint(&[topic, payload])`.
+    pub fingerprint: u64,
+    /// The transport says this is a redelivery (MQTT DUP flag): drop it if its fingerprint
+    /// was already stored. First deliveries are never dropped, even if identical.
+    pub redelivery: bool,
+}
+
+/// Fingerprints kept per source: far more than any broker's in-flight window.
+pub const RECEIPTS_PER_SOURCE: u32 = 65_536;
 
 /// A promise that submitted samples become durable.
 pub struct Durable(oneshot::Receiver<Result<(), IngestError>>);
@@ -79,6 +99,7 @@ struct Counters {
     dropped_bulk: Counter,
     backpressure: Counter,
     batches: Counter,
+    redelivered: Counter,
 }
 
 impl Ingest {
@@ -111,6 +132,11 @@ impl Ingest {
                 &[],
             ),
             batches: metrics.counter("outpost_ingest_batches", "Durable batches written", &[]),
+            redelivered: metrics.counter(
+                "outpost_ingest_redelivered_duplicates",
+                "Messages delivered again after a crash and recognised as already stored",
+                &[],
+            ),
         };
         let task = tokio::spawn(writer(outbox, config, rx, c, wake));
         (Ingest { tx, bus }, task)
@@ -123,12 +149,34 @@ impl Ingest {
         priority: Priority,
         samples: Vec<Sample>,
     ) -> Result<Durable, IngestError> {
+        self.submit_inner(priority, samples, None).await
+    }
+
+    /// Like [`submit`](Self::submit), for samples of one input message identified by
+    /// `receipt`: a redelivered message already stored resolves its promise without being
+    /// stored again.
+    pub async fn submit_with_receipt(
+        &self,
+        priority: Priority,
+        samples: Vec<Sample>,
+        receipt: Receipt,
+    ) -> Result<Durable, IngestError> {
+        self.submit_inner(priority, samples, Some(receipt)).await
+    }
+
+    async fn submit_inner(
+        &self,
+        priority: Priority,
+        samples: Vec<Sample>,
+        receipt: Option<Receipt>,
+    ) -> Result<Durable, IngestError> {
         self.bus.publish(&samples);
         let (done, rx) = oneshot::channel();
         self.tx
             .send(Submission {
                 priority,
                 samples,
+                receipt,
                 done: Some(done),
             })
             .await
@@ -159,6 +207,26 @@ async fn writer(
     wake: Arc<Notify>,
 ) {
     let max_batch = config.max_batch.max(1);
+    let mut receipts = {
+        let ob = outbox.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            let r = ob.aux_scan(&mut |k, v| pairs.push((k.to_vec(), v.to_vec())));
+            r.map(|()| {
+                Receipts::load(
+                    RECEIPTS_PER_SOURCE,
+                    pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
+                )
+            })
+        })
+        .await
+        .ok()
+        .and_then(|r| {
+            r.map_err(|e| tracing::error!(error = %e, "cannot read stored receipts"))
+                .ok()
+        })
+        .unwrap_or_else(|| Receipts::new(RECEIPTS_PER_SOURCE))
+    };
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut count = batch[0].samples.len();
@@ -172,7 +240,7 @@ async fn writer(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let result = write_batch(&outbox, &config, &batch, &c).await;
+        let result = write_batch(&outbox, &config, &batch, &c, &mut receipts).await;
         if result.is_ok() {
             c.batches.inc();
             for s in &batch {
@@ -198,30 +266,58 @@ async fn write_batch(
     config: &IngestConfig,
     batch: &[Submission],
     c: &Counters,
+    receipts: &mut Receipts,
 ) -> Result<(), IngestError> {
     // Encode once; write per class so a refusal of one class does not hold the others.
     for p in Priority::ALL {
         let mut encoded: Vec<Vec<u8>> = Vec::new();
+        let mut fps: HashMap<u64, Vec<u64>> = HashMap::new();
         for s in batch.iter().filter(|s| s.priority == p) {
+            if let Some(r) = s.receipt {
+                let again = fps
+                    .get(&r.namespace)
+                    .is_some_and(|v| v.contains(&r.fingerprint));
+                if r.redelivery && (again || receipts.contains(r.namespace, r.fingerprint)) {
+                    c.redelivered.inc();
+                    tracing::debug!(
+                        samples = s.samples.len(),
+                        "redelivered message already stored: dropped"
+                    );
+                    continue;
+                }
+                if !s.samples.is_empty() {
+                    fps.entry(r.namespace).or_default().push(r.fingerprint);
+                }
+            }
             encoded.extend(s.samples.iter().map(record::encode));
         }
         if encoded.is_empty() {
             continue;
         }
+        let aux: Vec<(Vec<u8>, Vec<u8>)> = fps
+            .iter()
+            .flat_map(|(ns, v)| receipts.puts(*ns, v))
+            .collect();
         let mut warned = false;
         loop {
             let ob = outbox.clone();
             let enc = std::mem::take(&mut encoded);
+            let aux2 = aux.clone();
             let (enc, res) = tokio::task::spawn_blocking(move || {
                 let items: Vec<(Priority, &[u8])> = enc.iter().map(|r| (p, r.as_slice())).collect();
-                let res = ob.append(&items).map(|_| ());
+                let res = ob.append_with(&items, &aux2).map(|_| ());
                 (enc, res)
             })
             .await
             .map_err(|e| IngestError::Storage(format!("append task failed: {e}")))?;
             encoded = enc;
             match res {
-                Ok(()) => break,
+                Ok(()) => {
+                    for (ns, v) in &fps {
+                        receipts.commit(*ns, v);
+                    }
+                    break;
+                }
                 Err(StorageError::Backpressure { .. }) if p == Priority::Bulk => {
                     c.dropped_bulk.inc_by(encoded.len() as u64);
                     tracing::warn!(samples = encoded.len(), "outbox full: bulk samples dropped");
@@ -343,5 +439,89 @@ mod tests {
             .unwrap();
         assert!(m.counter_value("outpost_ingest_dropped", &[("class", "bulk")]) > 0);
         assert_eq!(ob.stats().records[Priority::Critical as usize], 80);
+    }
+}
+
+#[cfg(test)]
+mod receipt_tests {
+    use super::*;
+    use outpost_runtime::model::{StreamId, Value};
+    use outpost_runtime::storage::{OutboxConfig, open_default_engine};
+
+    #[tokio::test]
+    async fn a_redelivered_message_is_stored_once_even_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StreamId::intern("ingest/receipt").unwrap();
+        let sample = |v| vec![Sample::new(s, v, Value::I64(v))];
+        let r = |fp, redelivery| Receipt {
+            namespace: 1,
+            fingerprint: fp,
+            redelivery,
+        };
+        for round in 0..2 {
+            let ob = Arc::new(
+                GatewayOutbox::open(
+                    open_default_engine(dir.path(), "outbox").unwrap(),
+                    OutboxConfig {
+                        quota_bytes: 1 << 30,
+                        metrics: None,
+                    },
+                )
+                .unwrap(),
+            );
+            let m = Metrics::new();
+            let (ingest, task) = Ingest::start(
+                ob.clone(),
+                IngestConfig::default(),
+                Bus::new(&m),
+                &m,
+                Arc::new(Notify::new()),
+            );
+            if round == 0 {
+                ingest
+                    .submit_with_receipt(Priority::Normal, sample(1), r(100, false))
+                    .await
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+                // Same content again as a first delivery (a sensor repeating itself): kept.
+                ingest
+                    .submit_with_receipt(Priority::Normal, sample(1), r(100, false))
+                    .await
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+            } else {
+                // After a "crash": the broker redelivers fp 100 (stored) and fp 200 (not).
+                ingest
+                    .submit_with_receipt(Priority::Normal, sample(1), r(100, true))
+                    .await
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+                ingest
+                    .submit_with_receipt(Priority::Normal, sample(2), r(200, true))
+                    .await
+                    .unwrap()
+                    .wait()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    m.counter_value("outpost_ingest_redelivered_duplicates", &[]),
+                    1
+                );
+            }
+            drop(ingest);
+            task.await.unwrap();
+            let n = ob
+                .scan(Priority::Normal, None, 100, usize::MAX)
+                .unwrap()
+                .len();
+            assert_eq!(n, if round == 0 { 2 } else { 3 });
+            drop(ob);
+        }
     }
 }

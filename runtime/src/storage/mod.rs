@@ -12,6 +12,7 @@ use crate::model::Priority;
 
 pub mod outbox;
 pub mod quota;
+pub mod receipts;
 pub mod sled_engine;
 
 pub use outbox::{Outbox, OutboxConfig, OutboxStats, Record, Seq};

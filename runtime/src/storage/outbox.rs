@@ -40,6 +40,8 @@ pub type Seq = u64;
 pub const KEY_LEN: usize = 9;
 
 const META: u8 = 0xFF;
+/// First byte of every aux key (see [`Outbox::append_with`]).
+pub const AUX_PREFIX: u8 = 0xFE;
 const META_VERSION: [u8; 2] = [META, 0x00];
 const META_NEXT_SEQ: [u8; 2] = [META, 0x01];
 const META_CLASS: u8 = 0x02;
@@ -336,7 +338,34 @@ impl<E: KvEngine> Outbox<E> {
     /// [`StorageError::Backpressure`] is returned. The records become durable (and visible
     /// to [`scan`](Self::scan)) at the next completed [`durable`](Self::durable).
     pub fn append(&self, items: &[(Priority, &[u8])]) -> Result<Vec<Seq>, StorageError> {
+        self.append_with(items, &[])
+    }
+
+    /// [`append`](Self::append), plus `aux` key/value pairs written in the same atomic
+    /// batch. Aux keys live in their own keyspace (they must start with [`AUX_PREFIX`]);
+    /// they are not records, are not counted against the quota, and are read back with
+    /// [`aux_scan`](Self::aux_scan). Used for facts that must become durable together with
+    /// the records they describe (e.g. which MQTT messages were stored).
+    pub fn append_with(
+        &self,
+        items: &[(Priority, &[u8])],
+        aux: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<Seq>, StorageError> {
+        if let Some((k, _)) = aux.iter().find(|(k, _)| k.first() != Some(&AUX_PREFIX)) {
+            return Err(StorageError::Corrupt(format!(
+                "aux key {k:02x?} outside the aux keyspace"
+            )));
+        }
         if items.is_empty() {
+            if !aux.is_empty() {
+                let mut batch = WriteBatch::new();
+                for (k, v) in aux {
+                    batch.put(k.clone(), v.clone());
+                }
+                let mut st = self.lock();
+                self.engine.apply(batch)?;
+                st.generation += 1;
+            }
             return Ok(Vec::new());
         }
         let mut incoming = [0u64; 4];
@@ -419,6 +448,9 @@ impl<E: KvEngine> Outbox<E> {
                 );
             }
         }
+        for (k, v) in aux {
+            batch.put(k.clone(), v.clone());
+        }
         self.engine.apply(batch)?;
 
         st.next_seq = next;
@@ -450,6 +482,19 @@ impl<E: KvEngine> Outbox<E> {
             m.set_usage(&st);
         }
         Ok(seqs)
+    }
+
+    /// Visits every aux key/value pair (keys start with [`AUX_PREFIX`]) in key order.
+    pub fn aux_scan(&self, visit: &mut dyn FnMut(&[u8], &[u8])) -> Result<(), StorageError> {
+        self.engine.scan(
+            Bound::Included(&[AUX_PREFIX][..]),
+            Bound::Excluded(&[AUX_PREFIX + 1][..]),
+            Direction::Forward,
+            &mut |k, v| {
+                visit(k, v);
+                std::ops::ControlFlow::Continue(())
+            },
+        )
     }
 
     /// Adds removals of the oldest records of `p` totalling at least `target` bytes to
