@@ -178,3 +178,38 @@ fn run_shuts_down_cleanly_on_sigterm_and_sigint() {
         assert!(dir.path().join("data/outbox").exists());
     }
 }
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        "[gateway]\nid = \"gw-json\"\ndata_dir = \"data\"\n[log]\nformat = \"json\"\n[metrics]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut child = outpost()
+        .arg("run")
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("gateway started")) {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "exited early: {lines:?}");
+        lines.push(line);
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    lines.extend(rest.lines().map(str::to_owned));
+    for l in lines.iter().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{l}");
+    }
+}
