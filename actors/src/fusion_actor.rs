@@ -108,18 +108,18 @@ pub struct GroupOutput {
 }
 
 /// A Kalman filter of one of the built-in sizes (state N = order · axes, M = axes
-/// measurements, U = axes controls for `gps_imu`).
+/// measurements, U = axes controls for `gps_imu`); boxed, the sizes differ a lot.
 #[derive(Debug, Clone)]
 enum Kalman {
-    Cv1(KinematicFilter<2, 1, 0>),
-    Cv2(KinematicFilter<4, 2, 0>),
-    Cv3(KinematicFilter<6, 3, 0>),
-    Ca1(KinematicFilter<3, 1, 0>),
-    Ca2(KinematicFilter<6, 2, 0>),
-    Ca3(KinematicFilter<9, 3, 0>),
-    Gi1(KinematicFilter<2, 1, 1>),
-    Gi2(KinematicFilter<4, 2, 2>),
-    Gi3(KinematicFilter<6, 3, 3>),
+    Cv1(Box<KinematicFilter<2, 1, 0>>),
+    Cv2(Box<KinematicFilter<4, 2, 0>>),
+    Cv3(Box<KinematicFilter<6, 3, 0>>),
+    Ca1(Box<KinematicFilter<3, 1, 0>>),
+    Ca2(Box<KinematicFilter<6, 2, 0>>),
+    Ca3(Box<KinematicFilter<9, 3, 0>>),
+    Gi1(Box<KinematicFilter<2, 1, 1>>),
+    Gi2(Box<KinematicFilter<4, 2, 2>>),
+    Gi3(Box<KinematicFilter<6, 3, 3>>),
 }
 
 impl Kalman {
@@ -127,15 +127,15 @@ impl Kalman {
         use MotionModel::*;
         let c = c.clone();
         Ok(match (c.model, c.axes) {
-            (ConstantVelocity, 1) => Kalman::Cv1(KinematicFilter::new(c)?),
-            (ConstantVelocity, 2) => Kalman::Cv2(KinematicFilter::new(c)?),
-            (ConstantVelocity, 3) => Kalman::Cv3(KinematicFilter::new(c)?),
-            (ConstantAcceleration, 1) => Kalman::Ca1(KinematicFilter::new(c)?),
-            (ConstantAcceleration, 2) => Kalman::Ca2(KinematicFilter::new(c)?),
-            (ConstantAcceleration, 3) => Kalman::Ca3(KinematicFilter::new(c)?),
-            (GpsImu, 1) => Kalman::Gi1(KinematicFilter::new(c)?),
-            (GpsImu, 2) => Kalman::Gi2(KinematicFilter::new(c)?),
-            (GpsImu, 3) => Kalman::Gi3(KinematicFilter::new(c)?),
+            (ConstantVelocity, 1) => Kalman::Cv1(Box::new(KinematicFilter::new(c)?)),
+            (ConstantVelocity, 2) => Kalman::Cv2(Box::new(KinematicFilter::new(c)?)),
+            (ConstantVelocity, 3) => Kalman::Cv3(Box::new(KinematicFilter::new(c)?)),
+            (ConstantAcceleration, 1) => Kalman::Ca1(Box::new(KinematicFilter::new(c)?)),
+            (ConstantAcceleration, 2) => Kalman::Ca2(Box::new(KinematicFilter::new(c)?)),
+            (ConstantAcceleration, 3) => Kalman::Ca3(Box::new(KinematicFilter::new(c)?)),
+            (GpsImu, 1) => Kalman::Gi1(Box::new(KinematicFilter::new(c)?)),
+            (GpsImu, 2) => Kalman::Gi2(Box::new(KinematicFilter::new(c)?)),
+            (GpsImu, 3) => Kalman::Gi3(Box::new(KinematicFilter::new(c)?)),
             (_, a) => {
                 return Err(KalmanError::Config(format!("axes = {a} must be 1, 2 or 3")));
             }

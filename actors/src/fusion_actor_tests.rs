@@ -305,3 +305,50 @@ fn a_group_with_wrong_counts_is_refused() {
         "{e}"
     );
 }
+
+/// GPS + IMU in two axes: inputs are the positions, then the accelerations; one output per
+/// axis. Noise-free constant acceleration (1, −0.5) m/s² from rest is tracked closely.
+#[test]
+fn gps_imu_group_tracks_each_axis() {
+    let mut g = FusionGroup::new(&group(json!({
+        "name": "unit-gi",
+        "inputs": ["fa/gi/px", "fa/gi/py", "fa/gi/ax", "fa/gi/ay"],
+        "outputs": ["fa/gi/x", "fa/gi/y"],
+        "tick": "100ms",
+        "allowed_lateness": "0ms",
+        "kalman": { "model": "gps_imu", "axes": 2, "process_noise": 0.1,
+                    "measurement_std": 1.0, "gate": "0.999" },
+    })))
+    .unwrap();
+    let ids = g.inputs().to_vec();
+    let t0 = base();
+    let acc = [1.0, -0.5];
+    for k in 0..100 {
+        let t = t0 + k * 100 * MS;
+        let ts = k as f64 * 0.1;
+        for a in 0..2 {
+            let p = 0.5 * acc[a] * ts * ts;
+            g.push(&Sample::new(ids[a], t, Value::F64(p)), t);
+            g.push(&Sample::new(ids[2 + a], t, Value::F64(acc[a])), t);
+        }
+    }
+    let out = g.poll();
+    let x = StreamId::intern("fa/gi/x").unwrap();
+    let y = StreamId::intern("fa/gi/y").unwrap();
+    assert_eq!(out.samples.iter().filter(|s| s.stream == x).count(), 100);
+    assert_eq!(out.samples.iter().filter(|s| s.stream == y).count(), 100);
+    let last = |id| {
+        out.samples
+            .iter()
+            .rev()
+            .find(|s| s.stream == id)
+            .unwrap()
+            .value
+            .as_f64()
+            .unwrap()
+    };
+    let tl: f64 = 9.9;
+    assert!((last(x) - 0.5 * tl * tl).abs() < 0.3, "x {}", last(x));
+    assert!((last(y) + 0.25 * tl * tl).abs() < 0.3, "y {}", last(y));
+    assert_eq!(g.stats().rejections, 0);
+}
