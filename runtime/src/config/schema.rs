@@ -29,7 +29,7 @@ pub struct Config {
     /// Device connections: one device-stream actor each.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
-    /// Fusion groups: an aligner and a fusion actor each.
+    /// Fusion groups: one supervised actor each (aligner + method), see [`super::fusion`].
     #[serde(default)]
     pub fusion: Vec<FusionGroupConfig>,
     /// Where data goes. Without it the gateway only stores.
