@@ -30,8 +30,10 @@
 
 use std::collections::VecDeque;
 
+pub use outpost_runtime::config::{
+    AlignerConfig, AlignerStreamConfig, FusionConfigError, Interpolation, LatePolicy,
+};
 use outpost_runtime::model::{Quality, Sample, StreamId, StreamNameError, TimestampNs};
-use serde::Deserialize;
 
 /// Errors of the aligner configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -47,148 +49,9 @@ pub enum AlignerError {
     },
 }
 
-/// How a stream's value is computed between its samples.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Interpolation {
-    /// Zero-order hold: the newest sample at or before the tick.
-    Hold,
-    /// Linear between the samples either side of the tick.
-    #[default]
-    Linear,
-    /// Cubic Hermite with Catmull-Rom (finite-difference) tangents over the four surrounding
-    /// samples; one-sided tangents at the ends of the history.
-    Cubic,
-}
-
-/// What happens to a sample older than the watermark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LatePolicy {
-    /// Drop it and count it.
-    #[default]
-    Drop,
-    /// Use it and re-emit the frames it changes, flagged as corrections.
-    Reemit,
-}
-
-fn default_stale_ms() -> u64 {
-    5_000
-}
-fn default_history() -> usize {
-    256
-}
-fn default_clock_window() -> usize {
-    64
-}
-fn default_clock_bucket_ms() -> u64 {
-    1_000
-}
-fn default_lateness_ms() -> u64 {
-    200
-}
-fn default_max_pending() -> usize {
-    10_000
-}
-fn default_max_future_ms() -> u64 {
-    60_000
-}
-
-/// One input stream of a group.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlignerStreamConfig {
-    /// Stream name.
-    pub stream: String,
-    /// Interpolation (default linear).
-    #[serde(default)]
-    pub interpolation: Interpolation,
-    /// Silence after which the stream is marked bad, ms (default 5000, > 0).
-    #[serde(default = "default_stale_ms")]
-    pub stale_after_ms: u64,
-    /// Map source timestamps to the arrival clock with the estimated offset and drift
-    /// (default false; the estimate is kept either way).
-    #[serde(default)]
-    pub correct_clock: bool,
-}
-
-/// Aligner settings of one fusion group.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlignerConfig {
-    /// Common tick period, ns (> 0). Frames are at multiples of it.
-    pub period_ns: i64,
-    /// Allowed lateness, ms (default 200): watermark = newest timestamp − this.
-    #[serde(default = "default_lateness_ms")]
-    pub allowed_lateness_ms: u64,
-    /// Late-sample policy (default drop).
-    #[serde(default)]
-    pub late_policy: LatePolicy,
-    /// Samples kept per stream (default 256, 4–65536).
-    #[serde(default = "default_history")]
-    pub history: usize,
-    /// Clock-estimate buckets kept per stream (default 64, 2–4096): the fit spans
-    /// `clock_window × clock_bucket_ms` of source time.
-    #[serde(default = "default_clock_window")]
-    pub clock_window: usize,
-    /// Source time per clock bucket, ms (default 1000, > 0): each bucket keeps the pair with the
-    /// smallest `arrival − source` (a min-filter on the one-way delay).
-    #[serde(default = "default_clock_bucket_ms")]
-    pub clock_bucket_ms: u64,
-    /// Most ticks emitted per poll; older pending ticks are skipped (default 10000).
-    #[serde(default = "default_max_pending")]
-    pub max_pending_ticks: usize,
-    /// A sample stamped more than this ahead of its arrival time (after correction) is rejected,
-    /// ms (default 60000; 0 disables the check).
-    #[serde(default = "default_max_future_ms")]
-    pub max_future_ms: u64,
-    /// The streams (1–64, distinct).
-    pub streams: Vec<AlignerStreamConfig>,
-}
-
-impl AlignerConfig {
-    /// Checks ranges and distinct stream names.
-    pub fn validate(&self) -> Result<(), AlignerError> {
-        let err = |m: String| Err(AlignerError::Config(m));
-        if self.period_ns <= 0 {
-            return err(format!("period_ns = {} must be > 0", self.period_ns));
-        }
-        if self.streams.is_empty() || self.streams.len() > 64 {
-            return err(format!(
-                "a group needs 1-64 streams, not {}",
-                self.streams.len()
-            ));
-        }
-        if !(4..=65_536).contains(&self.history) {
-            return err(format!("history = {} must be in 4-65536", self.history));
-        }
-        if !(2..=4096).contains(&self.clock_window) {
-            return err(format!(
-                "clock_window = {} must be in 2-4096",
-                self.clock_window
-            ));
-        }
-        if self.clock_bucket_ms == 0 || self.clock_bucket_ms > 3_600_000 {
-            return err("clock_bucket_ms must be in 1-3600000".into());
-        }
-        if self.max_pending_ticks == 0 {
-            return err("max_pending_ticks must be > 0".into());
-        }
-        if self.allowed_lateness_ms > 86_400_000 {
-            return err("allowed_lateness_ms must be at most one day".into());
-        }
-        for (i, s) in self.streams.iter().enumerate() {
-            if s.stale_after_ms == 0 || s.stale_after_ms > 86_400_000 {
-                return err(format!(
-                    "stream {:?}: stale_after_ms must be in 1-86400000",
-                    s.stream
-                ));
-            }
-            if self.streams[..i].iter().any(|o| o.stream == s.stream) {
-                return err(format!("stream {:?} listed twice", s.stream));
-            }
-        }
-        Ok(())
+impl From<FusionConfigError> for AlignerError {
+    fn from(e: FusionConfigError) -> Self {
+        AlignerError::Config(e.message)
     }
 }
 

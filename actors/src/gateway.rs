@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! root (one-for-one)
+//! ├── fusion (one-for-one, [supervision] limits) ── fusion:<group> ...
 //! ├── devices (one-for-one, [supervision] limits) ── device:<name> ...
-//! ├── sync (when an uplink is configured)
-//! └── (fusion groups: added by their module)
+//! └── sync (when an uplink is configured)
 //! ```
 
 use std::sync::Arc;
@@ -49,6 +49,8 @@ pub enum GatewayError {
     Device(String),
     #[error("uplink: {0}")]
     Uplink(String),
+    #[error("{0}")]
+    Fusion(String),
     #[error("cannot start the supervision tree: {0}")]
     Supervisor(String),
     #[error("the supervision tree failed: {0}")]
@@ -149,9 +151,16 @@ impl Gateway {
             };
             devices = devices.child(device::child_spec(ctx, driver));
         }
+        // Fusion starts before the devices (its bus subscriptions see their first samples)
+        // and so stops after them (it fuses what they last produced).
+        let fusion = crate::fusion_actor::supervisor_spec(&config.fusion, &ingest, &metrics)
+            .map_err(|e| GatewayError::Fusion(e.to_string()))?
+            .with_intensity(sv.max_restarts.get() as u32, sv.within.get())
+            .with_backoff(backoff);
         let mut root = SupervisorSpec::new("root", Strategy::OneForOne, metrics.clone())
             .with_intensity(3, Duration::from_secs(600))
             .with_backoff(backoff)
+            .child(fusion.into_child(Restart::Permanent))
             .child(devices.into_child(Restart::Permanent));
         if let Some(u) = &config.uplink {
             let ctx = crate::sync::context_from_config(

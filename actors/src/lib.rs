@@ -8,6 +8,7 @@ pub mod bus;
 pub mod device;
 pub mod devices;
 pub mod fusion;
+pub mod fusion_actor;
 pub mod gateway;
 pub mod hub;
 pub mod ingest;

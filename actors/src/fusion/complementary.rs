@@ -8,7 +8,7 @@
 //! The accelerometer may be in any unit (m/s² or g): only its direction is used.
 
 use nalgebra::{Quaternion, UnitQuaternion, Vector3};
-use serde::Deserialize;
+pub use outpost_runtime::config::{ComplementaryConfig, FusionConfigError, MadgwickConfig};
 
 /// Errors of the attitude filters and their configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -69,58 +69,9 @@ fn check_step(
     Ok(())
 }
 
-fn default_tau() -> f64 {
-    1.0
-}
-fn default_max_dt() -> f64 {
-    1.0
-}
-fn default_beta() -> f64 {
-    0.1
-}
-fn default_rejection() -> f64 {
-    0.0
-}
-
-/// Complementary filter settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ComplementaryConfig {
-    /// Time constant τ, seconds (default 1, > 0): each step uses `α = τ / (τ + dt)`, so the
-    /// blend is the same whatever the sample rate. Longer trusts the gyroscope more.
-    #[serde(default = "default_tau")]
-    pub time_constant_s: f64,
-    /// Skip the accelerometer correction when `| |a| / g₀ − 1 |` exceeds this fraction, where
-    /// g₀ is the first reading's magnitude (linear acceleration present). 0 disables (default).
-    #[serde(default = "default_rejection")]
-    pub accel_rejection: f64,
-    /// Longest accepted time step, seconds (default 1).
-    #[serde(default = "default_max_dt")]
-    pub max_dt_s: f64,
-}
-
-impl ComplementaryConfig {
-    /// Checks the values.
-    pub fn validate(&self) -> Result<(), AttitudeError> {
-        if !(self.time_constant_s.is_finite() && self.time_constant_s > 0.0) {
-            return Err(AttitudeError::Config(format!(
-                "time_constant_s = {} must be > 0",
-                self.time_constant_s
-            )));
-        }
-        if !(self.accel_rejection.is_finite() && self.accel_rejection >= 0.0) {
-            return Err(AttitudeError::Config(format!(
-                "accel_rejection = {} must be >= 0",
-                self.accel_rejection
-            )));
-        }
-        if !(self.max_dt_s.is_finite() && self.max_dt_s > 0.0) {
-            return Err(AttitudeError::Config(format!(
-                "max_dt_s = {} must be > 0",
-                self.max_dt_s
-            )));
-        }
-        Ok(())
+impl From<FusionConfigError> for AttitudeError {
+    fn from(e: FusionConfigError) -> Self {
+        AttitudeError::Config(e.message)
     }
 }
 
@@ -196,37 +147,6 @@ impl Complementary {
         }
         self.att = Some(Attitude { roll, pitch });
         Ok(self.att)
-    }
-}
-
-/// Madgwick filter settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MadgwickConfig {
-    /// Gradient-descent gain β, rad/s (default 0.1; Madgwick: β = √(3/4) · gyro error). ≥ 0.
-    #[serde(default = "default_beta")]
-    pub beta: f64,
-    /// Longest accepted time step, seconds (default 1).
-    #[serde(default = "default_max_dt")]
-    pub max_dt_s: f64,
-}
-
-impl MadgwickConfig {
-    /// Checks the values.
-    pub fn validate(&self) -> Result<(), AttitudeError> {
-        if !(self.beta.is_finite() && (0.0..=10.0).contains(&self.beta)) {
-            return Err(AttitudeError::Config(format!(
-                "beta = {} must be in [0, 10]",
-                self.beta
-            )));
-        }
-        if !(self.max_dt_s.is_finite() && self.max_dt_s > 0.0) {
-            return Err(AttitudeError::Config(format!(
-                "max_dt_s = {} must be > 0",
-                self.max_dt_s
-            )));
-        }
-        Ok(())
     }
 }
 

@@ -13,6 +13,9 @@
 //! counted; the state is left at the prediction.
 
 use nalgebra::{SMatrix, SVector};
+pub use outpost_runtime::config::{
+    FusionConfigError, GateConfidence, KinematicConfig, MotionModel,
+};
 use serde::Deserialize;
 
 /// Errors of the Kalman filter and of its configuration.
@@ -48,18 +51,10 @@ pub enum KalmanError {
     Config(String),
 }
 
-/// Confidence level of the Mahalanobis gate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum GateConfidence {
-    /// 95 %: about one good measurement in 20 is rejected.
-    #[serde(rename = "0.95")]
-    P95,
-    /// 99 %.
-    #[serde(rename = "0.99")]
-    P99,
-    /// 99.9 %.
-    #[serde(rename = "0.999")]
-    P999,
+impl From<FusionConfigError> for KalmanError {
+    fn from(e: FusionConfigError) -> Self {
+        KalmanError::Config(e.message)
+    }
 }
 
 /// Chi-square quantiles for 1–6 degrees of freedom at 0.95, 0.99, 0.999.
@@ -378,31 +373,6 @@ impl<const N: usize, const M: usize, const U: usize> KalmanFilter<N, M, U> {
     }
 }
 
-/// Which kinematic model a built-in filter uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MotionModel {
-    /// State per axis `[position, velocity]`; acceleration is continuous white noise with
-    /// spectral density `process_noise` ((m/s²)²/Hz).
-    ConstantVelocity,
-    /// State per axis `[position, velocity, acceleration]`; jerk is continuous white noise with
-    /// spectral density `process_noise` ((m/s³)²/Hz).
-    ConstantAcceleration,
-    /// State per axis `[position, velocity]`; the measured IMU acceleration is the control input
-    /// and its white noise (standard deviation `process_noise`, m/s²) drives Q.
-    GpsImu,
-}
-
-impl MotionModel {
-    /// States per axis.
-    pub fn order(self) -> usize {
-        match self {
-            MotionModel::ConstantVelocity | MotionModel::GpsImu => 2,
-            MotionModel::ConstantAcceleration => 3,
-        }
-    }
-}
-
 /// F, B, Q of a built-in model with `axes` axes for a step of `dt` seconds. The state is laid
 /// out axis by axis (`[p_x, v_x, p_y, v_y, …]`); `N` must be `order · axes`, `U` must be `axes`
 /// for [`MotionModel::GpsImu`] (B is zero otherwise, any `U`).
@@ -474,77 +444,6 @@ pub fn kinematic_matrices<const N: usize, const U: usize>(
         }
     }
     Ok((f, b, q))
-}
-
-fn default_axes() -> usize {
-    1
-}
-fn default_process_noise() -> f64 {
-    1.0
-}
-fn default_measurement_std() -> f64 {
-    1.0
-}
-fn default_initial_std() -> f64 {
-    100.0
-}
-fn default_max_dt() -> f64 {
-    10.0
-}
-
-/// Configuration of a built-in kinematic filter (one `[fusion.<group>.kalman]` table).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KinematicConfig {
-    /// The motion model.
-    pub model: MotionModel,
-    /// Number of spatial axes, 1–3 (default 1). Measurements are the positions of each axis.
-    #[serde(default = "default_axes")]
-    pub axes: usize,
-    /// Process noise: spectral density for `constant_velocity` / `constant_acceleration`,
-    /// accelerometer noise standard deviation (m/s²) for `gps_imu`. Must be > 0 (default 1).
-    #[serde(default = "default_process_noise")]
-    pub process_noise: f64,
-    /// Position measurement noise standard deviation, per axis (default 1). Must be > 0.
-    #[serde(default = "default_measurement_std")]
-    pub measurement_std: f64,
-    /// Standard deviation of the initial state (each component; default 100). Must be > 0.
-    #[serde(default = "default_initial_std")]
-    pub initial_std: f64,
-    /// Mahalanobis gate confidence ("0.95", "0.99", "0.999"); absent: no gating.
-    #[serde(default)]
-    pub gate: Option<GateConfidence>,
-    /// Longest step accepted, seconds (default 10); a longer gap re-initialises the filter.
-    #[serde(default = "default_max_dt")]
-    pub max_dt_s: f64,
-}
-
-impl KinematicConfig {
-    /// Checks the values (ranges, positivity).
-    pub fn validate(&self) -> Result<(), KalmanError> {
-        if !(1..=3).contains(&self.axes) {
-            return Err(KalmanError::Config(format!(
-                "axes = {} must be 1, 2 or 3",
-                self.axes
-            )));
-        }
-        for (name, v) in [
-            ("process_noise", self.process_noise),
-            ("measurement_std", self.measurement_std),
-            ("initial_std", self.initial_std),
-            ("max_dt_s", self.max_dt_s),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(KalmanError::Config(format!("{name} = {v} must be > 0")));
-            }
-        }
-        Ok(())
-    }
-
-    /// States this configuration needs (`order · axes`).
-    pub fn state_dim(&self) -> usize {
-        self.model.order() * self.axes
-    }
 }
 
 /// A kinematic filter driven by timestamps: builds F, B and Q from the real dt of each step.

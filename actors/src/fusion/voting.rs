@@ -18,7 +18,7 @@
 //! interval that does not meet the fused interval. A missing reading neither counts as
 //! out-voted nor resets the count. Every flagged sensor lowers the remaining tolerance by one.
 
-use serde::Deserialize;
+pub use outpost_runtime::config::{FusionConfigError, VotingConfig, VotingMethod};
 
 /// Errors of voting and its configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -40,87 +40,9 @@ pub enum VoteError {
     WrongKind(VotingMethod),
 }
 
-/// The voting method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VotingMethod {
-    Majority,
-    Median,
-    Marzullo,
-    BrooksIyengar,
-}
-
-impl VotingMethod {
-    /// Smallest group that tolerates `f` faulty sensors with this method.
-    pub fn min_sensors(self, f: usize) -> usize {
-        match self {
-            VotingMethod::Majority | VotingMethod::Median => 2 * f + 1,
-            VotingMethod::Marzullo | VotingMethod::BrooksIyengar => 3 * f + 1,
-        }
-    }
-}
-
-fn default_fault_frames() -> u32 {
-    5
-}
-
-/// Voting settings of one fusion group.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VotingConfig {
-    /// The method.
-    pub method: VotingMethod,
-    /// Number of sensors in the group (2–64), in the order the readings are given.
-    pub sensors: usize,
-    /// Faulty sensors to tolerate; checked against `sensors` for the method.
-    pub faults: usize,
-    /// Consecutive out-voted frames after which a sensor is flagged faulty (default 5, ≥ 1).
-    #[serde(default = "default_fault_frames")]
-    pub fault_frames: u32,
-    /// Per-sensor uncertainty (half-width of `value ± uncertainty`, > 0) for the continuous
-    /// methods: one value for all sensors or one per sensor. Ignored by majority.
-    #[serde(default)]
-    pub uncertainty: Vec<f64>,
-}
-
-impl VotingConfig {
-    /// Checks the group size against the method's fault bound and the other values.
-    pub fn validate(&self) -> Result<(), VoteError> {
-        let err = |m: String| Err(VoteError::Config(m));
-        if !(2..=64).contains(&self.sensors) {
-            return err(format!("sensors = {} must be in 2-64", self.sensors));
-        }
-        let need = self.method.min_sensors(self.faults);
-        if self.sensors < need {
-            let rule = match self.method {
-                VotingMethod::Majority | VotingMethod::Median => "n >= 2f + 1",
-                _ => "n >= 3f + 1 (f < n/3)",
-            };
-            return err(format!(
-                "{:?} tolerating {} faults needs {need} sensors ({rule}); the group has {}",
-                self.method, self.faults, self.sensors
-            ));
-        }
-        if self.fault_frames == 0 {
-            return err("fault_frames must be >= 1".into());
-        }
-        if self.method != VotingMethod::Majority {
-            if self.uncertainty.len() != 1 && self.uncertainty.len() != self.sensors {
-                return err(format!(
-                    "uncertainty needs 1 or {} values, got {}",
-                    self.sensors,
-                    self.uncertainty.len()
-                ));
-            }
-            if let Some(u) = self
-                .uncertainty
-                .iter()
-                .find(|u| !(u.is_finite() && **u > 0.0))
-            {
-                return err(format!("uncertainty {u} must be > 0"));
-            }
-        }
-        Ok(())
+impl From<FusionConfigError> for VoteError {
+    fn from(e: FusionConfigError) -> Self {
+        VoteError::Config(e.message)
     }
 }
 

@@ -11,7 +11,7 @@
 //! measuring residuals against a fused value that contains `xᵢ` itself
 //! (`Var(xᵢ − x̂) = σᵢ² − var(x̂)` for inverse-variance weights).
 
-use serde::Deserialize;
+pub use outpost_runtime::config::{FusionConfigError, WeightedAverageConfig};
 
 /// Errors of the weighted average and its configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -27,69 +27,9 @@ pub enum WavgError {
     NoReadings,
 }
 
-fn default_alpha() -> f64 {
-    0.02
-}
-fn default_k() -> f64 {
-    3.0
-}
-
-/// Weighted-average settings of one fusion group.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WeightedAverageConfig {
-    /// Number of sensors (1–64), in reading order.
-    pub sensors: usize,
-    /// Variance of each sensor (one value for all, or one per sensor; > 0). In adaptive mode
-    /// these are the starting values.
-    pub variances: Vec<f64>,
-    /// Estimate the variances online from residuals (default false: static weights).
-    #[serde(default)]
-    pub adaptive: bool,
-    /// Weight of a new residual in the exponentially weighted variance, in (0, 1]
-    /// (default 0.02, i.e. a memory of about 50 frames).
-    #[serde(default = "default_alpha")]
-    pub alpha: f64,
-    /// Outlier threshold k in robust standard deviations from the median (default 3; > 0).
-    #[serde(default = "default_k")]
-    pub outlier_k: f64,
-    /// Reject outliers at all (default true).
-    #[serde(default = "default_true")]
-    pub reject_outliers: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-impl WeightedAverageConfig {
-    /// Checks the values.
-    pub fn validate(&self) -> Result<(), WavgError> {
-        let err = |m: String| Err(WavgError::Config(m));
-        if !(1..=64).contains(&self.sensors) {
-            return err(format!("sensors = {} must be in 1-64", self.sensors));
-        }
-        if self.variances.len() != 1 && self.variances.len() != self.sensors {
-            return err(format!(
-                "variances needs 1 or {} values, got {}",
-                self.sensors,
-                self.variances.len()
-            ));
-        }
-        if let Some(v) = self
-            .variances
-            .iter()
-            .find(|v| !(v.is_finite() && **v > 0.0))
-        {
-            return err(format!("variance {v} must be > 0"));
-        }
-        if !(self.alpha > 0.0 && self.alpha <= 1.0) {
-            return err(format!("alpha = {} must be in (0, 1]", self.alpha));
-        }
-        if !(self.outlier_k.is_finite() && self.outlier_k > 0.0) {
-            return err(format!("outlier_k = {} must be > 0", self.outlier_k));
-        }
-        Ok(())
+impl From<FusionConfigError> for WavgError {
+    fn from(e: FusionConfigError) -> Self {
+        WavgError::Config(e.message)
     }
 }
 

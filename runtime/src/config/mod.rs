@@ -3,6 +3,7 @@
 //! a "did you mean"; values are range-checked; secrets may come from files or environment
 //! variables ([`types::Secret`]). `outpost check FILE` is [`load`] + printing the result.
 
+pub mod fusion;
 pub mod hub;
 pub mod schema;
 pub mod types;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+pub use fusion::*;
 pub use hub::{HubConfig, load_hub, parse_hub};
 pub use schema::*;
 pub use types::{Bounded, ByteSize, Dur, Secret};

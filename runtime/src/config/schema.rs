@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::fusion::FusionGroupConfig;
 use super::types::{Bounded, ByteSize, Dur, Secret};
 use crate::logging::LogFormat;
 use crate::model::Priority;
@@ -28,7 +29,7 @@ pub struct Config {
     /// Device connections: one device-stream actor each.
     #[serde(default)]
     pub devices: Vec<DeviceConfig>,
-    /// Fusion groups: an aligner and a fusion actor each.
+    /// Fusion groups: one supervised actor each (aligner + method), see [`super::fusion`].
     #[serde(default)]
     pub fusion: Vec<FusionGroupConfig>,
     /// Where data goes. Without it the gateway only stores.
@@ -385,53 +386,6 @@ impl Default for BackoffConfig {
             max: default_backoff_max(),
         }
     }
-}
-
-/// Interpolation used by the aligner for one stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Interpolation {
-    ZeroOrderHold,
-    #[default]
-    Linear,
-    Cubic,
-}
-
-/// What the aligner does with a sample older than the watermark.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LatePolicy {
-    #[default]
-    Drop,
-    Reemit,
-}
-
-/// A fusion group: its input streams are aligned on a common tick, then fused.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FusionGroupConfig {
-    pub name: String,
-    /// Input stream names (from devices or other fusion groups).
-    pub inputs: Vec<String>,
-    /// Name of the fused output stream.
-    pub output: String,
-    pub tick: Dur<1, 3_600_000>,
-    #[serde(default = "default_lateness")]
-    pub allowed_lateness: Dur<0, 3_600_000>,
-    #[serde(default)]
-    pub late: LatePolicy,
-    /// A stream silent longer than this is marked bad until it speaks again.
-    #[serde(default = "default_stale")]
-    pub stale_after: Dur<1, 86_400_000>,
-    #[serde(default)]
-    pub interpolation: Interpolation,
-}
-
-fn default_lateness() -> Dur<0, 3_600_000> {
-    Dur::from_millis(200)
-}
-fn default_stale() -> Dur<1, 86_400_000> {
-    Dur::from_millis(5_000)
 }
 
 /// Uplink transport.

@@ -180,7 +180,7 @@ fn semantic_errors_point_at_the_key() {
         "inputs = [\"boiler/temprature\", ",
     );
     let e = one_error(&text);
-    assert_eq!(e.key, "fusion[0].inputs");
+    assert_eq!(e.key, "fusion[1].inputs");
     assert!(
         e.message.contains("did you mean \"boiler/temperature\""),
         "{e}"
@@ -264,4 +264,227 @@ fn did_you_mean_only_suggests_close_keys() {
         Some("address")
     );
     assert_eq!(did_you_mean("zzzzzz", &["address", "unit_id"]), None);
+}
+
+/// The fusion groups of the reference, and a config with one group appended.
+fn with_group(group: &str) -> String {
+    format!("{REFERENCE}\n{group}")
+}
+
+#[test]
+fn reference_fusion_groups_have_their_methods() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let methods: Vec<&str> = c.fusion.iter().map(|g| g.method().unwrap().key()).collect();
+    assert_eq!(
+        methods,
+        ["kalman", "weighted_average", "voting", "complementary"]
+    );
+    let vote = &c.fusion[2];
+    match vote.method().unwrap() {
+        FusionMethod::Voting(v) => {
+            assert_eq!(v.sensors, 3, "filled in from the inputs");
+            assert_eq!(v.method, VotingMethod::Median);
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(
+        vote.alarm_stream().as_deref(),
+        Some("boiler/temperature_alarm")
+    );
+    assert_eq!(c.fusion[0].alarm_stream(), None);
+    assert_eq!(
+        c.fusion[3].output_streams(),
+        ["line1/crane/roll", "line1/crane/pitch"]
+    );
+    let a = c.fusion[3].aligner_config();
+    assert_eq!(a.period_ns, 20_000_000);
+    assert_eq!(a.allowed_lateness_ms, 100);
+    assert_eq!(a.streams.len(), 6);
+    assert_eq!(a.streams[0].stale_after_ms, 1_000);
+    a.validate().unwrap();
+}
+
+#[test]
+fn voting_with_too_many_faults_for_its_size_is_an_error_at_the_key() {
+    let text = REFERENCE.replace("faults = 1\n", "faults = 2\n");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[2].voting.faults");
+    assert!(e.message.contains("needs 5 sensors"), "{e}");
+    assert!(e.message.contains("the group has 3"), "{e}");
+    assert_eq!(e.line, Some(line_of(&text, "faults = 2")));
+    // Marzullo needs 3f + 1: 3 inputs tolerate no fault at all.
+    let text = REFERENCE.replace("method = \"median\"", "method = \"marzullo\"");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[2].voting.faults");
+    assert!(e.message.contains("3f + 1"), "{e}");
+}
+
+#[test]
+fn unknown_method_section_suggests_the_right_one() {
+    let text = REFERENCE.replace("[fusion.weighted_average]\n", "[fusion.weighted_averge]\n");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[1].weighted_averge");
+    assert_eq!(e.hint.as_deref(), Some("did you mean `weighted_average`?"));
+    assert_eq!(e.line, Some(line_of(&text, "[fusion.weighted_averge]\n")));
+    let text = REFERENCE.replace("[fusion.voting]\n", "[fusion.votng]\n");
+    let e = one_error(&text);
+    assert_eq!(e.hint.as_deref(), Some("did you mean `voting`?"), "{e}");
+    // A misspelt key inside a method section.
+    let text = REFERENCE.replace("outlier_k = 3.0", "outlier_kk = 3.0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[1].weighted_average.outlier_kk");
+    assert_eq!(e.hint.as_deref(), Some("did you mean `outlier_k`?"));
+}
+
+#[test]
+fn a_group_needs_exactly_one_method() {
+    let text = with_group(
+        "[[fusion]]\nname = \"none\"\ninputs = [\"boiler/pressure\"]\noutput = \"p2\"\ntick = \"1s\"\n",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4]");
+    assert!(e.message.contains("exactly one method section"), "{e}");
+    let text = with_group(
+        "[[fusion]]\nname = \"two\"\ninputs = [\"boiler/pressure\"]\noutput = \"p2\"\ntick = \"1s\"\n\
+         [fusion.kalman]\nmodel = \"constant_velocity\"\n[fusion.madgwick]\n",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].madgwick");
+    assert!(e.message.contains("expected exactly one"), "{e}");
+}
+
+#[test]
+fn input_and_output_counts_must_match_the_method() {
+    // Two axes need two position inputs and two outputs.
+    let text = REFERENCE.replacen("axes = 1\n", "axes = 2\n", 1);
+    let errs = parse_ref(&text).unwrap_err().0;
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["fusion[0].inputs", "fusion[0].output"], "{errs:?}");
+    assert!(errs[0].message.contains("needs 2 inputs"), "{}", errs[0]);
+    // gps_imu: positions then accelerations.
+    let text = REFERENCE.replacen("model = \"constant_velocity\"", "model = \"gps_imu\"", 1);
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].inputs");
+    assert!(e.message.contains("then the acceleration"), "{e}");
+    // Attitude: six inputs, two outputs.
+    let text = REFERENCE.replace("\"line1/crane/accel_z\",\n", "\n");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[3].inputs");
+    assert!(e.message.contains("gyro x, y, z then accel x, y, z"), "{e}");
+    let text = REFERENCE.replace(
+        "outputs = [\"line1/crane/roll\", \"line1/crane/pitch\"]",
+        "output = \"line1/crane/roll\"",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[3].output");
+    assert!(e.message.contains("roll and pitch"), "{e}");
+    // A sensor count that contradicts the inputs.
+    let text = REFERENCE.replace("faults = 1\n", "faults = 1\nsensors = 4\n");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[2].voting.sensors");
+    // Values checked by the method's own validation, located at their key.
+    let text = REFERENCE.replace("measurement_std = 0.5", "measurement_std = 0.0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].kalman.measurement_std");
+    assert_eq!(e.line, Some(line_of(&text, "measurement_std = 0.0")));
+    let text = REFERENCE.replace("variances = [0.04, 0.04, 0.25]", "variances = [0.04, 0.04]");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[1].weighted_average.variances");
+    // An alarm stream without voting, an output that collides with a device stream.
+    let text = REFERENCE.replace(
+        "output = \"boiler/temperature_kf\"",
+        "output = \"boiler/temperature_kf\"\nalarm = \"x/alarm\"",
+    );
+    assert_eq!(one_error(&text).key, "fusion[0].alarm");
+    let text = REFERENCE.replace(
+        "output = \"boiler/temperature_kf\"",
+        "output = \"boiler/pressure\"",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].output");
+    assert!(e.message.contains("already produced"), "{e}");
+}
+
+#[test]
+fn every_method_section_deserializes_from_toml() {
+    let k: KinematicConfig = toml::from_str(
+        "model = \"gps_imu\"\naxes = 3\nprocess_noise = 0.2\nmeasurement_std = 3.0\n\
+         initial_std = 10.0\ngate = \"0.99\"\nmax_dt_s = 2.0\n",
+    )
+    .unwrap();
+    assert_eq!(k.model, MotionModel::GpsImu);
+    assert_eq!((k.axes, k.gate), (3, Some(GateConfidence::P99)));
+    assert_eq!(k.state_dim(), 6);
+    k.validate().unwrap();
+    let k: KinematicConfig = toml::from_str("model = \"constant_acceleration\"").unwrap();
+    assert_eq!(
+        (k.axes, k.process_noise, k.initial_std, k.gate),
+        (1, 1.0, 100.0, None)
+    );
+    assert_eq!(k.max_dt_s, 10.0);
+    assert!(
+        toml::from_str::<KinematicConfig>("model = \"constant_velocity\"\ngate = \"0.9\"").is_err()
+    );
+
+    let c: ComplementaryConfig =
+        toml::from_str("time_constant_s = 0.5\naccel_rejection = 0.1\nmax_dt_s = 0.2").unwrap();
+    assert_eq!(
+        (c.time_constant_s, c.accel_rejection, c.max_dt_s),
+        (0.5, 0.1, 0.2)
+    );
+    let c: ComplementaryConfig = toml::from_str("").unwrap();
+    assert_eq!(
+        (c.time_constant_s, c.accel_rejection, c.max_dt_s),
+        (1.0, 0.0, 1.0)
+    );
+
+    let m: MadgwickConfig = toml::from_str("beta = 0.05\nmax_dt_s = 0.5").unwrap();
+    assert_eq!((m.beta, m.max_dt_s), (0.05, 0.5));
+    let m: MadgwickConfig = toml::from_str("").unwrap();
+    assert_eq!((m.beta, m.max_dt_s), (0.1, 1.0));
+
+    let w: WeightedAverageConfig = toml::from_str(
+        "sensors = 2\nvariances = [1.0, 4.0]\nadaptive = true\nalpha = 0.1\n\
+         outlier_k = 2.5\nreject_outliers = false\n",
+    )
+    .unwrap();
+    assert_eq!(w.variances, [1.0, 4.0]);
+    assert!(w.adaptive && !w.reject_outliers);
+    assert_eq!((w.sensors, w.alpha, w.outlier_k), (2, 0.1, 2.5));
+    w.validate().unwrap();
+    let w: WeightedAverageConfig = toml::from_str("variances = [1.0]").unwrap();
+    assert_eq!((w.sensors, w.alpha, w.outlier_k), (0, 0.02, 3.0));
+    assert!(w.reject_outliers && !w.adaptive);
+
+    for (name, method) in [
+        ("majority", VotingMethod::Majority),
+        ("median", VotingMethod::Median),
+        ("marzullo", VotingMethod::Marzullo),
+        ("brooks_iyengar", VotingMethod::BrooksIyengar),
+    ] {
+        let v: VotingConfig = toml::from_str(&format!(
+            "method = \"{name}\"\nsensors = 4\nfaults = 1\nfault_frames = 3\nuncertainty = [0.5, 0.5, 1.0, 1.0]\n"
+        ))
+        .unwrap();
+        assert_eq!(v.method, method);
+        assert_eq!((v.sensors, v.faults, v.fault_frames), (4, 1, 3));
+        v.validate().unwrap();
+    }
+    let v: VotingConfig = toml::from_str("method = \"median\"\nfaults = 0").unwrap();
+    assert_eq!((v.sensors, v.fault_frames), (0, 5));
+    assert!(v.uncertainty.is_empty());
+
+    let a: AlignerConfig = toml::from_str(
+        "period_ns = 1000000\nstreams = [{ stream = \"a\", interpolation = \"hold\" },\
+         { stream = \"b\", interpolation = \"zero_order_hold\", stale_after_ms = 10, correct_clock = true }]",
+    )
+    .unwrap();
+    assert_eq!(a.streams[0].interpolation, Interpolation::Hold);
+    assert_eq!(a.streams[1].interpolation, Interpolation::Hold);
+    assert!(a.streams[1].correct_clock);
+    assert_eq!(
+        (a.history, a.allowed_lateness_ms, a.late_policy),
+        (256, 200, LatePolicy::Drop)
+    );
+    a.validate().unwrap();
 }

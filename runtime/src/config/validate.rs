@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::fusion::{FUSION_METHODS, FusionGroupConfig, FusionMethod};
 use super::schema::*;
 use super::{KeyPath, Secret};
 use crate::model::StreamId;
@@ -227,42 +228,7 @@ pub(super) fn validate(c: &Config) -> Problems {
         }
     }
 
-    let mut group_names = HashSet::new();
-    let known: HashSet<String> = streams.keys().cloned().collect();
-    let mut outputs = Vec::new();
-    for (i, g) in c.fusion.iter().enumerate() {
-        let at = root().key("fusion").index(i);
-        if !group_names.insert(g.name.as_str()) {
-            p.push((
-                at.clone().key("name"),
-                format!("duplicate fusion group name {:?}", g.name),
-            ));
-        }
-        if g.inputs.is_empty() {
-            p.push((
-                at.clone().key("inputs"),
-                "expected at least one input stream".into(),
-            ));
-        }
-        let outputs_so_far: HashSet<&str> =
-            c.fusion[..i].iter().map(|g| g.output.as_str()).collect();
-        for input in &g.inputs {
-            if !known.contains(input) && !outputs_so_far.contains(input.as_str()) {
-                let names: Vec<&str> = known.iter().map(String::as_str).collect();
-                let hint = super::did_you_mean(input, &names)
-                    .map(|k| format!("; did you mean {k:?}?"))
-                    .unwrap_or_default();
-                p.push((
-                    at.clone().key("inputs"),
-                    format!("input stream {input:?} is not produced by any device or earlier fusion group{hint}"),
-                ));
-            }
-        }
-        outputs.push((g.output.clone(), at.key("output")));
-    }
-    for (name, at) in outputs {
-        add_stream(&mut p, &mut streams, &name, at);
-    }
+    validate_fusion(c, &mut p, &mut streams);
 
     if let Some(u) = &c.uplink {
         let at = root().key("uplink");
@@ -468,5 +434,190 @@ fn add_stream(p: &mut Problems, streams: &mut HashMap<String, KeyPath>, name: &s
         ));
     } else {
         streams.insert(name.to_owned(), at);
+    }
+}
+
+/// The `[[fusion]]` groups: names, inputs (known streams, counts the method needs), exactly
+/// one method section and its values, outputs and alarm streams.
+fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, KeyPath>) {
+    let mut group_names = HashSet::new();
+    // Inputs may come from devices and from earlier groups (no cycles).
+    let mut known: HashSet<String> = streams.keys().cloned().collect();
+    let mut produced = Vec::new();
+    for (i, g) in c.fusion.iter().enumerate() {
+        let at = root().key("fusion").index(i);
+        if !group_names.insert(g.name.as_str()) {
+            p.push((
+                at.clone().key("name"),
+                format!("duplicate fusion group name {:?}", g.name),
+            ));
+        }
+        if g.inputs.is_empty() {
+            p.push((
+                at.clone().key("inputs"),
+                "expected at least one input stream".into(),
+            ));
+        }
+        for (k, input) in g.inputs.iter().enumerate() {
+            if g.inputs[..k].contains(input) {
+                p.push((
+                    at.clone().key("inputs"),
+                    format!("input stream {input:?} is listed twice"),
+                ));
+            }
+            if !known.contains(input) {
+                let names: Vec<&str> = known.iter().map(String::as_str).collect();
+                let hint = super::did_you_mean(input, &names)
+                    .map(|k| format!("; did you mean {k:?}?"))
+                    .unwrap_or_default();
+                p.push((
+                    at.clone().key("inputs"),
+                    format!("input stream {input:?} is not produced by any device or earlier fusion group{hint}"),
+                ));
+            }
+        }
+        if g.inputs.len() > 64 {
+            p.push((
+                at.clone().key("inputs"),
+                format!("{} inputs: a group takes at most 64", g.inputs.len()),
+            ));
+        }
+        check_fusion_method(g, &at, p);
+        let outputs = g.output_streams();
+        if g.output.is_some() && !g.outputs.is_empty() {
+            p.push((
+                at.clone().key("outputs"),
+                "give either `output` (one stream) or `outputs` (several), not both".into(),
+            ));
+        }
+        let out_key = if g.output.is_some() {
+            "output"
+        } else {
+            "outputs"
+        };
+        for name in outputs {
+            known.insert(name.clone());
+            produced.push((name, at.clone().key(out_key)));
+        }
+        match (&g.alarm, g.alarm_stream()) {
+            (Some(_), None) => p.push((
+                at.clone().key("alarm"),
+                "`alarm` is only for groups with a `voting` section".into(),
+            )),
+            (_, Some(alarm)) => {
+                known.insert(alarm.clone());
+                produced.push((
+                    alarm,
+                    at.clone()
+                        .key(if g.alarm.is_some() { "alarm" } else { "name" }),
+                ));
+            }
+            (None, None) => {}
+        }
+    }
+    for (name, at) in produced {
+        add_stream(p, streams, &name, at);
+    }
+}
+
+/// Exactly one method section, its own values, and the input/output counts it needs.
+fn check_fusion_method(g: &FusionGroupConfig, at: &KeyPath, p: &mut Problems) {
+    let methods = g.methods();
+    let method = match methods.as_slice() {
+        [m] => m,
+        [] => {
+            p.push((
+                at.clone(),
+                format!(
+                    "fusion group {:?} needs exactly one method section: one of {}",
+                    g.name,
+                    FUSION_METHODS.map(|m| format!("[fusion.{m}]")).join(", ")
+                ),
+            ));
+            return;
+        }
+        [_, second, ..] => {
+            p.push((
+                at.clone().key(second.key()),
+                format!(
+                    "fusion group {:?} has {} method sections ({}): expected exactly one",
+                    g.name,
+                    methods.len(),
+                    methods
+                        .iter()
+                        .map(FusionMethod::key)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+            return;
+        }
+    };
+    let section = at.clone().key(method.key());
+    let n = g.inputs.len();
+    // A sensor count written in the section must match the inputs.
+    let written = match method.key() {
+        "weighted_average" => g.weighted_average.as_ref().map(|c| c.sensors),
+        "voting" => g.voting.as_ref().map(|c| c.sensors),
+        _ => None,
+    };
+    if let Some(s) = written
+        && s != 0
+        && s != n
+    {
+        p.push((
+            section.clone().key("sensors"),
+            format!(
+                "sensors = {s} but the group has {n} inputs; leave `sensors` out to use the inputs"
+            ),
+        ));
+        return;
+    }
+    if let Err(e) = method.validate() {
+        p.push((section.clone().key(e.key), e.message));
+        return;
+    }
+    if let Some(need) = method.inputs()
+        && need != n
+    {
+        let what = match method {
+            FusionMethod::Kalman(k) if k.model == super::MotionModel::GpsImu => format!(
+                "gps_imu with {} axes needs {need} inputs: the position of each axis, then the acceleration of each axis",
+                k.axes
+            ),
+            FusionMethod::Kalman(k) => format!(
+                "{:?} with {} axes needs {need} inputs: the position of each axis",
+                k.model, k.axes
+            ),
+            _ => format!(
+                "{} needs {need} inputs: gyro x, y, z then accel x, y, z",
+                method.key()
+            ),
+        };
+        p.push((
+            at.clone().key("inputs"),
+            format!("{what}; the group has {n}"),
+        ));
+    }
+    let outs = g.output_streams().len();
+    let need = method.outputs();
+    if outs != need {
+        let what = match method {
+            FusionMethod::Kalman(_) if need > 1 => {
+                format!("`outputs` with {need} streams, the position of each axis")
+            }
+            FusionMethod::Complementary(_) | FusionMethod::Madgwick(_) => {
+                "`outputs` with 2 streams, roll and pitch".to_owned()
+            }
+            _ => "one output stream (`output = \"name\"`)".to_owned(),
+        };
+        p.push((
+            at.clone().key(if g.output.is_some() {
+                "output"
+            } else {
+                "outputs"
+            }),
+            format!("{} needs {what}; the group has {outs}", method.key()),
+        ));
     }
 }
