@@ -200,16 +200,25 @@ fn json_logs_are_one_json_object_per_line() {
     let mut lines = Vec::new();
     while !lines.iter().any(|l: &String| l.contains("gateway started")) {
         let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "exited early: {lines:?}");
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "exited early: {lines:?}"
+        );
         lines.push(line);
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert!(child.wait().unwrap().success());
     lines.extend(rest.lines().map(str::to_owned));
     for l in lines.iter().filter(|l| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-        assert!(v.get("level").is_some() && v.get("timestamp").is_some(), "{l}");
+        assert!(
+            v.get("level").is_some() && v.get("timestamp").is_some(),
+            "{l}"
+        );
     }
 }

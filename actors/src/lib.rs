@@ -7,6 +7,7 @@ pub mod aligner;
 pub mod bus;
 pub mod device;
 pub mod devices;
+pub mod drain;
 pub mod fusion;
 pub mod fusion_actor;
 pub mod gateway;

@@ -19,6 +19,8 @@ use outpost_runtime::storage::{GatewayOutbox, Seq};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
 use tokio::sync::{Notify, mpsc};
 
+use crate::drain::DrainScheduler;
+
 /// Samples sent but not yet acknowledged, by sequence.
 #[derive(Debug, Default)]
 pub struct InFlight {
@@ -309,12 +311,16 @@ async fn session(
         }
     });
     let _abort_reader = AbortOnDrop(reader);
+    let mut drain = DrainScheduler::new(
+        crate::drain::DEFAULT_WEIGHTS,
+        (ctx.options.max_frame_samples / 4).max(1) as u32,
+    );
 
     loop {
         // Fill the window, highest class first.
         while inflight.len() < ctx.options.window {
             let room = (ctx.options.window - inflight.len()).min(ctx.options.max_frame_samples);
-            let Some((p, recs)) = next_batch(ctx, inflight, room).await? else {
+            let Some((p, recs)) = next_batch(ctx, inflight, &mut drain, room).await? else {
                 break;
             };
             let mut seqs = Vec::with_capacity(recs.len());
@@ -374,24 +380,33 @@ async fn session(
     }
 }
 
-/// The next records to send: the highest class with unsent records.
+/// The next records to send: the class the weighted scheduler picks among those with
+/// unsent records.
 async fn next_batch(
     ctx: &SyncContext,
     inflight: &InFlight,
+    drain: &mut DrainScheduler,
     room: usize,
 ) -> Result<Option<(Priority, Vec<outpost_runtime::storage::Record>)>, String> {
-    for p in Priority::ALL {
-        let after = inflight.cursor(p);
-        let ob = ctx.outbox.clone();
-        let recs = tokio::task::spawn_blocking(move || ob.scan(p, after, room, 512 * 1024))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("outbox scan: {e}"))?;
-        if !recs.is_empty() {
-            return Ok(Some((p, recs)));
-        }
-    }
-    Ok(None)
+    let cursors = Priority::ALL.map(|p| inflight.cursor(p));
+    let ob = ctx.outbox.clone();
+    // One blocking call scans every class (a batch each), so the choice sees them all.
+    let mut batches = tokio::task::spawn_blocking(move || {
+        Priority::ALL
+            .iter()
+            .map(|&p| ob.scan(p, cursors[p as usize], room, 512 * 1024))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("outbox scan: {e}"))?;
+    let waiting = [0, 1, 2, 3].map(|i| !batches[i].is_empty());
+    let Some(p) = drain.next(waiting) else {
+        return Ok(None);
+    };
+    let recs = std::mem::take(&mut batches[p as usize]);
+    drain.sent(p, recs.len());
+    Ok(Some((p, recs)))
 }
 
 async fn remove(ctx: &SyncContext, ids: Vec<(Priority, Seq)>) -> Result<(), String> {
