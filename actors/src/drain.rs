@@ -44,9 +44,9 @@ impl DrainScheduler {
             if let Some(i) = (0..4).find(|&i| waiting[i] && self.credit[i] > 0) {
                 return Priority::from_u8(i as u8);
             }
-            for i in 0..4 {
-                if waiting[i] {
-                    self.credit[i] += i64::from(self.weights[i]) * i64::from(self.quantum);
+            for ((c, w), waits) in self.credit.iter_mut().zip(self.weights).zip(waiting) {
+                if waits {
+                    *c += i64::from(w) * i64::from(self.quantum);
                 }
             }
         }
