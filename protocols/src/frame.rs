@@ -1477,6 +1477,60 @@ mod tests {
         }
     }
 
+    /// A Data frame built by an independent implementation (a Python script written from
+    /// `FRAME_FORMAT.md` alone, CRC from `crcmod`'s `crc-32c`): the document and
+    /// the code agree.
+    #[test]
+    fn decodes_a_frame_built_from_the_document() {
+        let hex = "4f5001025100000002000567772d303164000000000000006800000000000000020474656d700372\
+                   756e0400008080d0e2c6bfce972f0000000000008035400102e807130004c701210d01029586d0\
+                   e2c6bfce972f0402686942ef7ef8";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let Message::Data(d) = decode(&bytes).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!(d.gateway_id, "gw-01");
+        assert_eq!((d.priority, d.encoding), (Priority::Normal, Encoding::Raw));
+        assert_eq!((d.first_seq, d.last_seq), (100, 104));
+        assert_eq!(d.streams, vec!["temp".to_string(), "run".to_string()]);
+        let got: Vec<(u32, u64, i64, Quality, Value)> = d
+            .samples
+            .iter()
+            .map(|s| (s.stream, s.seq, s.ts_ns, s.quality, s.value.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    0,
+                    100,
+                    1_700_000_000_000_000_000,
+                    Quality::Good,
+                    Value::F64(21.5)
+                ),
+                (
+                    1,
+                    101,
+                    1_700_000_000_000_000_500,
+                    Quality::Uncertain,
+                    Value::Bool(true)
+                ),
+                (
+                    0,
+                    103,
+                    1_700_000_000_000_000_400,
+                    Quality::Bad,
+                    Value::I64(-7)
+                ),
+                (1, 104, 5, Quality::Good, Value::text("hi")),
+            ]
+        );
+        assert_eq!(encode(&Message::Data(d)).unwrap(), bytes);
+    }
+
     #[test]
     fn crc32c_is_castagnoli() {
         // The standard check value of CRC-32C.
