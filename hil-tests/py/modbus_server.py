@@ -31,7 +31,10 @@ FORMATS = {"u16": ">H", "i16": ">h", "u32": ">I", "i32": ">i", "f32": ">f", "f64
 
 def encode(point):
     """Registers of one typed value in the point's word and byte order."""
-    raw = struct.pack(FORMATS[point["type"]], point["value"])  # big-endian bytes A B C D...
+    value = point["value"]
+    if point["type"][0] in "ui":
+        value = int(value)  # JSON numbers may come as 3.0
+    raw = struct.pack(FORMATS[point["type"]], value)  # big-endian bytes A B C D...
     words = [raw[i : i + 2] for i in range(0, len(raw), 2)]
     if point.get("word_order", "big") == "little":
         words.reverse()
