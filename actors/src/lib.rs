@@ -5,6 +5,7 @@
 
 pub mod aligner;
 pub mod bus;
+pub mod demo;
 pub mod device;
 pub mod devices;
 pub mod drain;

@@ -5,3 +5,4 @@
 pub mod benches;
 pub mod crash_record;
 pub mod harness;
+pub mod peers;

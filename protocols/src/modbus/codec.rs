@@ -15,11 +15,9 @@
 //! values a Modbus library hands out (already decoded from the big-endian wire format).
 
 use outpost_runtime::model::Value;
-use serde::Deserialize;
 
 /// The type a point's registers hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DataType {
     /// One coil or discrete input.
     Bool,
@@ -55,7 +53,7 @@ impl DataType {
         )
     }
 
-    /// The name used in configuration files.
+    /// The name used in configuration files (`type = "f32"`).
     pub fn as_str(self) -> &'static str {
         match self {
             DataType::Bool => "bool",
@@ -70,8 +68,7 @@ impl DataType {
 }
 
 /// Order of the registers of a multi-register value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum WordOrder {
     /// Most significant register first (Modbus convention).
     #[default]
@@ -81,8 +78,7 @@ pub enum WordOrder {
 }
 
 /// Order of the two bytes inside each register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ByteOrder {
     /// Most significant byte first (Modbus convention).
     #[default]

@@ -3,13 +3,18 @@
 //! and the mapping of each response back to the points' values. No I/O: the driver actor
 //! sends the planned requests with tokio-modbus and hands the answers to
 //! [`ReadRequest::decode`].
+//!
+//! The configuration schema is the gateway's (`outpost_runtime::config::ModbusDeviceConfig`,
+//! documented in `config/reference.toml`); the types here are the driver's view of it, built
+//! with the `From` conversions below, so there is one schema and one place to document it.
 
+pub mod client;
 pub mod codec;
 
 use std::collections::HashSet;
 
+use outpost_runtime::config::{Endian, ModbusPointConfig, ModbusTable, ModbusType};
 use outpost_runtime::model::{MAX_STR_LEN, Value};
-use serde::Deserialize;
 
 pub use codec::{ByteOrder, CodecError, DataType, Format, RawValue, WordOrder};
 
@@ -19,20 +24,15 @@ pub const MAX_READ_REGISTERS: u16 = 125;
 pub const MAX_READ_BITS: u16 = 2000;
 
 /// The four Modbus data tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
     /// Read/write bits (FC 1, 5, 15).
-    #[serde(alias = "coil")]
     Coils,
     /// Read-only bits (FC 2).
-    #[serde(alias = "discrete_input", alias = "discrete")]
     DiscreteInputs,
     /// Read/write registers (FC 3, 6, 16).
-    #[serde(alias = "holding_register", alias = "holding")]
     HoldingRegisters,
     /// Read-only registers (FC 4).
-    #[serde(alias = "input_register", alias = "input")]
     InputRegisters,
 }
 
@@ -66,7 +66,7 @@ impl Table {
         }
     }
 
-    /// The name used in configuration files.
+    /// A short name for logs and errors.
     pub fn as_str(self) -> &'static str {
         match self {
             Table::Coils => "coils",
@@ -77,47 +77,87 @@ impl Table {
     }
 }
 
-fn default_scale() -> f64 {
-    1.0
+impl From<ModbusTable> for Table {
+    fn from(t: ModbusTable) -> Table {
+        match t {
+            ModbusTable::Coil => Table::Coils,
+            ModbusTable::DiscreteInput => Table::DiscreteInputs,
+            ModbusTable::Holding => Table::HoldingRegisters,
+            ModbusTable::Input => Table::InputRegisters,
+        }
+    }
 }
 
-/// One configured Modbus point: where it lives and how to read it. Deserialized from the
-/// gateway TOML, e.g.
-///
-/// ```toml
-/// name = "boiler/temp"
-/// table = "holding_registers"
-/// address = 100
-/// type = "f32"
-/// word_order = "little"   # default "big"
-/// byte_order = "big"      # default "big"
-/// scale = 0.1             # default 1
-/// offset = -40            # default 0
-/// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl From<ModbusType> for DataType {
+    fn from(t: ModbusType) -> DataType {
+        match t {
+            ModbusType::Bool => DataType::Bool,
+            ModbusType::U16 => DataType::U16,
+            ModbusType::I16 => DataType::I16,
+            ModbusType::U32 => DataType::U32,
+            ModbusType::I32 => DataType::I32,
+            ModbusType::F32 => DataType::F32,
+            ModbusType::F64 => DataType::F64,
+        }
+    }
+}
+
+impl From<Endian> for WordOrder {
+    fn from(e: Endian) -> WordOrder {
+        match e {
+            Endian::Big => WordOrder::Big,
+            Endian::Little => WordOrder::Little,
+        }
+    }
+}
+
+impl From<Endian> for ByteOrder {
+    fn from(e: Endian) -> ByteOrder {
+        match e {
+            Endian::Big => ByteOrder::Big,
+            Endian::Little => ByteOrder::Little,
+        }
+    }
+}
+
+/// One Modbus point as the driver sees it: where it lives and how to read it. Built from a
+/// configured `[[devices.modbus.poll_groups.points]]` entry with `From`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PointConfig {
-    /// Stream name of the point's samples.
+    /// Stream name of the point's samples (the config's `stream`).
     pub name: String,
     /// Data table.
     pub table: Table,
     /// Zero-based protocol address of the first register (or bit).
     pub address: u16,
     /// Register type (`bool` for coils and discrete inputs).
-    #[serde(rename = "type")]
     pub data_type: DataType,
     /// Register order of 32/64-bit types.
-    #[serde(default)]
     pub word_order: WordOrder,
     /// Byte order inside registers.
-    #[serde(default)]
     pub byte_order: ByteOrder,
     /// Engineering value = raw × scale + offset.
-    #[serde(default = "default_scale")]
     pub scale: f64,
     /// See `scale`.
-    #[serde(default)]
     pub offset: f64,
+}
+
+impl From<&ModbusPointConfig> for PointConfig {
+    /// The schema bounds `address` to 0..=65535; a larger value (a hand-built config) is
+    /// clamped to 65535 and then rejected by [`PointConfig::validate`] if the type does not
+    /// fit there.
+    fn from(c: &ModbusPointConfig) -> PointConfig {
+        PointConfig {
+            name: c.stream.clone(),
+            table: c.table.into(),
+            address: u16::try_from(c.address.get()).unwrap_or(u16::MAX),
+            data_type: c.data_type.into(),
+            word_order: c.word_order.into(),
+            byte_order: c.byte_order.into(),
+            scale: c.scale,
+            offset: c.offset,
+        }
+    }
 }
 
 /// A configuration mistake, naming the point and the key.
@@ -231,8 +271,7 @@ pub fn validate_points(points: &[PointConfig]) -> Result<(), ConfigError> {
 /// How the planner may batch: per-request size limits and the unused span it may read to
 /// join two points into one request (a gap costs bytes and, on some devices, an "illegal
 /// data address" exception if the gap is unmapped, hence 0 by default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     /// Most registers per read, 1..=125.
     pub max_registers: u16,
@@ -256,6 +295,17 @@ impl Default for BatchConfig {
 }
 
 impl BatchConfig {
+    /// The batching of a configured device: protocol limits, and the device's `max_gap`
+    /// for registers and bits alike.
+    pub fn from_max_gap(max_gap: u64) -> BatchConfig {
+        let gap = u16::try_from(max_gap).unwrap_or(u16::MAX);
+        BatchConfig {
+            max_gap_registers: gap,
+            max_gap_bits: gap,
+            ..BatchConfig::default()
+        }
+    }
+
     /// Range-checks the limits against the protocol's.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key, reason: &str| ConfigError {
@@ -455,12 +505,38 @@ mod tests {
     }
 
     #[test]
-    fn config_deserializes_with_defaults_and_rejects_unknown_keys() {
-        let p: PointConfig = toml::from_str(
-            "name = \"boiler/temp\"\ntable = \"holding\"\naddress = 100\ntype = \"f32\"\nword_order = \"little\"\nscale = 0.1\noffset = -40\n",
+    fn points_and_batching_come_from_the_gateway_config_schema() {
+        let dev: outpost_runtime::config::ModbusDeviceConfig = toml::from_str(
+            r#"
+address = "127.0.0.1:502"
+max_gap = 3
+[[poll_groups]]
+interval = "1s"
+[[poll_groups.points]]
+stream = "boiler/temp"
+table = "holding"
+address = 100
+type = "f32"
+word_order = "little"
+scale = 0.1
+offset = -40
+[[poll_groups.points]]
+stream = "boiler/on"
+table = "discrete_input"
+address = 7
+type = "bool"
+byte_order = "little"
+"#,
         )
         .unwrap();
-        assert_eq!(p.table, Table::HoldingRegisters);
+        let pts: Vec<PointConfig> = dev.poll_groups[0]
+            .points
+            .iter()
+            .map(PointConfig::from)
+            .collect();
+        let p = &pts[0];
+        assert_eq!(p.name, "boiler/temp");
+        assert_eq!((p.table, p.address), (Table::HoldingRegisters, 100));
         assert_eq!(p.data_type, DataType::F32);
         assert_eq!(
             (p.word_order, p.byte_order),
@@ -468,26 +544,42 @@ mod tests {
         );
         assert_eq!((p.scale, p.offset), (0.1, -40.0));
         assert!(p.validate().is_ok());
-        let e = toml::from_str::<PointConfig>(
-            "name = \"x\"\ntable = \"coils\"\naddress = 1\ntype = \"bool\"\nscael = 2\n",
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("scael"), "{e}");
-        assert!(
-            toml::from_str::<PointConfig>(
-                "name = \"x\"\ntable = \"coils\"\naddress = 70000\ntype = \"bool\"\n"
-            )
-            .is_err()
+        assert_eq!(
+            (pts[1].table, pts[1].data_type, pts[1].byte_order),
+            (Table::DiscreteInputs, DataType::Bool, ByteOrder::Little)
         );
-        let b: BatchConfig = toml::from_str("max_gap_registers = 3").unwrap();
+        assert!(validate_points(&pts).is_ok());
+        for (t, want) in [
+            (ModbusTable::Coil, Table::Coils),
+            (ModbusTable::Input, Table::InputRegisters),
+        ] {
+            assert_eq!(Table::from(t), want);
+        }
+        for (t, want) in [
+            (ModbusType::U16, DataType::U16),
+            (ModbusType::I16, DataType::I16),
+            (ModbusType::U32, DataType::U32),
+            (ModbusType::I32, DataType::I32),
+            (ModbusType::F64, DataType::F64),
+        ] {
+            assert_eq!(DataType::from(t), want);
+        }
+        let b = BatchConfig::from_max_gap(dev.max_gap.get());
         assert_eq!(
             b,
             BatchConfig {
                 max_gap_registers: 3,
+                max_gap_bits: 3,
                 ..BatchConfig::default()
             }
         );
-        assert!(toml::from_str::<BatchConfig>("max_gap = 3").is_err());
+        assert!(b.validate().is_ok());
+        // An out-of-schema address (hand-built config) is clamped, then fails validation.
+        let mut raw = dev.poll_groups[0].points[0].clone();
+        raw.address = outpost_runtime::config::Bounded(70_000);
+        let p = PointConfig::from(&raw);
+        assert_eq!(p.address, u16::MAX);
+        assert_eq!(p.validate().unwrap_err().key, "address");
     }
 
     #[test]

@@ -1,0 +1,123 @@
+//! `device_faults`: a device that goes away and comes back. The pymodbus server is killed
+//! (SIGKILL) and restarted 5 times; the Modbus device actor fails, is restarted by its
+//! supervisor with growing delays while the device is down, and resumes with fresh samples
+//! each time it is back.
+//!
+//! MQTT stream beside it: to be added with the MQTT driver — a Mosquitto peer and an MQTT
+//! device in the same gateway, publishing at a fixed rate throughout, whose rate must stay
+//! within 5 % (see `MQTT_STREAM` below for where it plugs in).
+//!
+//! Needs `OUTPOST_PYTHON` (see `outpost_hil::peers::pymodbus::INSTALL`).
+
+use std::time::{Duration, Instant};
+
+use outpost_actors::gateway::Gateway;
+use outpost_hil::peers::pymodbus::{
+    KnownPoint, PyModbusServer, Tbl, device_toml, gateway_config, outbox_samples, verify_samples,
+};
+use outpost_runtime::metrics::Metrics;
+use outpost_runtime::model::now_ns;
+
+const CYCLES: usize = 5;
+/// How long the device stays dead each time.
+const DOWNTIME: Duration = Duration::from_millis(1600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
+    let points = vec![
+        KnownPoint::new("faults/temp", Tbl::Holding, 0, "f32", 21.5),
+        KnownPoint::new("faults/count", Tbl::Input, 0, "u32", 123_456.0),
+    ];
+    let mut server = PyModbusServer::start(&points);
+    let dir = tempfile::tempdir().unwrap();
+    let devices = device_toml("flaky", server.addr(), 200, 0, &[(100, &points)]);
+    // MQTT_STREAM: the MQTT device's table goes here, next to the Modbus one.
+    // Backoff 50 ms doubling to 800 ms (reset after a run of 800 ms): 50, 100, 200, 400, 800
+    // fit in the downtime. Enough restart budget for 5 outages.
+    let supervision = "[supervision]\nmax_restarts = 1000\nwithin = \"60s\"\n\
+                       backoff = { initial = \"50ms\", max = \"800ms\" }\n";
+    let m = Metrics::new();
+    let gw = Gateway::start(
+        &gateway_config(dir.path(), &devices, supervision),
+        m.clone(),
+    )
+    .await
+    .unwrap();
+    let restarts = || {
+        m.counter_value(
+            "outpost_restarts",
+            &[("supervisor", "devices"), ("child", "device:flaky")],
+        )
+    };
+    // Fresh samples: newer than `since` (ns), of every point, with the known values.
+    let wait_fresh = |since: i64, what: String| {
+        let gw = &gw;
+        let points = &points;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let fresh: Vec<_> = outbox_samples(gw)
+                    .into_iter()
+                    .filter(|s| s.ts_ns > since)
+                    .collect();
+                if verify_samples(points, &fresh, 3).is_ok() {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "no fresh samples {what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_fresh(0, "at start".into()).await;
+
+    let mut growing = 0;
+    for cycle in 0..CYCLES {
+        // A stable run longer than the backoff's reset_after (800 ms) before each outage.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let before = restarts();
+        server.kill();
+        // Record when each restart attempt happens while the device is down.
+        let down = Instant::now();
+        let mut seen = before;
+        let mut at = Vec::new();
+        while down.elapsed() < DOWNTIME {
+            let r = restarts();
+            if r > seen {
+                at.push(down.elapsed());
+                seen = r;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            at.len() >= 3,
+            "cycle {cycle}: restarts while down at {at:?}"
+        );
+        eprintln!("cycle {cycle}: restarts while down at {at:?}");
+        let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        // Doubling delays with 20 % jitter: each later gap clearly longer than the first.
+        if gaps.len() >= 2 && gaps[gaps.len() - 1] > gaps[0] * 2 {
+            growing += 1;
+        }
+        assert!(
+            gaps.windows(2).all(|w| w[1] * 10 >= w[0] * 7),
+            "cycle {cycle}: restart delays shrink: {gaps:?}"
+        );
+        let back = now_ns();
+        server.restart();
+        wait_fresh(back, format!("after restart {}", cycle + 1)).await;
+        assert!(
+            restarts() > before,
+            "cycle {cycle}: the actor was restarted"
+        );
+    }
+    assert_eq!(growing, CYCLES, "restart delays grew in every outage");
+    let samples = outbox_samples(&gw);
+    gw.shutdown().await.unwrap();
+    verify_samples(&points, &samples, 10).unwrap();
+    assert!(
+        m.counter_value(
+            "outpost_stream_errors",
+            &[("device", "flaky"), ("kind", "connect")]
+        ) >= CYCLES as u64
+    );
+}
