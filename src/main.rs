@@ -33,6 +33,20 @@ enum Command {
         /// The gateway's TOML file.
         config: PathBuf,
     },
+    /// Run a whole Outpost on loopback with nothing installed: a simulated Modbus boiler,
+    /// a gateway polling and fusing it, and a hub receiving it over QUIC.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Folder for the demo's certificates, outbox and hub sink (default: a new
+        /// temporary folder, kept afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Address of the metrics endpoint.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        metrics: std::net::SocketAddr,
+    },
     /// Run the hub: accept gateways, de-duplicate, write samples to the sink.
     Hub {
         /// The hub's TOML file.
@@ -59,6 +73,11 @@ fn main() -> ExitCode {
         Command::Check { config, strict } => check(&config, strict),
         Command::Run { config } => report(run(&config)),
         Command::Hub { config } => report(hub(&config)),
+        Command::Demo {
+            seconds,
+            dir,
+            metrics,
+        } => report(demo(seconds, dir, metrics)),
         Command::Certs {
             out,
             hub_names,
@@ -75,6 +94,32 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn demo(
+    seconds: Option<u64>,
+    dir: Option<PathBuf>,
+    metrics: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    outpost_runtime::logging::init(outpost_runtime::logging::LogFormat::Text, "warn");
+    let dir = match dir {
+        Some(d) => d,
+        None => tempfile::Builder::new()
+            .prefix("outpost-demo-")
+            .tempdir()
+            .context("cannot create a temporary folder")?
+            .keep(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let report = rt
+        .block_on(outpost_actors::demo::run::run(&dir, seconds, metrics))
+        .context("demo failed")?;
+    println!("demo data kept in {}", dir.display());
+    println!("{}", serde_json::to_string(&report).context("report")?);
+    Ok(())
 }
 
 fn hub(path: &std::path::Path) -> anyhow::Result<()> {

@@ -222,3 +222,26 @@ fn json_logs_are_one_json_object_per_line() {
         );
     }
 }
+
+#[test]
+fn demo_runs_with_nothing_installed_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outpost()
+        .args(["demo", "--seconds", "4", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    let ingested = v["samples_ingested"].as_u64().unwrap();
+    assert!(ingested > 20, "{v}");
+    assert_eq!(v["samples_delivered"].as_u64().unwrap(), ingested, "{v}");
+    assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
+    assert!(stdout.contains("boiler"), "{stdout}");
+}

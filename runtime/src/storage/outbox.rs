@@ -227,15 +227,15 @@ impl<E: KvEngine> Outbox<E> {
     /// Everything found on open counts as durable.
     pub fn open(engine: E, config: OutboxConfig) -> Result<Outbox<E>, StorageError> {
         let engine = Arc::new(engine);
-        match engine.get(&META_VERSION)? {
-            None => {}
-            Some(v) if v.as_slice() == [FORMAT_VERSION] => {}
+        let fresh = match engine.get(&META_VERSION)? {
+            None => true,
+            Some(v) if v.as_slice() == [FORMAT_VERSION] => false,
             Some(v) => {
                 return Err(StorageError::Corrupt(format!(
                     "unknown outbox format version {v:02x?} (this build reads {FORMAT_VERSION})"
                 )));
             }
-        }
+        };
         let meta_seq = match engine.get(&META_NEXT_SEQ)? {
             None => None,
             Some(v) => Some(parse_u64(&v).ok_or_else(|| {
@@ -273,12 +273,14 @@ impl<E: KvEngine> Outbox<E> {
                 }
                 _ => {
                     let (b, r) = scan_class_totals(&*engine, p)?;
-                    tracing::warn!(
-                        class = p.as_str(),
-                        bytes = b,
-                        records = r,
-                        "outbox class counters missing or inconsistent; rebuilt by a scan"
-                    );
+                    if !fresh || r > 0 {
+                        tracing::warn!(
+                            class = p.as_str(),
+                            bytes = b,
+                            records = r,
+                            "outbox class counters missing or inconsistent; rebuilt by a scan"
+                        );
+                    }
                     bytes[i] = b;
                     records[i] = r;
                     repaired = true;
