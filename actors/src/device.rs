@@ -46,6 +46,9 @@ pub enum DeviceMsg {
 
 pub struct DeviceState {
     task: tokio::task::JoinHandle<()>,
+    /// The driver task itself: aborting `task` alone would detach it, and a detached
+    /// driver keeps its connection and the ingest (so the outbox) alive after shutdown.
+    driver: tokio::task::AbortHandle,
 }
 
 impl Actor for DeviceActor {
@@ -59,10 +62,11 @@ impl Actor for DeviceActor {
         (ctx, driver): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let name = ctx.name.clone();
-        let run = driver(ctx);
+        let run = tokio::spawn(driver(ctx));
+        let driver = run.abort_handle();
         let task = tokio::spawn(async move {
             // A panic in the driver is caught here and reported as a failure.
-            let res = match tokio::spawn(run).await {
+            let res = match run.await {
                 Ok(r) => r,
                 Err(e) if e.is_panic() => Err(format!("driver panicked: {e}")),
                 Err(_) => return, // aborted: the actor is stopping
@@ -72,7 +76,7 @@ impl Actor for DeviceActor {
             }
             let _ = myself.cast(DeviceMsg::Exited(res));
         });
-        Ok(DeviceState { task })
+        Ok(DeviceState { task, driver })
     }
 
     async fn handle(
@@ -95,6 +99,7 @@ impl Actor for DeviceActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.driver.abort();
         state.task.abort();
         Ok(())
     }

@@ -4,3 +4,4 @@
 
 pub mod benches;
 pub mod crash_record;
+pub mod peers;

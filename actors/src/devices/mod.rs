@@ -5,6 +5,8 @@ use outpost_runtime::config::DeviceConfig;
 
 use crate::device::DriverFn;
 
+pub mod mqtt;
+
 /// The driver for a configured device.
 pub fn driver_for(device: &DeviceConfig) -> Result<DriverFn, String> {
     match (&device.modbus, &device.mqtt) {
@@ -12,10 +14,7 @@ pub fn driver_for(device: &DeviceConfig) -> Result<DriverFn, String> {
             "device {:?}: the Modbus driver is not wired into this build yet",
             device.name
         )),
-        (_, Some(_)) => Err(format!(
-            "device {:?}: the MQTT driver is not wired into this build yet",
-            device.name
-        )),
+        (_, Some(cfg)) => Ok(mqtt::driver(cfg.clone())),
         _ => Err(format!("device {:?} has no protocol section", device.name)),
     }
 }

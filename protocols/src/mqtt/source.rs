@@ -45,6 +45,11 @@ pub const REQUEST_CHANNEL: usize = 1_024;
 /// Publishes buffered between the event loop and the consumer.
 pub const EVENT_CHANNEL: usize = 1_024;
 
+/// Unacknowledged QoS 1 messages an MQTT 5 broker may have in flight to us (its
+/// "receive maximum"): bounds what a restart can make the broker send again. MQTT 3.1.1
+/// has no such field; the broker's own setting applies.
+pub const RECEIVE_MAXIMUM: u16 = 1_024;
+
 /// Session expiry asked of an MQTT 5 broker: how long it keeps our subscriptions and
 /// queued QoS 1 messages while the gateway is away.
 pub const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
@@ -421,11 +426,14 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
+// One of each per source, moved once: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Loop {
     V4(rumqttc::EventLoop),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
+#[allow(clippy::large_enum_variant)] // returned by value once per event, never stored
 enum Polled {
     ConnAck { session_present: bool },
     Publish(Publish),
@@ -560,6 +568,7 @@ fn build(opts: &SourceOptions) -> (Client, Loop) {
             o.set_keep_alive(opts.keep_alive)
                 .set_clean_start(false)
                 .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
+                .set_receive_maximum(Some(RECEIVE_MAXIMUM))
                 .set_manual_acks(true)
                 .set_max_packet_size(Some(MAX_PACKET as u32))
                 .set_request_channel_capacity(REQUEST_CHANNEL);
@@ -591,24 +600,32 @@ pub struct Acker {
     shared: Arc<Shared>,
 }
 
+/// Outcome of [`Acker::try_ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Queued on the connection the message came on.
+    Sent,
+    /// That connection has ended (or the source stopped): the broker will redeliver the
+    /// message; nothing to do.
+    Stale,
+    /// The request queue is full: try again after the event loop made progress.
+    Full,
+}
+
 impl Acker {
-    /// Acknowledges a message to the broker. Returns `false` when the connection the
-    /// message came on has ended (the broker will redeliver it) or the source stopped.
-    /// Waits while the request queue is full; never blocks the event loop.
-    pub async fn ack(&self, token: &AckToken) -> bool {
-        loop {
-            {
-                let epoch = self.shared.epoch.read().unwrap_or_else(|e| e.into_inner());
-                if *epoch != token.epoch || self.shared.closed.load(Ordering::Acquire) {
-                    return false;
-                }
-                // Pushed while holding the read lock: a connection cannot end in between,
-                // so this ack is either sent on its connection or drained with it.
-                if self.client.try_ack(&token.publish).is_ok() {
-                    return true;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    /// Acknowledges a message to the broker without waiting. The event loop drains the
+    /// request queue only while it runs, and it may itself be waiting for the consumer:
+    /// so a consumer must never block on a full queue — keep the token and retry.
+    pub fn try_ack(&self, token: &AckToken) -> AckOutcome {
+        let epoch = self.shared.epoch.read().unwrap_or_else(|e| e.into_inner());
+        if *epoch != token.epoch || self.shared.closed.load(Ordering::Acquire) {
+            return AckOutcome::Stale;
+        }
+        // Pushed while holding the read lock: the connection cannot end in between, so
+        // this ack is either sent on its connection or drained with it.
+        match self.client.try_ack(&token.publish) {
+            Ok(()) => AckOutcome::Sent,
+            Err(Busy) => AckOutcome::Full,
         }
     }
 }
