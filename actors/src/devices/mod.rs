@@ -2,6 +2,7 @@
 //! its section of a `[[devices]]` table into a [`DriverFn`].
 
 pub mod modbus;
+pub mod mqtt;
 
 use outpost_runtime::config::DeviceConfig;
 
@@ -11,10 +12,7 @@ use crate::device::DriverFn;
 pub fn driver_for(device: &DeviceConfig) -> Result<DriverFn, String> {
     match (&device.modbus, &device.mqtt) {
         (Some(m), _) => Ok(modbus::driver(m.clone())),
-        (_, Some(_)) => Err(format!(
-            "device {:?}: the MQTT driver is not wired into this build yet",
-            device.name
-        )),
+        (_, Some(cfg)) => Ok(mqtt::driver(cfg.clone())),
         _ => Err(format!("device {:?} has no protocol section", device.name)),
     }
 }

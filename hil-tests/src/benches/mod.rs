@@ -4,10 +4,11 @@
 pub mod aligner;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
+pub mod mqtt_ingest;
 pub mod outbox;
 
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner"];
+pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner", "mqtt_ingest"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
@@ -16,6 +17,7 @@ pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
         "aligner" => aligner::run(args),
+        "mqtt_ingest" => mqtt_ingest::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")

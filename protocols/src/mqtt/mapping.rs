@@ -2,6 +2,8 @@
 //! payload feeds, and the samples it yields. No I/O: the driver hands it (topic, payload,
 //! arrival time) and gets samples or a counted, named error back.
 
+use std::collections::HashMap;
+
 use outpost_runtime::config::{MqttSubscriptionConfig, PayloadFormat};
 use outpost_runtime::model::{Quality, Sample, StreamId, TimestampNs, Value};
 
@@ -29,6 +31,8 @@ pub enum MappingError {
     BadStream { name: String, reason: String },
     #[error("timestamp at {0:?} is not a number or RFC 3339 text")]
     BadTimestamp(String),
+    #[error("stream {0:?} would exceed this device's limit of distinct streams")]
+    StreamLimit(String),
 }
 
 impl MappingError {
@@ -44,6 +48,7 @@ impl MappingError {
             MappingError::BadValue(_) => "bad_value",
             MappingError::BadStream { .. } => "bad_stream",
             MappingError::BadTimestamp(_) => "bad_timestamp",
+            MappingError::StreamLimit(_) => "stream_limit",
         }
     }
 }
@@ -107,10 +112,18 @@ pub fn expand(template: &str, captures: &[&str]) -> String {
     out
 }
 
-/// The mapping of one MQTT device: its subscriptions, in config order (first match wins).
+/// Default bound on the distinct streams one MQTT device may create. Streams are named
+/// from topic levels, which the broker (or any publisher) controls: without a bound, a
+/// flood of distinct topics would fill the process-wide stream table.
+pub const MAX_STREAMS_PER_DEVICE: usize = 10_000;
+
+/// The mapping of one MQTT device: its subscriptions, in config order (first match wins),
+/// and the streams it has named so far (at most `max_streams`).
 #[derive(Debug, Clone)]
 pub struct Mapper {
     subs: Vec<MqttSubscriptionConfig>,
+    streams: HashMap<String, StreamId>,
+    max_streams: usize,
 }
 
 /// Result of mapping one publish: the samples, and the fields that failed.
@@ -121,8 +134,35 @@ pub struct Mapped {
 }
 
 impl Mapper {
+    /// A mapper with the default stream bound [`MAX_STREAMS_PER_DEVICE`].
     pub fn new(subs: Vec<MqttSubscriptionConfig>) -> Mapper {
-        Mapper { subs }
+        Mapper::with_stream_limit(subs, MAX_STREAMS_PER_DEVICE)
+    }
+
+    /// A mapper that names at most `max_streams` distinct streams; samples for further
+    /// names are rejected with [`MappingError::StreamLimit`].
+    pub fn with_stream_limit(subs: Vec<MqttSubscriptionConfig>, max_streams: usize) -> Mapper {
+        Mapper {
+            subs,
+            streams: HashMap::new(),
+            max_streams,
+        }
+    }
+
+    /// The stream named `name`, interned once per mapper.
+    fn stream_id(&mut self, name: String) -> Result<StreamId, MappingError> {
+        if let Some(id) = self.streams.get(&name) {
+            return Ok(*id);
+        }
+        if self.streams.len() >= self.max_streams {
+            return Err(MappingError::StreamLimit(truncate(&name)));
+        }
+        let id = StreamId::intern(&name).map_err(|e| MappingError::BadStream {
+            name: truncate(&name),
+            reason: e.to_string(),
+        })?;
+        self.streams.insert(name, id);
+        Ok(id)
     }
 
     pub fn subscriptions(&self) -> &[MqttSubscriptionConfig] {
@@ -130,12 +170,13 @@ impl Mapper {
     }
 
     /// Maps one publish received at `arrival_ns`.
-    pub fn map(&self, topic: &str, payload: &[u8], arrival_ns: TimestampNs) -> Mapped {
+    pub fn map(&mut self, topic: &str, payload: &[u8], arrival_ns: TimestampNs) -> Mapped {
         let mut out = Mapped::default();
-        let Some((sub, caps)) = self
+        let Some((index, caps)) = self
             .subs
             .iter()
-            .find_map(|s| match_topic(&s.topic, topic).map(|c| (s, c)))
+            .enumerate()
+            .find_map(|(i, s)| match_topic(&s.topic, topic).map(|c| (i, c)))
         else {
             out.errors.push(MappingError::NoMatch(truncate(topic)));
             return out;
@@ -144,17 +185,12 @@ impl Mapper {
             out.errors.push(MappingError::TooLarge(payload.len()));
             return out;
         }
-        let stream = |template: &str| -> Result<StreamId, MappingError> {
-            let name = expand(template, &caps);
-            StreamId::intern(&name).map_err(|e| MappingError::BadStream {
-                name: truncate(&name),
-                reason: e.to_string(),
-            })
-        };
-        match sub.format {
+        let sub = &self.subs[index];
+        let format = sub.format;
+        match format {
             PayloadFormat::Number | PayloadFormat::Raw => {
-                let template = sub.stream.as_deref().unwrap_or("{1}");
-                let id = match stream(template) {
+                let name = expand(sub.stream.as_deref().unwrap_or("{1}"), &caps);
+                let id = match self.stream_id(name) {
                     Ok(id) => id,
                     Err(e) => {
                         out.errors.push(e);
@@ -165,7 +201,7 @@ impl Mapper {
                     out.errors.push(MappingError::NotText);
                     return out;
                 };
-                let value = if sub.format == PayloadFormat::Raw {
+                let value = if format == PayloadFormat::Raw {
                     Value::text(text)
                 } else {
                     match parse_number(text.trim()) {
@@ -191,7 +227,7 @@ impl Mapper {
                         return out;
                     }
                 };
-                let ts = match &sub.timestamp_pointer {
+                let ts = match &self.subs[index].timestamp_pointer {
                     None => arrival_ns,
                     Some(p) => match doc.pointer(p).and_then(json_timestamp) {
                         Some(ts) => ts,
@@ -201,14 +237,16 @@ impl Mapper {
                         }
                     },
                 };
-                for f in &sub.fields {
-                    let id = match stream(&f.stream) {
+                for fi in 0..self.subs[index].fields.len() {
+                    let name = expand(&self.subs[index].fields[fi].stream, &caps);
+                    let id = match self.stream_id(name) {
                         Ok(id) => id,
                         Err(e) => {
                             out.errors.push(e);
                             continue;
                         }
                     };
+                    let f = &self.subs[index].fields[fi];
                     let Some(v) = doc.pointer(&f.pointer) else {
                         out.errors
                             .push(MappingError::MissingField(f.pointer.clone()));
@@ -426,7 +464,7 @@ mod tests {
                 offset: 0.0,
             },
         ];
-        let m = Mapper::new(vec![s]);
+        let mut m = Mapper::new(vec![s]);
         let out = m.map(
             "plant/m7/sensors",
             br#"{"temp": 21, "p": 4.0, "on": true, "ts": 1700000000123}"#,
@@ -446,7 +484,7 @@ mod tests {
 
     #[test]
     fn numbers_raw_and_garbage() {
-        let m = Mapper::new(vec![
+        let mut m = Mapper::new(vec![
             sub("n/+", PayloadFormat::Number, Some("num/{1}")),
             sub("r/#", PayloadFormat::Raw, Some("raw")),
         ]);
@@ -468,10 +506,24 @@ mod tests {
 
     #[test]
     fn hostile_topic_levels_cannot_make_bad_streams() {
-        let m = Mapper::new(vec![sub("n/+", PayloadFormat::Number, Some("num/{1}"))]);
+        let mut m = Mapper::new(vec![sub("n/+", PayloadFormat::Number, Some("num/{1}"))]);
         let long = format!("n/{}", "x".repeat(400));
         assert_eq!(m.map(&long, b"1", 1).errors[0].kind(), "bad_stream");
         assert_eq!(m.map("n/a\u{7}b", b"1", 1).errors[0].kind(), "bad_stream");
+    }
+
+    #[test]
+    fn a_device_names_a_bounded_number_of_streams() {
+        let mut m = Mapper::with_stream_limit(
+            vec![sub("n/+", PayloadFormat::Number, Some("limit-test/{1}"))],
+            2,
+        );
+        assert!(m.map("n/a", b"1", 1).errors.is_empty());
+        assert!(m.map("n/b", b"1", 1).errors.is_empty());
+        assert!(m.map("n/a", b"2", 1).errors.is_empty());
+        let out = m.map("n/c", b"1", 1);
+        assert!(out.samples.is_empty());
+        assert_eq!(out.errors[0].kind(), "stream_limit");
     }
 
     #[test]
