@@ -28,6 +28,7 @@ use outpost_protocols::mqtt::source::{
 use outpost_runtime::config::MqttDeviceConfig;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Sample, now_ns};
+use outpost_runtime::storage::receipts::fingerprint;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
@@ -126,6 +127,8 @@ struct Batch {
     messages: usize,
     samples: Vec<Sample>,
     acks: Vec<AckToken>,
+    /// Fingerprints of the QoS 1 messages taken, stored with their samples.
+    fingerprints: Vec<u64>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<Result<(), String>>);
@@ -186,7 +189,12 @@ async fn run(cfg: Arc<MqttDeviceConfig>, ctx: DeviceContext) -> Result<(), Strin
         } else {
             Some(
                 ctx.ingest
-                    .submit(ctx.priority, batch.samples)
+                    .submit_with_receipts(
+                        ctx.priority,
+                        batch.samples,
+                        namespace(&ctx.name),
+                        batch.fingerprints,
+                    )
                     .await
                     .map_err(|e| e.to_string())?,
             )
@@ -200,6 +208,11 @@ async fn run(cfg: Arc<MqttDeviceConfig>, ctx: DeviceContext) -> Result<(), Strin
             .await
             .map_err(|_| "MQTT ack task ended".to_owned())?;
     }
+}
+
+/// The receipts namespace of an MQTT device.
+fn namespace(device: &str) -> u64 {
+    fingerprint(&[b"mqtt", device.as_bytes()])
 }
 
 fn handle(
@@ -237,12 +250,20 @@ fn handle(
                 Some(topic) => {
                     let mut take = true;
                     if m.qos() > 0 {
+                        // A redelivery (DUP) of a message already taken is acked, not stored
+                        // again: taken in this run (`recent`), or stored before a crash or
+                        // restart (the receipts stored with the samples).
                         let digest = recent.digest(m.topic_bytes(), m.payload());
-                        if m.dup() && recent.contains(digest) {
+                        let fp = fingerprint(&[m.topic_bytes(), m.payload()]);
+                        if m.dup()
+                            && (recent.contains(digest)
+                                || ctx.ingest.already_stored(namespace(&ctx.name), fp))
+                        {
                             c.skipped.inc();
                             take = false;
                         } else {
                             recent.insert(digest);
+                            batch.fingerprints.push(fp);
                         }
                     }
                     if take {
