@@ -3,15 +3,20 @@
 //! supervisor with growing delays while the device is down, and resumes with fresh samples
 //! each time it is back.
 //!
-//! MQTT stream beside it: to be added with the MQTT driver — a Mosquitto peer and an MQTT
-//! device in the same gateway, publishing at a fixed rate throughout, whose rate must stay
-//! within 5 % (see `MQTT_STREAM` below for where it plugs in).
+//! Beside it, an MQTT device in the same gateway receives readings published at a fixed
+//! rate throughout; its ingest rate over the whole fault period stays within 5 % of the
+//! publish rate: a device fault never reaches another device.
 //!
-//! Needs `OUTPOST_PYTHON` (see `outpost_hil::peers::pymodbus::INSTALL`).
+//! Needs `OUTPOST_PYTHON` (see `outpost_hil::peers::pymodbus::INSTALL`) and Mosquitto.
 
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use outpost_actors::gateway::Gateway;
+use outpost_hil::peers::mosquitto::{self, Mosquitto};
 use outpost_hil::peers::pymodbus::{
     KnownPoint, PyModbusServer, Tbl, device_toml, gateway_config, outbox_samples, verify_samples,
 };
@@ -30,8 +35,12 @@ async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
     ];
     let mut server = PyModbusServer::start(&points);
     let dir = tempfile::tempdir().unwrap();
-    let devices = device_toml("flaky", server.addr(), 200, 0, &[(100, &points)]);
-    // MQTT_STREAM: the MQTT device's table goes here, next to the Modbus one.
+    let broker = Mosquitto::start();
+    let devices = format!(
+        "{}\n{}",
+        device_toml("flaky", server.addr(), 200, 0, &[(100, &points)]),
+        mosquitto::telemetry_device_toml("steady", &broker.address(), "5")
+    );
     // Backoff 50 ms doubling to 800 ms (reset after a run of 800 ms): 50, 100, 200, 400, 800
     // fit in the downtime. Enough restart budget for 5 outages.
     let supervision = "[supervision]\nmax_restarts = 1000\nwithin = \"60s\"\n\
@@ -69,6 +78,45 @@ async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
         }
     };
     wait_fresh(0, "at start".into()).await;
+
+    // The MQTT stream: 200 readings/s, published from one `mosquitto_pub -l`.
+    let published = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut publisher = std::process::Command::new(mosquitto::client_binary("mosquitto_pub"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+        ])
+        .args(["-t", "plant/steady/telemetry", "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let feeder = {
+        let mut stdin = publisher.stdin.take().unwrap();
+        let (published, stop) = (published.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                writeln!(stdin, "{}", mosquitto::telemetry_line(n)).unwrap();
+                n += 1;
+                published.store(n, Ordering::Relaxed);
+                let due = start + Duration::from_millis(n * 5);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    let mqtt_samples = || m.counter_value("outpost_stream_samples", &[("device", "steady")]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (t0, p0, c0) = (
+        Instant::now(),
+        published.load(Ordering::Relaxed),
+        mqtt_samples(),
+    );
 
     let mut growing = 0;
     for cycle in 0..CYCLES {
@@ -111,6 +159,29 @@ async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
         );
     }
     assert_eq!(growing, CYCLES, "restart delays grew in every outage");
+    // The MQTT stream's rate over the fault period (two samples per reading).
+    let (p1, c1) = (published.load(Ordering::Relaxed), mqtt_samples());
+    let secs = t0.elapsed().as_secs_f64();
+    let publish_rate = (p1 - p0) as f64 / secs;
+    let ingest_rate = (c1 - c0) as f64 / 2.0 / secs;
+    eprintln!(
+        "MQTT beside the faulty device: published {publish_rate:.1}/s, ingested {ingest_rate:.1}/s over {secs:.1} s"
+    );
+    assert!(
+        (ingest_rate / publish_rate - 1.0).abs() <= 0.05,
+        "MQTT rate disturbed: published {publish_rate:.1}/s, ingested {ingest_rate:.1}/s"
+    );
+    assert_eq!(
+        m.counter_value(
+            "outpost_restarts",
+            &[("supervisor", "devices"), ("child", "device:steady")]
+        ),
+        0,
+        "the MQTT device was never restarted"
+    );
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+    let _ = publisher.wait();
     let samples = outbox_samples(&gw);
     gw.shutdown().await.unwrap();
     verify_samples(&points, &samples, 10).unwrap();
