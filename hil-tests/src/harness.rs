@@ -122,6 +122,8 @@ pub struct SinkLine {
     pub seq: u64,
     pub ts_ns: i64,
     pub value: serde_json::Value,
+    /// When the hub received it.
+    pub received_ns: i64,
 }
 
 /// Every line of every sink file under `sink_dir` (all gateways, all days).
@@ -145,6 +147,7 @@ pub fn read_sink(sink_dir: &Path) -> Vec<SinkLine> {
                     seq: v["seq"].as_u64().unwrap_or(u64::MAX),
                     ts_ns: v["ts_ns"].as_i64().unwrap_or_default(),
                     value: v["value"].clone(),
+                    received_ns: v["received_ns"].as_i64().unwrap_or_default(),
                 });
             }
         }

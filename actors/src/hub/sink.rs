@@ -3,8 +3,11 @@
 //! restart each file is truncated back to its last committed length, so a crash between
 //! "written" and "committed" never leaves a line that the gateway will send again.
 //!
-//! Line format: `{"gateway":…,"stream":…,"seq":…,"ts_ns":…,"value":…,"quality":…}`;
-//! `value` is a JSON number, boolean or string (non-finite floats are `null`).
+//! Line format:
+//! `{"gateway":…,"stream":…,"seq":…,"ts_ns":…,"value":…,"quality":…,"received_ns":…}`;
+//! `ts_ns` is the source timestamp, `received_ns` when the hub received the frame (both ns
+//! since the Unix epoch, UTC); `value` is a JSON number, boolean or string (non-finite
+//! floats are `null`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -23,6 +26,8 @@ pub struct SinkRecord<'a> {
     pub ts_ns: TimestampNs,
     pub value: &'a Value,
     pub quality: Quality,
+    /// When the hub received the sample.
+    pub received_ns: TimestampNs,
 }
 
 /// Sink failures.
@@ -174,6 +179,7 @@ mod tests {
             ts_ns: 7,
             value: &v,
             quality: Quality::Good,
+            received_ns: 9,
         };
         let mut sink = JsonlSink::open(dir.path(), &HashMap::new()).unwrap();
         let committed = sink.append("gw/d.jsonl", &[rec(1), rec(2)]).unwrap();

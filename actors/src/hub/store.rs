@@ -131,6 +131,7 @@ impl HubStore {
                 ts_ns: s.ts_ns,
                 value: &s.value,
                 quality: s.quality,
+                received_ns: arrival_ns,
             });
         }
         if records.is_empty() {
@@ -241,7 +242,7 @@ mod tests {
         // Simulate a crash after the sink append of seq 3 but before its commit.
         let f = sink.join(file_name("gw", 0));
         let mut text = std::fs::read_to_string(&f).unwrap();
-        text.push_str("{\"gateway\":\"gw\",\"stream\":\"hub/t\",\"seq\":3,\"ts_ns\":3,\"value\":3,\"quality\":\"good\"}\n");
+        text.push_str("{\"gateway\":\"gw\",\"stream\":\"hub/t\",\"seq\":3,\"ts_ns\":3,\"value\":3,\"quality\":\"good\",\"received_ns\":3}\n");
         std::fs::write(&f, text).unwrap();
         let store = HubStore::open(&state, &sink).unwrap();
         assert_eq!(lines(&sink), vec![1, 2]);

@@ -2,17 +2,26 @@
 //! and registers itself in [`run`] and [`NAMES`].
 
 pub mod aligner;
+pub mod e2e;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
 pub mod mqtt_ingest;
 pub mod outbox;
 
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner", "mqtt_ingest"];
+pub const NAMES: &[&str] = &[
+    "e2e",
+    "outbox",
+    "outbox_space",
+    "kalman",
+    "aligner",
+    "mqtt_ingest",
+];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
     match name {
+        "e2e" => e2e::run(args),
         "outbox" => outbox::run(args),
         "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
