@@ -56,8 +56,8 @@ fn publish(port: u16, topic: &str, first: u64, count: u64, rate: u64) -> Result<
     let start = Instant::now();
     let mut buf = String::new();
     for i in 0..count {
-        if rate > 0 {
-            let due = start + Duration::from_micros(i * 1_000_000 / rate);
+        if let Some(us) = (i * 1_000_000).checked_div(rate) {
+            let due = start + Duration::from_micros(us);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
             writeln!(stdin, r#"{{"n":{},"v":1.5,"ts":{}}}"#, first + i, now_us())
                 .map_err(|e| e.to_string())?;
