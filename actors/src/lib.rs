@@ -11,4 +11,5 @@ pub mod fusion;
 pub mod gateway;
 pub mod hub;
 pub mod ingest;
+pub mod link;
 pub mod sync;
