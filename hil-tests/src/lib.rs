@@ -4,4 +4,5 @@
 
 pub mod benches;
 pub mod crash_record;
+pub mod emulator;
 pub mod harness;
