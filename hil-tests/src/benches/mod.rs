@@ -4,10 +4,11 @@
 pub mod aligner;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
+pub mod link_detect;
 pub mod outbox;
 
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner"];
+pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner", "link_detect"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
@@ -16,6 +17,7 @@ pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
         "aligner" => aligner::run(args),
+        "link_detect" => link_detect::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")
