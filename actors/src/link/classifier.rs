@@ -3,7 +3,8 @@
 //!
 //! Rules (thresholds from the `[link]` config section):
 //!
-//! - **evidence**: outage or loss ≥ `intermittent_loss` → intermittent; RTT ≥
+//! - **evidence**: outage, or loss ≥ `intermittent_loss` with no fresh delivery sample →
+//!   intermittent; RTT ≥
 //!   `satellite_min_rtt` or rate < `mobile_min` → satellite; rate < `broadband_min` →
 //!   mobile; rate < `fiber_min` or RTT ≥ `fiber_max_rtt` → broadband; else fiber. An unknown
 //!   rate or RTT gives no evidence either way.
@@ -11,8 +12,9 @@
 //!   class: the estimator's windowed maximum already needs a whole window of low samples.
 //! - **up-grade** only when the evidence with *margins* (rates ×(1 + `up_margin`), RTTs
 //!   ×(1 − `rtt_margin`), loss below half its threshold) has been better than the current
-//!   class without a break for `upgrade_after`; the class reached is the lowest one the
-//!   evidence supported during that time. The margin band (a rate between `T` and
+//!   class without a break for `upgrade_after`; the class reached is the best one the
+//!   evidence has supported without a break for that long (one run per class, so a link
+//!   ramping up after an outage climbs as soon as each class is proven). The margin band (a rate between `T` and
 //!   `T·(1+m)` keeps the current class) is what stops a rate jittering ±30 % around a
 //!   threshold from flapping: the windowed maximum of such a rate stays within
 //!   `[mean, 1.3·mean]`, narrower than the band when `m ≥ 0.3`.
@@ -48,7 +50,9 @@ pub struct ClassifierConfig {
     pub up_margin: f64,
     /// Up-grades need RTTs this fraction below the threshold.
     pub rtt_margin: f64,
-    /// Loss rate at or above which the link is intermittent.
+    /// Loss rate at or above which the link is intermittent. High: a backlogged sender
+    /// through a small tail-drop buffer at a low rate sees tens of percent of congestion
+    /// loss on a link that still works.
     pub intermittent_loss: f64,
 }
 
@@ -70,8 +74,8 @@ impl ClassifierConfig {
             upgrade_after: s.upgrade_after.get(),
             min_dwell: s.min_dwell.get(),
             up_margin: 0.4,
-            rtt_margin: 0.2,
-            intermittent_loss: 0.3,
+            rtt_margin: 0.1,
+            intermittent_loss: 0.8,
         }
     }
 
@@ -83,7 +87,10 @@ impl ClassifierConfig {
         } else {
             self.intermittent_loss
         };
-        if est.outage() || est.loss >= loss_limit {
+        // Loss alone makes a link intermittent only when nothing is being delivered: a
+        // backlogged sender through a small buffer can see half its packets lost to
+        // congestion on a link that works.
+        if est.outage() || (est.loss >= loss_limit && !est.rate_fresh) {
             return Some(LinkClass::Intermittent);
         }
         let (rate_k, rtt_k) = if strict {
@@ -161,9 +168,9 @@ pub struct Classifier {
     cfg: ClassifierConfig,
     class: LinkClass,
     since: Instant,
-    /// Start of the current unbroken run of up-grade evidence, and the lowest class it
-    /// supported.
-    up_run: Option<(Instant, LinkClass)>,
+    /// Per class (by index): since when the strict evidence has been at least as good as
+    /// that class without a break.
+    runs: [Option<Instant>; 5],
 }
 
 impl Classifier {
@@ -174,7 +181,7 @@ impl Classifier {
             cfg,
             class: initial,
             since: now,
-            up_run: None,
+            runs: [None; 5],
         }
     }
 
@@ -199,15 +206,15 @@ impl Classifier {
         let now = now.max(self.since);
         let dwell_over = now.saturating_duration_since(self.since) >= self.cfg.min_dwell;
 
-        // Up-grade evidence, tracked even during the dwell time.
-        match self.cfg.evidence(est, true) {
-            Some(up) if up < self.class => {
-                self.up_run = Some(match self.up_run {
-                    Some((start, lowest)) => (start, lowest.max(up)),
-                    None => (now, up),
-                });
+        // Up-grade evidence, tracked even during the dwell time and across changes.
+        let strict = self.cfg.evidence(est, true);
+        for c in LinkClass::ALL {
+            let run = &mut self.runs[c as usize];
+            if strict.is_some_and(|e| e <= c) {
+                run.get_or_insert(now);
+            } else {
+                *run = None;
             }
-            _ => self.up_run = None,
         }
 
         if !dwell_over {
@@ -218,9 +225,13 @@ impl Classifier {
         {
             return Some(self.change(now, down, ChangeReason::Downgrade));
         }
-        if let Some((start, target)) = self.up_run
-            && now.saturating_duration_since(start) >= self.cfg.upgrade_after
-        {
+        let proven = LinkClass::ALL.into_iter().find(|&c| {
+            c < self.class
+                && self.runs[c as usize].is_some_and(|start| {
+                    now.saturating_duration_since(start) >= self.cfg.upgrade_after
+                })
+        });
+        if let Some(target) = proven {
             return Some(self.change(now, target, ChangeReason::Upgrade));
         }
         None
@@ -230,7 +241,6 @@ impl Classifier {
         let from = self.class;
         self.class = to;
         self.since = now;
-        self.up_run = None;
         ClassChange {
             from,
             to,
@@ -379,7 +389,13 @@ mod tests {
         down.outage_since = Some(Instant::now());
         assert_eq!(c.evidence(&down, false), Some(LinkClass::Intermittent));
         let mut lossy = est(50.0, 5);
-        lossy.loss = 0.5;
+        lossy.loss = 0.9;
+        assert_eq!(
+            c.evidence(&lossy, false),
+            Some(LinkClass::Broadband),
+            "lossy but delivering"
+        );
+        lossy.rate_fresh = false;
         assert_eq!(c.evidence(&lossy, false), Some(LinkClass::Intermittent));
         let unknown = Estimate {
             rate_bps: None,
@@ -459,7 +475,29 @@ mod tests {
     }
 
     #[test]
-    fn upgrade_goes_to_the_lowest_class_supported_during_the_run() {
+    fn a_ramping_link_climbs_class_by_class() {
+        // After an outage: 2 Mbit/s (mobile) proven from t0, 200 Mbit/s from t0 + 2 s.
+        let t0 = Instant::now();
+        let mut k = Classifier::new(cfg(), LinkClass::Intermittent, t0);
+        let mut got = Vec::new();
+        for i in 0..200u64 {
+            let t = t0 + ms(i * 100);
+            let rate = if i < 20 { 2.0 } else { 200.0 };
+            if let Some(ch) = k.update(t, &est(rate, 5)) {
+                got.push((ch.at.duration_since(t0), ch.to));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (ms(5_000), LinkClass::Mobile),
+                (ms(7_000), LinkClass::Fiber)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_recurring_dip_limits_the_upgrade_to_what_is_always_supported() {
         let t0 = Instant::now();
         let mut k = Classifier::new(cfg(), LinkClass::Intermittent, t0);
         let mut t = t0;

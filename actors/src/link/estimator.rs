@@ -9,7 +9,9 @@
 //! - a **windowed-minimum RTT** over `rtt_window`, from QUIC's RTT and from RTT probes;
 //! - a **loss rate** over `loss_window`, from QUIC's sent and lost packet counters;
 //! - **outages**: something was sent and nothing at all came back for
-//!   `max(outage_min, outage_rtt_factor × RTT)`, or `outage_probe_timeouts` RTT probes in a
+//!   `max(outage_min, outage_rtt_factor × base RTT, current RTT)` (the base RTT is the
+//!   minimum over a long window, so a standing queue is not multiplied: a busy link answers
+//!   continuously whatever its queueing delay), or `outage_probe_timeouts` RTT probes in a
 //!   row timed out.
 //!
 //! ## Application-limited samples
@@ -51,8 +53,13 @@ pub struct EstimatorConfig {
     /// Window of the delivery-rate maximum filter. A rate drop is visible after about
     /// `rate_window + rate_span`.
     pub rate_window: Duration,
-    /// Window of the RTT minimum filter.
+    /// Window of the RTT minimum filter. Long enough to catch a trough of the sender's own
+    /// queue (a loss-based congestion controller keeps the bottleneck buffer full), so an
+    /// RTT *increase* is seen only after this long.
     pub rtt_window: Duration,
+    /// Window of the base (propagation) RTT used for the outage threshold: long, so a
+    /// standing queue (bufferbloat) does not stretch outage detection.
+    pub base_rtt_window: Duration,
     /// Window over which the loss rate is computed.
     pub loss_window: Duration,
     /// Least silence (data or probe outstanding, nothing received) that is an outage.
@@ -70,7 +77,8 @@ impl Default for EstimatorConfig {
             rate_span: Duration::from_millis(250),
             max_rate_span: Duration::from_millis(1_000),
             rate_window: Duration::from_millis(1_000),
-            rtt_window: Duration::from_millis(2_000),
+            rtt_window: Duration::from_millis(4_000),
+            base_rtt_window: Duration::from_millis(30_000),
             loss_window: Duration::from_millis(2_000),
             outage_min: Duration::from_millis(1_000),
             outage_rtt_factor: 2.0,
@@ -180,6 +188,7 @@ pub struct LinkEstimator {
 
     // RTT.
     rtt_min: WindowedExtremum<Duration>,
+    base_rtt: WindowedExtremum<Duration>,
 
     // Loss: (time, cumulative sent packets, cumulative lost packets).
     loss_points: VecDeque<(Instant, u64, u64)>,
@@ -205,6 +214,7 @@ impl LinkEstimator {
             acks: VecDeque::new(),
             rate_max: WindowedExtremum::default(),
             rtt_min: WindowedExtremum::default(),
+            base_rtt: WindowedExtremum::default(),
             loss_points: VecDeque::new(),
             last_stats: None,
             last_heard: None,
@@ -410,7 +420,7 @@ impl LinkEstimator {
         if self.probe_timeouts_in_row >= self.cfg.outage_probe_timeouts
             && self.outage_since.is_none()
         {
-            self.outage_since = Some(self.unanswered_since.unwrap_or(now));
+            self.declare_outage(self.unanswered_since.unwrap_or(now));
         }
     }
 
@@ -423,21 +433,38 @@ impl LinkEstimator {
     fn rtt_sample(&mut self, now: Instant, rtt: Duration) {
         self.rtt_min.expire(now, self.cfg.rtt_window);
         self.rtt_min.push(now, rtt, |a, b| a <= b);
+        self.base_rtt.expire(now, self.cfg.base_rtt_window);
+        self.base_rtt.push(now, rtt, |a, b| a <= b);
     }
 
-    /// How long to wait for a probe's answer before calling it timed out: the outage
-    /// threshold for the current RTT.
+    /// How long to wait for a probe's answer before calling it timed out:
+    /// `max(outage_min, outage_rtt_factor × windowed-minimum RTT)` (queueing included: a
+    /// ping waits in the same queue as the data).
     pub fn probe_timeout(&self) -> Duration {
-        self.silence_limit()
+        self.limit(self.rtt_min.best_or_held())
     }
 
-    fn silence_limit(&self) -> Duration {
-        let by_rtt = self
-            .rtt_min
-            .best_or_held()
+    /// Silence (something outstanding, nothing received) that makes an outage:
+    /// `max(outage_min, outage_rtt_factor × base RTT, windowed-minimum RTT)` — no answer
+    /// can come sooner than one current RTT, but a standing queue is not multiplied.
+    pub fn silence_limit(&self) -> Duration {
+        let one_rtt = self.rtt_min.best_or_held().unwrap_or_default();
+        self.limit(self.base_rtt.best_or_held()).max(one_rtt)
+    }
+
+    fn limit(&self, rtt: Option<Duration>) -> Duration {
+        let by_rtt = rtt
             .map(|r| r.mul_f64(self.cfg.outage_rtt_factor.max(0.0)))
             .unwrap_or_default();
         self.cfg.outage_min.max(by_rtt)
+    }
+
+    /// The link went down at `since`. What was known of its rate is stale: the link that
+    /// comes back (another route, another modem) is measured afresh.
+    fn declare_outage(&mut self, since: Instant) {
+        self.outage_since = Some(since);
+        self.rate_max = WindowedExtremum::default();
+        self.acks.clear();
     }
 
     /// Bytes handed to the uplink and not yet acknowledged, as far as the estimator knows.
@@ -461,7 +488,7 @@ impl LinkEstimator {
             && let Some(since) = self.unanswered_since
             && now.saturating_duration_since(since) >= self.silence_limit()
         {
-            self.outage_since = Some(since);
+            self.declare_outage(since);
         }
         let fresh = self.rate_max.best();
         let loss = match (self.loss_points.front(), self.loss_points.back()) {
@@ -606,9 +633,9 @@ mod tests {
         e.on_probe_answered(t0 + ms(500), ms(30));
         assert_eq!(e.estimate(t0 + ms(600)).rtt_min, Some(ms(10)));
         // After the window, the 10 ms sample has expired.
-        e.on_probe_answered(t0 + ms(2_400), ms(700));
-        assert_eq!(e.estimate(t0 + ms(2_400)).rtt_min, Some(ms(30)));
-        assert_eq!(e.estimate(t0 + ms(2_600)).rtt_min, Some(ms(700)));
+        e.on_probe_answered(t0 + ms(4_400), ms(700));
+        assert_eq!(e.estimate(t0 + ms(4_400)).rtt_min, Some(ms(30)));
+        assert_eq!(e.estimate(t0 + ms(4_600)).rtt_min, Some(ms(700)));
         // With no sample at all, the last value is held.
         assert_eq!(e.estimate(t0 + ms(60_000)).rtt_min, Some(ms(700)));
     }
@@ -654,6 +681,7 @@ mod tests {
         assert!(!e.estimate(t0 + ms(1_000)).outage());
         let est = e.estimate(t0 + ms(1_100));
         assert_eq!(est.outage_since, Some(t0 + ms(100)));
+        assert_eq!(est.rate_bps, None, "the rate before an outage is forgotten");
         // Anything heard ends it.
         e.on_path_stats(t0 + ms(5_000), &stats(14, 0, 4_000, 1_100, ms(20)));
         assert!(!e.estimate(t0 + ms(5_000)).outage());
@@ -677,6 +705,24 @@ mod tests {
         assert_eq!(e.probe_timeout(), ms(1_400));
         assert!(!e.estimate(t0 + ms(1_400)).outage());
         assert!(e.estimate(t0 + ms(1_500)).outage());
+    }
+
+    #[test]
+    fn a_standing_queue_does_not_stretch_outage_detection() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0, ms(700));
+        // The queue fills: RTT 2.1 s for the next 10 s.
+        for i in 1..=10u64 {
+            e.on_probe_answered(t0 + ms(i * 1_000), ms(2_100));
+        }
+        let t1 = t0 + ms(10_000);
+        assert_eq!(e.estimate(t1).rtt_min, Some(ms(2_100)));
+        assert_eq!(e.probe_timeout(), ms(4_200), "pings wait in the queue too");
+        assert_eq!(e.silence_limit(), ms(2_100), "one current RTT, not two");
+        e.on_sent(t1 + ms(10), 1_000, true);
+        assert!(!e.estimate(t1 + ms(2_100)).outage());
+        assert!(e.estimate(t1 + ms(2_110)).outage());
     }
 
     #[test]
