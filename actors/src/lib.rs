@@ -14,4 +14,5 @@ pub mod fusion_actor;
 pub mod gateway;
 pub mod hub;
 pub mod ingest;
+pub mod link;
 pub mod sync;

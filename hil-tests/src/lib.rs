@@ -4,5 +4,6 @@
 
 pub mod benches;
 pub mod crash_record;
+pub mod emulator;
 pub mod harness;
 pub mod peers;

@@ -5,28 +5,31 @@ pub mod aligner;
 pub mod e2e;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
+pub mod link_detect;
 pub mod mqtt_ingest;
 pub mod outbox;
 
 /// Names accepted by the `bench` binary.
 pub const NAMES: &[&str] = &[
-    "e2e",
     "outbox",
     "outbox_space",
     "kalman",
     "aligner",
     "mqtt_ingest",
+    "e2e",
+    "link_detect",
 ];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
     match name {
-        "e2e" => e2e::run(args),
         "outbox" => outbox::run(args),
         "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
         "aligner" => aligner::run(args),
         "mqtt_ingest" => mqtt_ingest::run(args),
+        "e2e" => e2e::run(args),
+        "link_detect" => link_detect::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")

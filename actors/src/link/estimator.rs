@@ -1,0 +1,770 @@
+//! Uplink estimator: a pure, clock-free model of the path to the hub (SPEC §2).
+//!
+//! It is fed timestamped observations and computes:
+//!
+//! - a **windowed-maximum delivery rate**, as BBR does: each time the hub acknowledges data,
+//!   a rate sample is taken over the last `rate_span` of acknowledgements (bytes delivered
+//!   since an earlier acknowledgement / time between them), and the estimate is the maximum
+//!   of the samples of the last `rate_window`;
+//! - a **windowed-minimum RTT** over `rtt_window`, from QUIC's RTT and from RTT probes;
+//! - a **loss rate** over `loss_window`, from QUIC's sent and lost packet counters;
+//! - **outages**: something was sent and nothing at all came back for
+//!   `max(outage_min, outage_rtt_factor × base RTT, current RTT)` (the base RTT is the
+//!   minimum over a long window, so a standing queue is not multiplied: a busy link answers
+//!   continuously whatever its queueing delay), or `outage_probe_timeouts` RTT probes in a
+//!   row timed out.
+//!
+//! ## Application-limited samples
+//!
+//! A gateway often has little to send: its acknowledgements then arrive at the rate it
+//! *offers*, not at the rate the link *could* carry. Such a sample says "the link carries at
+//! least this much" and nothing more, so (as in BBR) it is **app-limited**: it may raise the
+//! estimate but never lower it. The sender says, with each send, whether it still had data
+//! waiting ([`LinkEstimator::on_sent`] `backlogged`); after a send with nothing waiting, every
+//! acknowledgement until the bytes then in flight are delivered is marked app-limited (BBR's
+//! "bubble"). Consequences:
+//!
+//! - when the link falls below what the gateway offers, the gateway becomes backlogged and
+//!   the drop shows in real traffic at once;
+//! - when the link falls but still carries everything offered, nothing is lost by not
+//!   knowing at once; the estimate keeps its last value until a **throughput probe** (a short
+//!   burst sent as backlogged traffic while the uplink is idle, within the hourly byte budget
+//!   of [`super::ProbeBudget`]) refreshes it. With no fresh sample the last estimate is held:
+//!   absence of evidence never down-grades a link (outages aside).
+//!
+//! Every method takes the current time as an argument: no clock is read, so tests are
+//! deterministic. Time must not go backwards; an earlier `now` is treated as the latest
+//! time seen.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use outpost_protocols::uplink::quic::PathStats;
+
+/// Tuning of [`LinkEstimator`]. The defaults aim at SPEC §2's targets: a down-grade seen
+/// within 2 s, no flapping under ±30 % rate jitter (with the classifier's margins).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EstimatorConfig {
+    /// Shortest span of acknowledgements a delivery-rate sample covers.
+    pub rate_span: Duration,
+    /// Longest span a sample may cover; a longer gap between acknowledgements (sender idle,
+    /// outage) yields no sample.
+    pub max_rate_span: Duration,
+    /// Window of the delivery-rate maximum filter. A rate drop is visible after about
+    /// `rate_window + rate_span`.
+    pub rate_window: Duration,
+    /// Window of the RTT minimum filter. Long enough to catch a trough of the sender's own
+    /// queue (a loss-based congestion controller keeps the bottleneck buffer full), so an
+    /// RTT *increase* is seen only after this long.
+    pub rtt_window: Duration,
+    /// Window of the base (propagation) RTT used for the outage threshold: long, so a
+    /// standing queue (bufferbloat) does not stretch outage detection.
+    pub base_rtt_window: Duration,
+    /// Window over which the loss rate is computed.
+    pub loss_window: Duration,
+    /// Least silence (data or probe outstanding, nothing received) that is an outage.
+    pub outage_min: Duration,
+    /// Silence of more than this many (windowed-minimum) RTTs is an outage, if longer than
+    /// `outage_min`.
+    pub outage_rtt_factor: f64,
+    /// RTT probes timed out in a row that make an outage.
+    pub outage_probe_timeouts: u32,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        Self {
+            rate_span: Duration::from_millis(250),
+            max_rate_span: Duration::from_millis(1_000),
+            rate_window: Duration::from_millis(1_000),
+            rtt_window: Duration::from_millis(4_000),
+            base_rtt_window: Duration::from_millis(30_000),
+            loss_window: Duration::from_millis(2_000),
+            outage_min: Duration::from_millis(1_000),
+            outage_rtt_factor: 2.0,
+            outage_probe_timeouts: 2,
+        }
+    }
+}
+
+/// What the estimator believes about the link at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Windowed-maximum delivery rate, bits per second; the last known value when no fresh
+    /// sample exists; `None` until the first sample.
+    pub rate_bps: Option<f64>,
+    /// True when `rate_bps` comes from samples within the current window.
+    pub rate_fresh: bool,
+    /// Windowed-minimum RTT; the last known value when no fresh sample exists.
+    pub rtt_min: Option<Duration>,
+    /// Lost over sent packets within the loss window (0 when nothing was sent).
+    pub loss: f64,
+    /// Since when the link is believed down, if it is.
+    pub outage_since: Option<Instant>,
+}
+
+impl Estimate {
+    /// True when the link is believed down.
+    pub fn outage(&self) -> bool {
+        self.outage_since.is_some()
+    }
+}
+
+/// A delivery event kept for rate sampling.
+#[derive(Debug, Clone, Copy)]
+struct AckPoint {
+    at: Instant,
+    /// Cumulative bytes delivered after this acknowledgement.
+    delivered: u64,
+    /// This acknowledgement delivered bytes sent while the sender was app-limited.
+    app_limited: bool,
+}
+
+/// A windowed extremum filter over timestamped values (monotone deque). When the window
+/// empties, the last value to leave it is held.
+#[derive(Debug, Clone, Default)]
+struct WindowedExtremum<T> {
+    items: VecDeque<(Instant, T)>,
+    held: Option<T>,
+}
+
+impl<T: Copy + PartialOrd> WindowedExtremum<T> {
+    /// Adds `v`; `better(a, b)` is true when `a` dominates `b` (≥ for a max filter).
+    fn push(&mut self, at: Instant, v: T, better: impl Fn(T, T) -> bool) {
+        while let Some(&(_, last)) = self.items.back() {
+            if better(v, last) {
+                self.items.pop_back();
+            } else {
+                break;
+            }
+        }
+        self.items.push_back((at, v));
+    }
+
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some(&(at, _)) = self.items.front() {
+            if now.saturating_duration_since(at) > window {
+                if let Some((_, v)) = self.items.pop_front()
+                    && self.items.is_empty()
+                {
+                    self.held = Some(v);
+                }
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The extremum of the window, if it holds samples.
+    fn best(&self) -> Option<T> {
+        self.items.front().map(|&(_, v)| v)
+    }
+
+    /// The extremum of the window, else the last value that left it.
+    fn best_or_held(&self) -> Option<T> {
+        self.best().or(self.held)
+    }
+}
+
+/// Most acknowledgement points kept (bounds memory whatever the caller feeds).
+const MAX_ACK_POINTS: usize = 4_096;
+/// Most path-statistics points kept for the loss window.
+const MAX_LOSS_POINTS: usize = 4_096;
+
+/// The uplink estimator; see the module documentation.
+#[derive(Debug, Clone)]
+pub struct LinkEstimator {
+    cfg: EstimatorConfig,
+    now: Option<Instant>,
+
+    // Delivery rate.
+    delivered: u64,
+    in_flight: u64,
+    /// Set while acknowledgements deliver bytes sent in an app-limited period: the
+    /// cumulative delivered count that ends the period.
+    app_limited_until: Option<u64>,
+    acks: VecDeque<AckPoint>,
+    rate_max: WindowedExtremum<f64>,
+
+    // RTT.
+    rtt_min: WindowedExtremum<Duration>,
+    base_rtt: WindowedExtremum<Duration>,
+
+    // Loss: (time, cumulative sent packets, cumulative lost packets).
+    loss_points: VecDeque<(Instant, u64, u64)>,
+    last_stats: Option<PathStats>,
+
+    // Outage.
+    last_heard: Option<Instant>,
+    /// First time something was sent after `last_heard`.
+    unanswered_since: Option<Instant>,
+    probe_timeouts_in_row: u32,
+    outage_since: Option<Instant>,
+}
+
+impl LinkEstimator {
+    /// A fresh estimator that knows nothing yet.
+    pub fn new(cfg: EstimatorConfig) -> Self {
+        Self {
+            cfg,
+            now: None,
+            delivered: 0,
+            in_flight: 0,
+            app_limited_until: None,
+            acks: VecDeque::new(),
+            rate_max: WindowedExtremum::default(),
+            rtt_min: WindowedExtremum::default(),
+            base_rtt: WindowedExtremum::default(),
+            loss_points: VecDeque::new(),
+            last_stats: None,
+            last_heard: None,
+            unanswered_since: None,
+            probe_timeouts_in_row: 0,
+            outage_since: None,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &EstimatorConfig {
+        &self.cfg
+    }
+
+    /// Clamps `now` to the latest time seen (time never runs backwards here).
+    fn tick(&mut self, now: Instant) -> Instant {
+        let now = match self.now {
+            Some(prev) if now < prev => prev,
+            _ => now,
+        };
+        self.now = Some(now);
+        now
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+        self.unanswered_since = None;
+        self.probe_timeouts_in_row = 0;
+        self.outage_since = None;
+    }
+
+    fn sent_something(&mut self, now: Instant) {
+        if self.unanswered_since.is_none() {
+            self.unanswered_since = Some(now);
+        }
+    }
+
+    /// `bytes` of application data handed to the uplink. `backlogged`: the sender still has
+    /// data waiting after this send (it is limited by the link or its window, not by having
+    /// nothing to say). A throughput probe is sent as backlogged data.
+    pub fn on_sent(&mut self, now: Instant, bytes: u64, backlogged: bool) {
+        let now = self.tick(now);
+        self.in_flight = self.in_flight.saturating_add(bytes);
+        if !backlogged {
+            // BBR's bubble: everything delivered until what is in flight now has arrived
+            // was sent without a queue behind it.
+            self.app_limited_until = Some(self.delivered.saturating_add(self.in_flight).max(1));
+        }
+        if bytes > 0 {
+            self.sent_something(now);
+        }
+    }
+
+    /// The hub acknowledged `bytes` of application data (e.g. the encoded size of the
+    /// frames an ack covers). Takes a delivery-rate sample.
+    pub fn on_delivered(&mut self, now: Instant, bytes: u64) {
+        let now = self.tick(now);
+        self.heard(now);
+        if bytes == 0 {
+            return;
+        }
+        let app_limited = self.app_limited_until.is_some();
+        self.delivered = self.delivered.saturating_add(bytes);
+        self.in_flight = self.in_flight.saturating_sub(bytes);
+        if let Some(until) = self.app_limited_until
+            && self.delivered >= until
+        {
+            self.app_limited_until = None;
+        }
+        let point = AckPoint {
+            at: now,
+            delivered: self.delivered,
+            app_limited,
+        };
+        // Reference: the latest earlier acknowledgement at least `rate_span` old.
+        let reference = self
+            .acks
+            .iter()
+            .rev()
+            .find(|p| now.saturating_duration_since(p.at) >= self.cfg.rate_span)
+            .copied();
+        if let Some(r) = reference {
+            let span = now.saturating_duration_since(r.at);
+            if span <= self.cfg.max_rate_span && !span.is_zero() {
+                // The sample is app-limited if any delivery after the reference was.
+                let limited = app_limited
+                    || self
+                        .acks
+                        .iter()
+                        .filter(|p| p.at > r.at)
+                        .any(|p| p.app_limited);
+                let rate = (self.delivered - r.delivered) as f64 * 8.0 / span.as_secs_f64();
+                self.rate_sample(now, rate, limited);
+            }
+        }
+        self.acks.push_back(point);
+        // Keep one point older than the longest span as a possible reference.
+        while self.acks.len() > 1 {
+            let second = self.acks[1];
+            if now.saturating_duration_since(second.at) > self.cfg.max_rate_span {
+                self.acks.pop_front();
+            } else {
+                break;
+            }
+        }
+        while self.acks.len() > MAX_ACK_POINTS {
+            self.acks.pop_front();
+        }
+    }
+
+    /// A delivery-rate sample measured elsewhere: a throughput probe that moved `bytes` in
+    /// `duration` with the link kept busy. Ignored if `duration` is zero.
+    pub fn on_throughput_probe(&mut self, now: Instant, bytes: u64, duration: Duration) {
+        let now = self.tick(now);
+        if duration.is_zero() {
+            return;
+        }
+        self.heard(now);
+        let rate = bytes as f64 * 8.0 / duration.as_secs_f64();
+        self.rate_sample(now, rate, false);
+    }
+
+    fn rate_sample(&mut self, now: Instant, rate: f64, app_limited: bool) {
+        if !rate.is_finite() {
+            return;
+        }
+        self.rate_max.expire(now, self.cfg.rate_window);
+        if app_limited {
+            // A lower bound only: it may raise the estimate, never lower it.
+            let current = self.rate_max.best_or_held().unwrap_or(0.0);
+            if rate < current {
+                return;
+            }
+        }
+        self.rate_max.push(now, rate, |a, b| a >= b);
+    }
+
+    /// A path-statistics reading of the uplink connection (poll it every 50-200 ms). Takes
+    /// an RTT sample, the loss counters, and whether anything was received.
+    pub fn on_path_stats(&mut self, now: Instant, stats: &PathStats) {
+        let now = self.tick(now);
+        if let Some(prev) = self.last_stats {
+            let new_connection = stats.sent_packets < prev.sent_packets
+                || stats.bytes_received < prev.bytes_received
+                || stats.bytes_sent < prev.bytes_sent;
+            if new_connection {
+                // Counters restarted: a new connection; its handshake proves the path.
+                self.loss_points.clear();
+                if stats.bytes_received > 0 {
+                    self.heard(now);
+                }
+            } else {
+                // Only receptions count: what QUIC sends may be bare ACKs, which the peer
+                // does not answer; what expects an answer is reported by the caller
+                // (`on_sent`, `on_probe_sent`).
+                if stats.bytes_received > prev.bytes_received {
+                    self.heard(now);
+                }
+            }
+        } else if stats.bytes_received > 0 {
+            self.heard(now);
+        }
+        // QUIC's smoothed RTT: its windowed minimum tracks the path's RTT and ignores
+        // short queueing bursts. quinn reports its initial guess before any sample; skip
+        // readings taken before anything was received.
+        if stats.bytes_received > 0 && !stats.rtt.is_zero() {
+            self.rtt_sample(now, stats.rtt);
+        }
+        self.loss_points
+            .push_back((now, stats.sent_packets, stats.lost_packets));
+        while self.loss_points.len() > 2 {
+            let second = self.loss_points[1];
+            if now.saturating_duration_since(second.0) > self.cfg.loss_window {
+                self.loss_points.pop_front();
+            } else {
+                break;
+            }
+        }
+        while self.loss_points.len() > MAX_LOSS_POINTS {
+            self.loss_points.pop_front();
+        }
+        self.last_stats = Some(*stats);
+    }
+
+    /// An RTT probe was sent (a ping the hub echoes).
+    pub fn on_probe_sent(&mut self, now: Instant) {
+        let now = self.tick(now);
+        self.sent_something(now);
+    }
+
+    /// An RTT probe came back after `rtt`.
+    pub fn on_probe_answered(&mut self, now: Instant, rtt: Duration) {
+        let now = self.tick(now);
+        self.heard(now);
+        self.rtt_sample(now, rtt);
+    }
+
+    /// An RTT probe got no answer within [`Self::probe_timeout`] (or the caller's own).
+    pub fn on_probe_timed_out(&mut self, now: Instant) {
+        let now = self.tick(now);
+        self.sent_something(now);
+        self.probe_timeouts_in_row = self.probe_timeouts_in_row.saturating_add(1);
+        if self.probe_timeouts_in_row >= self.cfg.outage_probe_timeouts
+            && self.outage_since.is_none()
+        {
+            self.declare_outage(self.unanswered_since.unwrap_or(now));
+        }
+    }
+
+    /// An RTT sample from elsewhere (e.g. a handshake's duration).
+    pub fn on_rtt_sample(&mut self, now: Instant, rtt: Duration) {
+        let now = self.tick(now);
+        self.rtt_sample(now, rtt);
+    }
+
+    fn rtt_sample(&mut self, now: Instant, rtt: Duration) {
+        self.rtt_min.expire(now, self.cfg.rtt_window);
+        self.rtt_min.push(now, rtt, |a, b| a <= b);
+        self.base_rtt.expire(now, self.cfg.base_rtt_window);
+        self.base_rtt.push(now, rtt, |a, b| a <= b);
+    }
+
+    /// How long to wait for a probe's answer before calling it timed out:
+    /// `max(outage_min, outage_rtt_factor × windowed-minimum RTT)` (queueing included: a
+    /// ping waits in the same queue as the data).
+    pub fn probe_timeout(&self) -> Duration {
+        self.limit(self.rtt_min.best_or_held())
+    }
+
+    /// Silence (something outstanding, nothing received) that makes an outage:
+    /// `max(outage_min, outage_rtt_factor × base RTT, windowed-minimum RTT)` — no answer
+    /// can come sooner than one current RTT, but a standing queue is not multiplied.
+    pub fn silence_limit(&self) -> Duration {
+        let one_rtt = self.rtt_min.best_or_held().unwrap_or_default();
+        self.limit(self.base_rtt.best_or_held()).max(one_rtt)
+    }
+
+    fn limit(&self, rtt: Option<Duration>) -> Duration {
+        let by_rtt = rtt
+            .map(|r| r.mul_f64(self.cfg.outage_rtt_factor.max(0.0)))
+            .unwrap_or_default();
+        self.cfg.outage_min.max(by_rtt)
+    }
+
+    /// The link went down at `since`. What was known of its rate is stale: the link that
+    /// comes back (another route, another modem) is measured afresh.
+    fn declare_outage(&mut self, since: Instant) {
+        self.outage_since = Some(since);
+        self.rate_max = WindowedExtremum::default();
+        self.acks.clear();
+    }
+
+    /// Bytes handed to the uplink and not yet acknowledged, as far as the estimator knows.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    /// Forgets the bytes in flight (e.g. after a reconnect, when they will be resent).
+    pub fn reset_in_flight(&mut self) {
+        self.in_flight = 0;
+        self.app_limited_until = None;
+        self.acks.clear();
+    }
+
+    /// The estimate at `now`.
+    pub fn estimate(&mut self, now: Instant) -> Estimate {
+        let now = self.tick(now);
+        self.rate_max.expire(now, self.cfg.rate_window);
+        self.rtt_min.expire(now, self.cfg.rtt_window);
+        if self.outage_since.is_none()
+            && let Some(since) = self.unanswered_since
+            && now.saturating_duration_since(since) >= self.silence_limit()
+        {
+            self.declare_outage(since);
+        }
+        let fresh = self.rate_max.best();
+        let loss = match (self.loss_points.front(), self.loss_points.back()) {
+            (Some(a), Some(b)) => {
+                let sent = b.1.saturating_sub(a.1);
+                let lost = b.2.saturating_sub(a.2);
+                if sent == 0 {
+                    0.0
+                } else {
+                    (lost as f64 / sent as f64).min(1.0)
+                }
+            }
+            _ => 0.0,
+        };
+        Estimate {
+            rate_bps: self.rate_max.best_or_held(),
+            rate_fresh: fresh.is_some(),
+            rtt_min: self.rtt_min.best_or_held(),
+            loss,
+            outage_since: self.outage_since,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    /// Feeds a backlogged sender over a link of `rate_bps` for `dur`, acknowledging
+    /// 1200-byte chunks as they would drain; returns the end time.
+    fn drive(
+        e: &mut LinkEstimator,
+        start: Instant,
+        dur: Duration,
+        rate_bps: f64,
+        backlogged: bool,
+    ) -> Instant {
+        let chunk = 1200u64;
+        let gap = Duration::from_secs_f64(chunk as f64 * 8.0 / rate_bps);
+        let mut t = start;
+        while t < start + dur {
+            e.on_sent(t, chunk, backlogged);
+            e.on_delivered(t + ms(1), chunk);
+            t += gap;
+        }
+        t
+    }
+
+    #[test]
+    fn delivery_rate_is_measured_from_acks() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t = drive(&mut e, t0, ms(2_000), 8e6, true);
+        let est = e.estimate(t);
+        let r = est.rate_bps.unwrap();
+        assert!((r - 8e6).abs() / 8e6 < 0.05, "rate {r}");
+        assert!(est.rate_fresh);
+    }
+
+    #[test]
+    fn rate_drop_is_seen_within_the_window() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t1 = drive(&mut e, t0, ms(3_000), 20e6, true);
+        let t2 = drive(&mut e, t1, ms(1_400), 3e6, true);
+        let r = e.estimate(t2).rate_bps.unwrap();
+        assert!((r - 3e6).abs() / 3e6 < 0.1, "rate after the drop {r}");
+    }
+
+    #[test]
+    fn app_limited_samples_never_lower_the_estimate() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t1 = drive(&mut e, t0, ms(2_000), 20e6, true);
+        // The gateway now offers only 1 Mbit/s: the link may still carry 20.
+        let t2 = drive(&mut e, t1, ms(5_000), 1e6, false);
+        let est = e.estimate(t2);
+        assert!(!est.rate_fresh, "no full-pipe sample in the window");
+        let r = est.rate_bps.unwrap();
+        assert!((r - 20e6).abs() / 20e6 < 0.05, "held estimate {r}");
+    }
+
+    #[test]
+    fn app_limited_samples_can_raise_the_estimate() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t1 = drive(&mut e, t0, ms(2_000), 1e6, true);
+        let t2 = drive(&mut e, t1, ms(1_000), 5e6, false);
+        let r = e.estimate(t2).rate_bps.unwrap();
+        assert!(r > 4e6, "a lower bound above the estimate raises it: {r}");
+    }
+
+    #[test]
+    fn throughput_probe_refreshes_an_idle_estimate() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t1 = drive(&mut e, t0, ms(2_000), 20e6, true);
+        let t2 = t1 + ms(5_000);
+        e.on_throughput_probe(t2, 100_000, ms(400));
+        let est = e.estimate(t2);
+        assert!(est.rate_fresh);
+        assert!((est.rate_bps.unwrap() - 2e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn lumpy_acks_are_averaged_over_the_span() {
+        // One 16 KB ack every 100 ms = 1.31 Mbit/s, sampled over >= 250 ms.
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        for i in 0..30u64 {
+            let t = t0 + ms(i * 100);
+            e.on_sent(t, 16_384, true);
+            e.on_delivered(t, 16_384);
+        }
+        let r = e.estimate(t0 + ms(2_900)).rate_bps.unwrap();
+        assert!((r - 1_310_720.0).abs() / 1_310_720.0 < 0.05, "rate {r}");
+    }
+
+    #[test]
+    fn a_gap_in_acks_is_not_a_rate_sample() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let t1 = drive(&mut e, t0, ms(1_000), 10e6, true);
+        // 3 s of nothing, then one ack: no sample spanning the gap.
+        let t2 = t1 + ms(3_000);
+        e.on_sent(t2, 1200, true);
+        e.on_delivered(t2, 1200);
+        let est = e.estimate(t2);
+        assert!(!est.rate_fresh);
+        assert!((est.rate_bps.unwrap() - 10e6).abs() / 10e6 < 0.05);
+    }
+
+    #[test]
+    fn rtt_min_is_windowed() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0, ms(10));
+        e.on_probe_answered(t0 + ms(500), ms(30));
+        assert_eq!(e.estimate(t0 + ms(600)).rtt_min, Some(ms(10)));
+        // After the window, the 10 ms sample has expired.
+        e.on_probe_answered(t0 + ms(4_400), ms(700));
+        assert_eq!(e.estimate(t0 + ms(4_400)).rtt_min, Some(ms(30)));
+        assert_eq!(e.estimate(t0 + ms(4_600)).rtt_min, Some(ms(700)));
+        // With no sample at all, the last value is held.
+        assert_eq!(e.estimate(t0 + ms(60_000)).rtt_min, Some(ms(700)));
+    }
+
+    fn stats(sent: u64, lost: u64, tx: u64, rx: u64, rtt: Duration) -> PathStats {
+        PathStats {
+            rtt,
+            min_rtt: rtt,
+            sent_packets: sent,
+            lost_packets: lost,
+            bytes_sent: tx,
+            bytes_received: rx,
+            ..PathStats::default()
+        }
+    }
+
+    #[test]
+    fn loss_rate_from_path_stats() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_path_stats(t0, &stats(1_000, 0, 1, 1, ms(20)));
+        e.on_path_stats(t0 + ms(500), &stats(2_000, 100, 2, 2, ms(20)));
+        let l = e.estimate(t0 + ms(500)).loss;
+        assert!((l - 0.1).abs() < 1e-9, "loss {l}");
+        // Older readings leave the window.
+        e.on_path_stats(t0 + ms(3_000), &stats(3_000, 100, 3, 3, ms(20)));
+        e.on_path_stats(t0 + ms(3_500), &stats(4_000, 100, 4, 4, ms(20)));
+        let l = e.estimate(t0 + ms(3_500)).loss;
+        assert!(l < 1e-9, "loss {l}");
+    }
+
+    #[test]
+    fn silence_while_sending_is_an_outage() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_path_stats(t0, &stats(10, 0, 1_000, 1_000, ms(20)));
+        // Data goes out, nothing comes back (QUIC's own bytes sent do not count: they
+        // may be bare ACKs).
+        e.on_path_stats(t0 + ms(50), &stats(12, 0, 3_000, 1_000, ms(20)));
+        assert!(!e.estimate(t0 + ms(99)).outage());
+        e.on_sent(t0 + ms(100), 2_000, true);
+        e.on_path_stats(t0 + ms(150), &stats(14, 0, 5_000, 1_000, ms(20)));
+        assert!(!e.estimate(t0 + ms(1_000)).outage());
+        let est = e.estimate(t0 + ms(1_100));
+        assert_eq!(est.outage_since, Some(t0 + ms(100)));
+        assert_eq!(est.rate_bps, None, "the rate before an outage is forgotten");
+        // Anything heard ends it.
+        e.on_path_stats(t0 + ms(5_000), &stats(14, 0, 4_000, 1_100, ms(20)));
+        assert!(!e.estimate(t0 + ms(5_000)).outage());
+    }
+
+    #[test]
+    fn silence_while_idle_is_not_an_outage() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_path_stats(t0, &stats(10, 0, 1_000, 1_000, ms(20)));
+        e.on_path_stats(t0 + ms(10_000), &stats(10, 0, 1_000, 1_000, ms(20)));
+        assert!(!e.estimate(t0 + ms(10_000)).outage());
+    }
+
+    #[test]
+    fn outage_threshold_scales_with_rtt() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0, ms(700));
+        e.on_probe_sent(t0 + ms(100));
+        assert_eq!(e.probe_timeout(), ms(1_400));
+        assert!(!e.estimate(t0 + ms(1_400)).outage());
+        assert!(e.estimate(t0 + ms(1_500)).outage());
+    }
+
+    #[test]
+    fn a_standing_queue_does_not_stretch_outage_detection() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0, ms(700));
+        // The queue fills: RTT 2.1 s for the next 10 s.
+        for i in 1..=10u64 {
+            e.on_probe_answered(t0 + ms(i * 1_000), ms(2_100));
+        }
+        let t1 = t0 + ms(10_000);
+        assert_eq!(e.estimate(t1).rtt_min, Some(ms(2_100)));
+        assert_eq!(e.probe_timeout(), ms(4_200), "pings wait in the queue too");
+        assert_eq!(e.silence_limit(), ms(2_100), "one current RTT, not two");
+        e.on_sent(t1 + ms(10), 1_000, true);
+        assert!(!e.estimate(t1 + ms(2_100)).outage());
+        assert!(e.estimate(t1 + ms(2_110)).outage());
+    }
+
+    #[test]
+    fn consecutive_probe_timeouts_are_an_outage() {
+        let t0 = Instant::now();
+        let cfg = EstimatorConfig {
+            outage_min: ms(60_000),
+            ..EstimatorConfig::default()
+        };
+        let mut e = LinkEstimator::new(cfg);
+        e.on_probe_answered(t0, ms(20));
+        e.on_probe_sent(t0 + ms(100));
+        e.on_probe_timed_out(t0 + ms(600));
+        assert!(!e.estimate(t0 + ms(600)).outage());
+        e.on_probe_timed_out(t0 + ms(1_100));
+        assert_eq!(e.estimate(t0 + ms(1_100)).outage_since, Some(t0 + ms(100)));
+        e.on_probe_answered(t0 + ms(1_200), ms(20));
+        assert!(!e.estimate(t0 + ms(1_200)).outage());
+    }
+
+    #[test]
+    fn time_going_backwards_is_clamped() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0 + ms(1_000), ms(10));
+        e.on_probe_answered(t0, ms(5));
+        assert_eq!(e.estimate(t0).rtt_min, Some(ms(5)));
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let t0 = Instant::now();
+        let cfg = EstimatorConfig {
+            max_rate_span: Duration::from_secs(3_600),
+            ..EstimatorConfig::default()
+        };
+        let mut e = LinkEstimator::new(cfg);
+        for i in 0..20_000u64 {
+            let t = t0 + Duration::from_micros(i);
+            e.on_sent(t, 10, true);
+            e.on_delivered(t, 10);
+        }
+        assert!(e.acks.len() <= MAX_ACK_POINTS);
+    }
+}
