@@ -605,7 +605,7 @@ pub fn validate_gateway_id(id: &str) -> Result<(), &'static str> {
 }
 
 /// The checks `StreamId::intern` applies, so a decoded name always interns.
-fn validate_stream_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn validate_stream_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
     }
@@ -621,21 +621,21 @@ fn validate_stream_name(name: &str) -> Result<(), &'static str> {
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
-const KIND_F64: u8 = 0;
-const KIND_I64: u8 = 1;
-const KIND_FALSE: u8 = 2;
-const KIND_TRUE: u8 = 3;
-const KIND_STR: u8 = 4;
+pub(crate) const KIND_F64: u8 = 0;
+pub(crate) const KIND_I64: u8 = 1;
+pub(crate) const KIND_FALSE: u8 = 2;
+pub(crate) const KIND_TRUE: u8 = 3;
+pub(crate) const KIND_STR: u8 = 4;
 
-fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -643,7 +643,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_short_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_short_str(out: &mut Vec<u8>, s: &str) {
     // Callers have checked s.len() <= 255.
     out.push(s.len() as u8);
     out.extend_from_slice(s.as_bytes());
@@ -749,14 +749,9 @@ fn check_block_len(len: usize) -> Result<(), EncodeError> {
     Ok(())
 }
 
-fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
-    if d.streams.len() > MAX_STREAMS_PER_FRAME {
-        return Err(EncodeError::LimitExceeded {
-            what: "streams per frame",
-            count: d.streams.len(),
-            max: MAX_STREAMS_PER_FRAME,
-        });
-    }
+/// Checks what every sample-carrying encoding requires of a frame's samples: the counts, the
+/// stream indices, the sequence bounds and the string lengths.
+pub(crate) fn check_samples(d: &DataFrame) -> Result<(), EncodeError> {
     if d.samples.len() > MAX_SAMPLES_PER_FRAME {
         return Err(EncodeError::LimitExceeded {
             what: "samples per frame",
@@ -764,24 +759,6 @@ fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
             max: MAX_SAMPLES_PER_FRAME,
         });
     }
-    let mut seen = HashSet::with_capacity(d.streams.len());
-    put_varint(out, d.streams.len() as u64);
-    for name in &d.streams {
-        validate_stream_name(name).map_err(|reason| EncodeError::StreamName {
-            name: name.clone(),
-            reason,
-        })?;
-        if !seen.insert(name.as_str()) {
-            return Err(EncodeError::StreamName {
-                name: name.clone(),
-                reason: "listed twice in the stream table",
-            });
-        }
-        put_short_str(out, name);
-    }
-    put_varint(out, d.samples.len() as u64);
-    let mut prev_seq = d.first_seq;
-    let mut prev_ts = 0i64;
     for (index, s) in d.samples.iter().enumerate() {
         if s.stream as usize >= d.streams.len() {
             return Err(EncodeError::StreamIndex {
@@ -797,31 +774,82 @@ fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
                 last: d.last_seq,
             });
         }
+        if let Value::Str(t) = &s.value
+            && t.len() > MAX_STR_LEN
+        {
+            return Err(EncodeError::StringTooLong(t.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the stream table: count, then each name (validated, no duplicates).
+pub(crate) fn encode_stream_table(
+    out: &mut Vec<u8>,
+    streams: &[String],
+) -> Result<(), EncodeError> {
+    if streams.len() > MAX_STREAMS_PER_FRAME {
+        return Err(EncodeError::LimitExceeded {
+            what: "streams per frame",
+            count: streams.len(),
+            max: MAX_STREAMS_PER_FRAME,
+        });
+    }
+    let mut seen = HashSet::with_capacity(streams.len());
+    put_varint(out, streams.len() as u64);
+    for name in streams {
+        validate_stream_name(name).map_err(|reason| EncodeError::StreamName {
+            name: name.clone(),
+            reason,
+        })?;
+        if !seen.insert(name.as_str()) {
+            return Err(EncodeError::StreamName {
+                name: name.clone(),
+                reason: "listed twice in the stream table",
+            });
+        }
+        put_short_str(out, name);
+    }
+    Ok(())
+}
+
+/// The tag byte of a value: kind in bits 0-3, quality in bits 4-5.
+pub(crate) fn value_tag(quality: Quality, value: &Value) -> u8 {
+    let kind = match value {
+        Value::F64(_) => KIND_F64,
+        Value::I64(_) => KIND_I64,
+        Value::Bool(false) => KIND_FALSE,
+        Value::Bool(true) => KIND_TRUE,
+        Value::Str(_) => KIND_STR,
+    };
+    ((quality as u8) << 4) | kind
+}
+
+/// Writes a value's payload as in the raw sample block (the tag is written by the caller).
+/// Strings must have been checked against [`MAX_STR_LEN`] ([`check_samples`]).
+pub(crate) fn put_value_payload(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::F64(v) => out.extend_from_slice(&v.to_bits().to_le_bytes()),
+        Value::I64(v) => put_varint(out, zigzag(*v)),
+        Value::Bool(_) => {}
+        Value::Str(t) => put_short_str(out, t),
+    }
+}
+
+fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
+    check_samples(d)?;
+    encode_stream_table(out, &d.streams)?;
+    put_varint(out, d.samples.len() as u64);
+    let mut prev_seq = d.first_seq;
+    let mut prev_ts = 0i64;
+    for s in &d.samples {
         put_varint(out, u64::from(s.stream));
         put_varint(out, zigzag(s.seq.wrapping_sub(prev_seq) as i64));
         put_varint(out, zigzag(s.ts_ns.wrapping_sub(prev_ts)));
         prev_seq = s.seq;
         prev_ts = s.ts_ns;
-        let q = (s.quality as u8) << 4;
-        match &s.value {
-            Value::F64(v) => {
-                out.push(q | KIND_F64);
-                out.extend_from_slice(&v.to_bits().to_le_bytes());
-            }
-            Value::I64(v) => {
-                out.push(q | KIND_I64);
-                put_varint(out, zigzag(*v));
-            }
-            Value::Bool(false) => out.push(q | KIND_FALSE),
-            Value::Bool(true) => out.push(q | KIND_TRUE),
-            Value::Str(t) => {
-                if t.len() > MAX_STR_LEN {
-                    return Err(EncodeError::StringTooLong(t.len()));
-                }
-                out.push(q | KIND_STR);
-                put_short_str(out, t);
-            }
-        }
+        out.push(value_tag(s.quality, &s.value));
+        put_value_payload(out, &s.value);
     }
     Ok(())
 }
@@ -854,28 +882,28 @@ fn encode_ack(out: &mut Vec<u8>, a: &Ack) -> Result<(), EncodeError> {
 // Decoding
 
 /// A bounds-checked cursor over untrusted bytes.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
-    fn truncated(field: &'static str) -> FrameError {
+    pub(crate) fn truncated(field: &'static str) -> FrameError {
         FrameError::Malformed {
             field,
             reason: "ends early",
         }
     }
 
-    fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
+    pub(crate) fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
         if n > self.remaining() {
             return Err(Self::truncated(field));
         }
@@ -884,17 +912,20 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
         Ok(self.bytes(1, field)?[0])
     }
 
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FrameError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], FrameError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.bytes(N, field)?);
         Ok(a)
     }
 
-    fn varint(&mut self, field: &'static str) -> Result<u64, FrameError> {
+    pub(crate) fn varint(&mut self, field: &'static str) -> Result<u64, FrameError> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.u8(field)?;
@@ -923,7 +954,7 @@ impl<'a> Reader<'a> {
 
     /// A count bounded by `max`, and by the bytes left (each item takes at least
     /// `min_item_len` bytes), so a hostile count cannot make us reserve memory.
-    fn count(
+    pub(crate) fn count(
         &mut self,
         field: &'static str,
         max: usize,
@@ -944,7 +975,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn short_str(&mut self, field: &'static str) -> Result<&'a str, FrameError> {
+    pub(crate) fn short_str(&mut self, field: &'static str) -> Result<&'a str, FrameError> {
         let len = self.u8(field)? as usize;
         let b = self.bytes(len, field)?;
         std::str::from_utf8(b).map_err(|_| FrameError::Malformed {
@@ -962,7 +993,7 @@ impl<'a> Reader<'a> {
         Ok(id.to_string())
     }
 
-    fn finish(&self, field: &'static str) -> Result<(), FrameError> {
+    pub(crate) fn finish(&self, field: &'static str) -> Result<(), FrameError> {
         if self.remaining() != 0 {
             return Err(FrameError::Malformed {
                 field,
@@ -1129,9 +1160,9 @@ fn decompress_bounded(z: &[u8], declared: usize) -> Result<Vec<u8>, FrameError> 
     Ok(block)
 }
 
-fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
-    let mut r = Reader::new(block);
-    // A stream entry takes at least 2 bytes, a sample at least 4.
+/// Reads a stream table (count, then names; validated, no duplicates).
+pub(crate) fn decode_stream_table(r: &mut Reader<'_>) -> Result<Vec<String>, FrameError> {
+    // A stream entry takes at least 2 bytes.
     let n_streams = r.count("streams per frame", MAX_STREAMS_PER_FRAME, 2)?;
     let mut streams = Vec::with_capacity(n_streams);
     let mut seen = HashSet::with_capacity(n_streams);
@@ -1149,14 +1180,55 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
         }
         streams.push(name.to_string());
     }
-    drop(seen);
+    Ok(streams)
+}
+
+/// Splits a tag byte into quality and value kind (checking reserved bits and codes).
+pub(crate) fn parse_tag(tag: u8) -> Result<(Quality, u8), FrameError> {
+    if tag & 0xC0 != 0 {
+        return Err(FrameError::Malformed {
+            field: "sample tag",
+            reason: "reserved bits set",
+        });
+    }
+    let quality = Quality::from_u8(tag >> 4).ok_or(FrameError::Malformed {
+        field: "sample quality",
+        reason: "unknown quality code",
+    })?;
+    let kind = tag & 0x0F;
+    if kind > KIND_STR {
+        return Err(FrameError::Malformed {
+            field: "sample tag",
+            reason: "unknown value kind",
+        });
+    }
+    Ok((quality, kind))
+}
+
+/// Reads a value payload of `kind` (a kind accepted by [`parse_tag`]) as in the raw block.
+pub(crate) fn read_value_payload(r: &mut Reader<'_>, kind: u8) -> Result<Value, FrameError> {
+    Ok(match kind {
+        KIND_F64 => Value::F64(f64::from_bits(u64::from_le_bytes(r.array("f64 value")?))),
+        KIND_I64 => Value::I64(unzigzag(r.varint("i64 value")?)),
+        KIND_FALSE => Value::Bool(false),
+        KIND_TRUE => Value::Bool(true),
+        _ => Value::Str(r.short_str("string value")?.into()),
+    })
+}
+
+/// Reads the samples part of a raw sample block (after the stream table) into `frame`.
+pub(crate) fn decode_raw_samples(
+    r: &mut Reader<'_>,
+    frame: &mut DataFrame,
+) -> Result<(), FrameError> {
+    // A sample takes at least 4 bytes.
     let n_samples = r.count("samples per frame", MAX_SAMPLES_PER_FRAME, 4)?;
     let mut samples = Vec::with_capacity(n_samples);
     let mut prev_seq = frame.first_seq;
     let mut prev_ts = 0i64;
     for _ in 0..n_samples {
         let stream = r.varint("sample stream index")?;
-        if stream >= streams.len() as u64 {
+        if stream >= frame.streams.len() as u64 {
             return Err(FrameError::Malformed {
                 field: "sample stream index",
                 reason: "outside the stream table",
@@ -1172,30 +1244,8 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
         let ts_ns = prev_ts.wrapping_add(unzigzag(r.varint("sample timestamp")?));
         prev_seq = seq;
         prev_ts = ts_ns;
-        let tag = r.u8("sample tag")?;
-        if tag & 0xC0 != 0 {
-            return Err(FrameError::Malformed {
-                field: "sample tag",
-                reason: "reserved bits set",
-            });
-        }
-        let quality = Quality::from_u8(tag >> 4).ok_or(FrameError::Malformed {
-            field: "sample quality",
-            reason: "unknown quality code",
-        })?;
-        let value = match tag & 0x0F {
-            KIND_F64 => Value::F64(f64::from_bits(u64::from_le_bytes(r.array("f64 value")?))),
-            KIND_I64 => Value::I64(unzigzag(r.varint("i64 value")?)),
-            KIND_FALSE => Value::Bool(false),
-            KIND_TRUE => Value::Bool(true),
-            KIND_STR => Value::Str(r.short_str("string value")?.into()),
-            _ => {
-                return Err(FrameError::Malformed {
-                    field: "sample tag",
-                    reason: "unknown value kind",
-                });
-            }
-        };
+        let (quality, kind) = parse_tag(r.u8("sample tag")?)?;
+        let value = read_value_payload(r, kind)?;
         samples.push(FrameSample {
             stream: stream as u32,
             seq,
@@ -1204,10 +1254,15 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
             value,
         });
     }
-    r.finish("sample block")?;
-    frame.streams = streams;
     frame.samples = samples;
     Ok(())
+}
+
+fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
+    let mut r = Reader::new(block);
+    frame.streams = decode_stream_table(&mut r)?;
+    decode_raw_samples(&mut r, frame)?;
+    r.finish("sample block")
 }
 
 fn decode_ack(r: &mut Reader<'_>) -> Result<Ack, FrameError> {
