@@ -93,6 +93,9 @@ use outpost_runtime::model::{
     MAX_STR_LEN, Priority, Quality, Sample, StreamId, StreamNameError, Value,
 };
 
+use crate::encoding::delta;
+use crate::encoding::summary::{self, FrameSummary, MAX_SUMMARIES_PER_FRAME};
+
 /// Frame format version written by this build.
 pub const VERSION: u8 = 1;
 /// The two magic bytes every frame starts with.
@@ -123,12 +126,20 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Upper bound of the Rust-heap bytes one [`decode`] call requests (allocator overhead
 /// aside): the decompressed block, the sample vector, string values and stream names (whose
 /// bytes all come from the block, so they sum to at most one block), the stream table and its
-/// duplicate check.
+/// duplicate check, the ack ranges, the delta decoder's per-stream state, scale table and
+/// column readers, and the summary vector (summary frames hold samples and summaries).
 pub const MAX_DECODE_ALLOC: usize = MAX_BLOCK_LEN
     + MAX_SAMPLES_PER_FRAME * std::mem::size_of::<FrameSample>()
     + MAX_BLOCK_LEN
     + MAX_STREAMS_PER_FRAME * (std::mem::size_of::<String>() + 2 * std::mem::size_of::<&str>() + 8)
-    + MAX_ACK_RANGES * std::mem::size_of::<SeqRange>();
+    + MAX_ACK_RANGES * std::mem::size_of::<SeqRange>()
+    + MAX_STREAMS_PER_FRAME * delta::STATE_BYTES
+    + delta::MAX_SCALES * 24
+    + COLUMNS_ALLOC
+    + MAX_SUMMARIES_PER_FRAME * std::mem::size_of::<FrameSummary>();
+
+/// The delta decoder's column readers.
+const COLUMNS_ALLOC: usize = 16 * std::mem::size_of::<Reader<'static>>();
 
 const CRC32C: crc::Crc<u32, crc::Table<16>> =
     crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
@@ -170,9 +181,11 @@ pub enum Encoding {
     Raw = 0,
     /// The raw sample block, zstd-compressed (sync mode `full_zstd`).
     Zstd = 1,
-    /// Reserved: deadband-filtered, Gorilla-style delta/XOR encoding (sync mode `delta`).
+    /// The deadband's choice of samples, delta/XOR/scaled-integer columns, then zstd (sync
+    /// mode `delta`; see [`crate::encoding::delta`]).
     Delta = 2,
-    /// Reserved: per-window aggregates (sync mode `summary`).
+    /// Per-window aggregates (plus optional raw samples), zstd-compressed (sync mode
+    /// `summary`; see [`crate::encoding::summary`]).
     Summary = 3,
 }
 
@@ -188,9 +201,13 @@ impl Encoding {
         }
     }
 
-    /// Whether this build can encode and decode it.
+    /// Whether this build can encode and decode it (every assigned code since the delta and
+    /// summary encodings landed).
     pub fn is_supported(self) -> bool {
-        matches!(self, Encoding::Raw | Encoding::Zstd)
+        matches!(
+            self,
+            Encoding::Raw | Encoding::Zstd | Encoding::Delta | Encoding::Summary
+        )
     }
 }
 
@@ -259,7 +276,8 @@ pub struct DataFrame {
     pub gateway_id: String,
     /// Priority class of every sample in the frame.
     pub priority: Priority,
-    /// Body encoding on the wire ([`Encoding::Raw`] or [`Encoding::Zstd`] in v1).
+    /// Body encoding on the wire. [`Encoding::Delta`] needs strictly increasing sequences
+    /// (the outbox order).
     pub encoding: Encoding,
     /// Lowest sequence number the frame may hold. The range is a bound, not a claim that
     /// every sequence in it is present (other priority classes interleave): acknowledge the
@@ -271,6 +289,9 @@ pub struct DataFrame {
     pub streams: Vec<String>,
     /// The samples, in wire order.
     pub samples: Vec<FrameSample>,
+    /// Per-window aggregates; only in [`Encoding::Summary`] frames (empty otherwise). Not
+    /// acknowledged: the raw samples they summarize stay in the gateway's outbox for backfill.
+    pub summaries: Vec<FrameSummary>,
 }
 
 impl DataFrame {
@@ -314,6 +335,7 @@ impl DataFrame {
             last_seq: hi,
             streams,
             samples: out,
+            summaries: Vec::new(),
         }
     }
 
@@ -558,9 +580,23 @@ pub enum EncodeError {
     /// A string value is longer than [`MAX_STR_LEN`].
     #[error("string value of {0} bytes exceeds {MAX_STR_LEN}")]
     StringTooLong(usize),
-    /// The encoding is reserved and not implemented.
+    /// The encoding is reserved and not implemented (no assigned code is, today).
     #[error("encoding {0} is not implemented yet")]
     UnsupportedEncoding(Encoding),
+    /// A delta frame's samples are not in strictly increasing sequence order.
+    #[error("delta frames need strictly increasing sequences: sample {index} has {seq}")]
+    SeqOrder {
+        /// Position of the sample.
+        index: usize,
+        /// Its sequence.
+        seq: u64,
+    },
+    /// Summaries in a frame whose encoding is not [`Encoding::Summary`].
+    #[error("only summary-encoded frames carry summaries")]
+    SummariesNeedSummaryEncoding,
+    /// A window summary is inconsistent.
+    #[error("invalid window summary: {0}")]
+    Summary(&'static str),
     /// Ack ranges are not increasing, disjoint, with first ≤ last.
     #[error("ack ranges must be increasing and disjoint, each with first <= last")]
     AckRanges,
@@ -712,6 +748,9 @@ fn encode_data(out: &mut Vec<u8>, d: &DataFrame, zstd_level: i32) -> Result<(), 
     put_short_str(out, &d.gateway_id);
     out.extend_from_slice(&d.first_seq.to_le_bytes());
     out.extend_from_slice(&d.last_seq.to_le_bytes());
+    if !d.summaries.is_empty() && d.encoding != Encoding::Summary {
+        return Err(EncodeError::SummariesNeedSummaryEncoding);
+    }
     match d.encoding {
         Encoding::Raw => {
             let start = out.len();
@@ -720,7 +759,14 @@ fn encode_data(out: &mut Vec<u8>, d: &DataFrame, zstd_level: i32) -> Result<(), 
         }
         _ => {
             let mut block = Vec::with_capacity(16 * d.samples.len() + 64);
-            encode_block(&mut block, d)?;
+            match d.encoding {
+                Encoding::Delta => delta::encode_block(&mut block, d)?,
+                Encoding::Summary => {
+                    encode_block(&mut block, d)?;
+                    summary::encode_summaries(&mut block, d)?;
+                }
+                _ => encode_block(&mut block, d)?,
+            }
             check_block_len(block.len())?;
             let z = zstd::bulk::compress(&block, zstd_level)
                 .map_err(|e| EncodeError::Compress(e.to_string()))?;
@@ -1111,6 +1157,7 @@ fn decode_data(r: &mut Reader<'_>) -> Result<DataFrame, FrameError> {
         last_seq,
         streams: Vec::new(),
         samples: Vec::new(),
+        summaries: Vec::new(),
     };
     match encoding {
         Encoding::Raw => {
@@ -1135,7 +1182,17 @@ fn decode_data(r: &mut Reader<'_>) -> Result<DataFrame, FrameError> {
             }
             let z = r.bytes(r.remaining(), "zstd payload")?;
             let block = decompress_bounded(z, declared as usize)?;
-            decode_block(&block, &mut frame)?;
+            match encoding {
+                Encoding::Delta => delta::decode_block(&block, &mut frame)?,
+                Encoding::Summary => {
+                    let mut r = Reader::new(&block);
+                    frame.streams = decode_stream_table(&mut r)?;
+                    decode_raw_samples(&mut r, &mut frame)?;
+                    summary::decode_summaries(&mut r, &mut frame)?;
+                    r.finish("summary block")?;
+                }
+                _ => decode_block(&block, &mut frame)?,
+            }
         }
     }
     Ok(frame)
@@ -1612,6 +1669,131 @@ mod tests {
     }
 
     #[test]
+    fn delta_and_summary_frames_round_trip_exactly() {
+        let d = delta_data();
+        let bytes = encode(&Message::Data(d.clone())).unwrap();
+        assert_eq!(bytes[HEADER_LEN + 1], Encoding::Delta as u8);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(key(&back), key(&Message::Data(d.clone())));
+        assert_eq!(encode(&back).unwrap(), bytes);
+        let Message::Data(back) = back else {
+            unreachable!()
+        };
+        // The hub gets the very samples the gateway chose to send.
+        let mut want = all_kinds();
+        want.sort_by_key(|(q, _)| *q);
+        assert_eq!(back.to_samples().unwrap(), want);
+        assert_eq!(Ack::for_frame(&back).count(), 10);
+
+        let d = summary_data();
+        let bytes = encode(&Message::Data(d.clone())).unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, Message::Data(d.clone()));
+        assert_eq!(encode(&back).unwrap(), bytes);
+        // Only the raw sample is acknowledged; summarized sequences stay for backfill.
+        let Message::Data(back) = back else {
+            unreachable!()
+        };
+        assert_eq!(
+            Ack::for_frame(&back).ranges,
+            vec![SeqRange {
+                first: 10,
+                last: 10
+            }]
+        );
+
+        // Summaries only travel in summary frames; delta needs increasing sequences.
+        let mut bad = summary_data();
+        bad.encoding = Encoding::Zstd;
+        assert_eq!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SummariesNeedSummaryEncoding)
+        );
+        let mut bad = summary_data();
+        bad.summaries[0].summary.count = 0;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::Summary(_))
+        ));
+        let mut bad = summary_data();
+        bad.summaries[1].summary.last_seq = 31;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SeqOutOfRange { .. })
+        ));
+        let mut bad = delta_data();
+        bad.samples[3].seq = bad.samples[2].seq;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SeqOrder { index: 3, .. })
+        ));
+    }
+
+    /// A realistic frame: 3 quantized streams polled together, deadband gaps in sequences.
+    fn quantized_frame() -> DataFrame {
+        let names = ["q/temp", "q/pressure", "q/count", "q/valve"];
+        let mut samples = Vec::new();
+        let mut seq = 1000u64;
+        let scale = 10.0 / 4095.0;
+        for k in 0..200i64 {
+            let ts = 1_700_000_000_000_000_000 + k * 100_000_000 + (k * 7919 % 1000) * 1000;
+            for (i, _) in names.iter().enumerate() {
+                seq += 1;
+                if (k + i as i64) % 3 == 0 {
+                    continue; // skipped by a deadband
+                }
+                let value = match i {
+                    0 => Value::F64((215 + k % 4) as f64 * 0.1),
+                    1 => Value::F64((2048 + (k * 13 % 9) - 4) as f64 * scale),
+                    2 => Value::I64(100_000 + k),
+                    _ => Value::Bool(k % 50 < 25),
+                };
+                samples.push(FrameSample {
+                    stream: i as u32,
+                    seq,
+                    ts_ns: ts,
+                    quality: Quality::Good,
+                    value,
+                });
+            }
+        }
+        DataFrame {
+            gateway_id: "gw".into(),
+            priority: Priority::Normal,
+            encoding: Encoding::Delta,
+            first_seq: 1000,
+            last_seq: seq,
+            streams: names.iter().map(|s| s.to_string()).collect(),
+            samples,
+            summaries: vec![],
+        }
+    }
+
+    #[test]
+    fn delta_finds_decimal_and_adc_scales_and_beats_zstd() {
+        let d = quantized_frame();
+        let delta = encode(&Message::Data(d.clone())).unwrap();
+        assert_eq!(
+            key(&decode(&delta).unwrap()),
+            key(&Message::Data(d.clone()))
+        );
+        let mut z = d.clone();
+        z.encoding = Encoding::Zstd;
+        let zl = encode(&Message::Data(z)).unwrap().len();
+        let sizes = delta::column_sizes(&d, DEFAULT_ZSTD_LEVEL).unwrap();
+        let get = |n: &str| sizes.iter().find(|c| c.0 == n).unwrap().1;
+        // Both float streams are scaled integers: no XOR bytes, all-zero corrections.
+        assert_eq!(get("xors"), 0, "{sizes:?}");
+        let corr = delta::column_sizes(&d, DEFAULT_ZSTD_LEVEL).unwrap();
+        assert!(corr.iter().any(|c| c.0 == "corrections" && c.1 > 0));
+        assert!(
+            delta.len() * 2 < zl,
+            "delta {} bytes vs zstd {zl} bytes: {sizes:?}",
+            delta.len()
+        );
+    }
+
+    #[test]
     fn zstd_shrinks_repetitive_frames() {
         let recs: Vec<(u64, Sample)> = (0..2000)
             .map(|i| {
@@ -1746,7 +1928,7 @@ mod tests {
         d.encoding = Encoding::Delta;
         assert_eq!(
             encode(&Message::Data(d)),
-            Err(EncodeError::UnsupportedEncoding(Encoding::Delta))
+            Err(EncodeError::SeqOrder { index: 6, seq: 12 })
         );
         let mut d = data(Encoding::Raw);
         d.samples[0].seq = 9;
@@ -1799,6 +1981,7 @@ mod tests {
                     value: Value::Bool(i % 2 == 0),
                 })
                 .collect(),
+            summaries: vec![],
         };
         for enc in [Encoding::Raw, Encoding::Zstd] {
             d.encoding = enc;
@@ -1825,6 +2008,7 @@ mod tests {
                 .map(|i| format!("{i:0>250}"))
                 .collect(),
             samples: vec![],
+            summaries: vec![],
         };
         let b = encode(&Message::Data(d.clone())).unwrap();
         assert!(b.len() > MAX_STREAMS_PER_FRAME * 251);
@@ -1879,6 +2063,7 @@ mod tests {
                     value: s.clone(),
                 })
                 .collect(),
+            summaries: vec![],
         };
         assert!(matches!(
             encode(&Message::Data(d)),
@@ -1889,10 +2074,61 @@ mod tests {
         ));
     }
 
+    /// The all-kinds frame in sequence order, delta-encoded.
+    fn delta_data() -> DataFrame {
+        let mut d = data(Encoding::Delta);
+        d.samples.sort_by_key(|s| s.seq);
+        d
+    }
+
+    /// A summary frame: two windows and one raw (pass-through) sample.
+    fn summary_data() -> DataFrame {
+        use crate::encoding::summary::{NumericStats, WindowSummary};
+        let w = |start: i64, last: Value, numeric| WindowSummary {
+            window_start_ns: start,
+            window_ns: 10_000_000_000,
+            first_ts_ns: start + 5,
+            last_ts_ns: start + 9_999_999_999,
+            first_seq: 20,
+            last_seq: 29,
+            count: 10,
+            last,
+            last_quality: Quality::Uncertain,
+            numeric,
+        };
+        let mut d = data(Encoding::Summary);
+        d.samples.truncate(1);
+        d.first_seq = 10;
+        d.last_seq = 30;
+        d.summaries = vec![
+            FrameSummary {
+                stream: 0,
+                summary: w(
+                    1_700_000_000_000_000_000,
+                    Value::F64(21.5),
+                    Some(NumericStats {
+                        n: 9,
+                        min: -0.0,
+                        max: f64::INFINITY,
+                        mean: 21.25,
+                        stddev: 0.5,
+                    }),
+                ),
+            },
+            FrameSummary {
+                stream: 3,
+                summary: w(-10_000_000_000, Value::text("stopped"), None),
+            },
+        ];
+        d
+    }
+
     fn sample_frames() -> Vec<Vec<u8>> {
         vec![
             encode(&Message::Data(data(Encoding::Raw))).unwrap(),
             encode(&Message::Data(data(Encoding::Zstd))).unwrap(),
+            encode(&Message::Data(delta_data())).unwrap(),
+            encode(&Message::Data(summary_data())).unwrap(),
             encode(&Message::Ack(Ack::from_seqs("gw-01", [1, 2, 3, 7, 1000]))).unwrap(),
             encode(&Message::Hello(Hello {
                 gateway_id: "gw-01".into(),
@@ -2004,15 +2240,24 @@ mod tests {
     }
 
     #[test]
-    fn reserved_and_unknown_encodings_are_clear_errors() {
-        for (code, want) in [
-            (2, FrameError::UnsupportedEncoding(Encoding::Delta)),
-            (3, FrameError::UnsupportedEncoding(Encoding::Summary)),
-            (4, FrameError::UnknownEncoding(4)),
-        ] {
+    fn unknown_encodings_are_clear_errors() {
+        let mut b = data_prefix(4, 0, 0);
+        b.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            decode(&envelope(1, 2, &b)),
+            Err(FrameError::UnknownEncoding(4))
+        );
+        // Delta and summary payloads start with the zstd block length, like zstd.
+        for code in [2, 3] {
             let mut b = data_prefix(code, 0, 0);
             b.extend_from_slice(&[0, 0]);
-            assert_eq!(decode(&envelope(1, 2, &b)), Err(want));
+            assert!(matches!(
+                decode(&envelope(1, 2, &b)),
+                Err(FrameError::Malformed {
+                    field: "zstd block length",
+                    ..
+                })
+            ));
         }
         assert!(
             FrameError::UnsupportedEncoding(Encoding::Delta)
@@ -2275,11 +2520,214 @@ mod tests {
                     last_seq: first + span,
                     streams,
                     samples,
+                    summaries: vec![],
                 }
             })
     }
 
+    fn arb_delta_f64() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(-f64::NAN),
+            Just(f64::from_bits(0x7ff0_0000_dead_beef)),
+            Just(-0.0),
+            Just(0.0),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            Just(f64::MIN_POSITIVE / 4.0),
+            (-5000i64..5000).prop_map(|n| n as f64 * 0.1),
+            (0i64..4096).prop_map(|n| n as f64 * (10.0 / 4095.0)),
+            (-100i64..100).prop_map(|n| n as f64 / 100.0),
+        ]
+    }
+
+    fn arb_delta_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => arb_delta_f64().prop_map(Value::F64),
+            1 => prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), -3i64..3]
+                .prop_map(Value::I64),
+            1 => any::<bool>().prop_map(Value::Bool),
+            1 => ".{0,40}".prop_map(|s| Value::text(&s)),
+        ]
+    }
+
+    /// Random series for delta frames: strictly increasing sequences with random gaps,
+    /// timestamps that repeat, step, jump backwards and hit the extremes.
+    fn arb_delta() -> impl Strategy<Value = DataFrame> {
+        (
+            proptest::collection::hash_set("[a-z/_]{1,12}", 1..8),
+            any::<u64>(),
+            proptest::collection::vec(
+                (
+                    any::<u32>(),
+                    prop_oneof![Just(1u64), 1u64..5, 1u64..100_000],
+                    prop_oneof![
+                        Just(0i64),
+                        Just(100_000_000i64),
+                        -1_000_000_000i64..1_000_000_000,
+                        any::<i64>(),
+                        Just(i64::MIN),
+                        Just(i64::MAX)
+                    ],
+                    0u8..3,
+                    arb_delta_value(),
+                ),
+                0..120,
+            ),
+            0u8..4,
+        )
+            .prop_map(|(names, first, raw, prio)| {
+                let streams: Vec<String> = names.into_iter().collect();
+                let total: u64 = raw.iter().map(|r| r.1).sum();
+                let first = first.min(u64::MAX - total);
+                let mut seq = first;
+                let mut ts = 1_700_000_000_000_000_000i64;
+                let samples = raw
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (st, gap, dts, q, value))| {
+                        if i > 0 {
+                            seq += gap;
+                        }
+                        ts = if dts == i64::MIN || dts == i64::MAX {
+                            dts
+                        } else {
+                            ts.wrapping_add(dts)
+                        };
+                        FrameSample {
+                            stream: st % streams.len() as u32,
+                            seq,
+                            ts_ns: ts,
+                            quality: Quality::from_u8(q).unwrap(),
+                            value,
+                        }
+                    })
+                    .collect();
+                DataFrame {
+                    gateway_id: "gw-prop".into(),
+                    priority: Priority::from_u8(prio).unwrap(),
+                    encoding: Encoding::Delta,
+                    first_seq: first,
+                    last_seq: seq.max(first),
+                    streams,
+                    samples,
+                    summaries: vec![],
+                }
+            })
+    }
+
+    fn arb_summary() -> impl Strategy<Value = DataFrame> {
+        use crate::encoding::summary::{NumericStats, WindowSummary};
+        (
+            arb_data(),
+            proptest::collection::vec(
+                (
+                    any::<u32>(),
+                    any::<i64>(),
+                    1u64..u64::MAX,
+                    any::<i64>(),
+                    any::<u32>(),
+                    (any::<u64>(), any::<u64>()),
+                    1u64..1_000_000,
+                    (0u8..3, arb_delta_value()),
+                    proptest::option::of((
+                        any::<u64>(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                    )),
+                ),
+                0..20,
+            ),
+        )
+            .prop_map(|(mut d, raw)| {
+                d.encoding = Encoding::Summary;
+                let span = d.last_seq - d.first_seq;
+                d.summaries = raw
+                    .into_iter()
+                    .map(
+                        |(st, start, wn, first_ts, dur, (a, b), count, (q, last), num)| {
+                            let lo = d.first_seq + a % (span + 1);
+                            let hi = lo + b % (d.last_seq - lo + 1);
+                            FrameSummary {
+                                stream: st % d.streams.len() as u32,
+                                summary: WindowSummary {
+                                    window_start_ns: start,
+                                    window_ns: wn,
+                                    first_ts_ns: first_ts,
+                                    last_ts_ns: first_ts.saturating_add(i64::from(dur)),
+                                    first_seq: lo,
+                                    last_seq: hi,
+                                    count,
+                                    last,
+                                    last_quality: Quality::from_u8(q).unwrap(),
+                                    numeric: num.map(|(n, min, max, mean, stddev)| NumericStats {
+                                        n: 1 + n % count,
+                                        min,
+                                        max,
+                                        mean,
+                                        stddev,
+                                    }),
+                                },
+                            }
+                        },
+                    )
+                    .collect();
+                d
+            })
+    }
+
+    /// Wraps a (decompressed) block as a zstd-style payload of `encoding`.
+    fn compressed_frame(encoding: u8, first: u64, last: u64, block: &[u8]) -> Vec<u8> {
+        let mut b = data_prefix(encoding, first, last);
+        b.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        b.extend_from_slice(&zstd::bulk::compress(block, 1).unwrap());
+        envelope(1, 2, &b)
+    }
+
     proptest! {
+        #[test]
+        fn delta_encode_decode_is_identity(d in arb_delta()) {
+            let m = Message::Data(d);
+            let bytes = encode(&m).unwrap();
+            let back = decode(&bytes).unwrap();
+            prop_assert_eq!(key(&back), key(&m));
+            prop_assert_eq!(encode(&back).unwrap(), bytes);
+        }
+
+        #[test]
+        fn summary_encode_decode_is_identity(d in arb_summary()) {
+            let m = Message::Data(d);
+            let bytes = encode(&m).unwrap();
+            let back = decode(&bytes).unwrap();
+            prop_assert_eq!(format!("{back:?}"), format!("{m:?}"));
+            prop_assert_eq!(encode(&back).unwrap(), bytes);
+        }
+
+        #[test]
+        fn random_and_mutated_delta_and_summary_blocks_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            d in arb_delta(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            // Random blocks, correctly compressed, reach the block parsers.
+            for enc in [2u8, 3] {
+                let _ = decode(&compressed_frame(enc, 0, u64::MAX, &bytes));
+            }
+            // A valid delta block with a few bytes changed.
+            let mut block = Vec::new();
+            delta::encode_block(&mut block, &d).unwrap();
+            for (i, v) in edits {
+                if !block.is_empty() {
+                    let n = block.len();
+                    block[i % n] = v;
+                }
+            }
+            let _ = decode(&compressed_frame(2, d.first_seq, d.last_seq, &block));
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);

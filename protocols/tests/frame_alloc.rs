@@ -71,6 +71,7 @@ fn frame(streams: Vec<String>, samples: Vec<FrameSample>, encoding: Encoding) ->
         last_seq: u64::MAX,
         streams,
         samples,
+        summaries: vec![],
     };
     frame::encode(&Message::Data(d)).expect("encodable")
 }
