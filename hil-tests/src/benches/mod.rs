@@ -5,9 +5,10 @@ pub mod aligner;
 #[allow(non_snake_case)] // adskalman's traits name their matrices F, Q, H, R.
 pub mod kalman;
 pub mod outbox;
+pub mod sync_bytes;
 
 /// Names accepted by the `bench` binary.
-pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner"];
+pub const NAMES: &[&str] = &["outbox", "outbox_space", "kalman", "aligner", "sync_bytes"];
 
 /// Runs the benchmark `name` with extra arguments `args`.
 pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
@@ -16,6 +17,7 @@ pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         "outbox_space" => outbox::run_space(args),
         "kalman" => kalman::run(args),
         "aligner" => aligner::run(args),
+        "sync_bytes" => sync_bytes::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")

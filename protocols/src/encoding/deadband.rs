@@ -37,10 +37,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use outpost_runtime::model::{Quality, Sample, StreamId, Value};
+use outpost_runtime::model::{Priority, Quality, Sample, StreamId, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::frame::SeqRange;
+use crate::frame::{DataFrame, Encoding, FrameSample, SeqRange};
 
 /// A deadband: how far a number must move from the last sent value to be sent again.
 ///
@@ -245,6 +245,70 @@ impl DeadbandFilter {
     }
 }
 
+impl DataFrame {
+    /// Builds a frame of the records `outcome` says to send, out of all the records the filter
+    /// saw (in the same order). The stream table lists streams in the order they first appear
+    /// among *all* records — the poll and register order — which is what the delta encoding
+    /// predicts stream indices from; streams with nothing sent are left out.
+    pub fn from_filtered<'a>(
+        gateway_id: &str,
+        priority: Priority,
+        encoding: Encoding,
+        records: impl IntoIterator<Item = (u64, &'a Sample)>,
+        outcome: &FilterOutcome,
+    ) -> DataFrame {
+        let mut order: HashMap<StreamId, usize> = HashMap::new();
+        let mut chosen: Vec<(u64, &Sample, usize)> = Vec::with_capacity(outcome.send.len());
+        let mut next = outcome.send.iter().peekable();
+        for (i, (seq, s)) in records.into_iter().enumerate() {
+            let n = order.len();
+            let pos = *order.entry(s.stream).or_insert(n);
+            while next.next_if(|&&j| j < i).is_some() {}
+            if next.next_if(|&&j| j == i).is_some() {
+                chosen.push((seq, s, pos));
+            }
+        }
+        // Keep the first-appearance order of the streams that have a sample in the frame.
+        let mut used: Vec<(usize, StreamId)> =
+            chosen.iter().map(|(_, s, pos)| (*pos, s.stream)).collect();
+        used.sort_unstable_by_key(|u| u.0);
+        used.dedup_by_key(|u| u.0);
+        let index: HashMap<usize, u32> = used
+            .iter()
+            .enumerate()
+            .map(|(i, (pos, _))| (*pos, i as u32))
+            .collect();
+        let (mut lo, mut hi) = (u64::MAX, u64::MIN);
+        let samples: Vec<FrameSample> = chosen
+            .iter()
+            .map(|(seq, s, pos)| {
+                lo = lo.min(*seq);
+                hi = hi.max(*seq);
+                FrameSample {
+                    stream: index.get(pos).copied().unwrap_or(0),
+                    seq: *seq,
+                    ts_ns: s.ts_ns,
+                    quality: s.quality,
+                    value: s.value.clone(),
+                }
+            })
+            .collect();
+        if samples.is_empty() {
+            (lo, hi) = (0, 0);
+        }
+        DataFrame {
+            gateway_id: gateway_id.to_string(),
+            priority,
+            encoding,
+            first_seq: lo,
+            last_seq: hi,
+            streams: used.iter().map(|(_, id)| id.name().to_string()).collect(),
+            samples,
+            summaries: Vec::new(),
+        }
+    }
+}
+
 /// Whether `v` differs from `last` by more than the deadband (or in kind).
 fn value_moved(last: &Value, v: &Value, band: Option<Deadband>) -> bool {
     match (last, v) {
@@ -365,6 +429,17 @@ mod tests {
             ]
         );
         assert_eq!(f.tracked_streams(), 2);
+        let d = DataFrame::from_filtered(
+            "gw",
+            Priority::Normal,
+            Encoding::Delta,
+            recs.iter().map(|(q, s)| (*q, s)),
+            &out,
+        );
+        assert_eq!(d.streams, vec!["db/x".to_string(), "db/y".to_string()]);
+        let got: Vec<(u32, u64)> = d.samples.iter().map(|s| (s.stream, s.seq)).collect();
+        assert_eq!(got, vec![(0, 10), (1, 11), (0, 15)]);
+        assert_eq!((d.first_seq, d.last_seq), (10, 15));
         f.reset();
         let again = f.filter(recs.iter().map(|(q, s)| (*q, s)));
         assert_eq!(again, out);

@@ -11,8 +11,8 @@
 //!
 //! | column | per sample | content |
 //! |--------|------------|---------|
-//! | rows | always | varint `zigzag(step) << 1 \| tag_changed`, `step` = stream index − previous sample's index − 1 (the previous index of the first sample is −1) |
-//! | seqs | always | zigzag(seq − predicted), predicted = previous seq + 1 + max(step, 0) (the previous seq of the first sample is *first sequence* − 1): a gateway polls its streams in table order, so records skipped by the deadband between two streams of one poll are predicted |
+//! | seqs | always | varint `gap − 1`, `gap` = seq − previous sample's seq (≥ 1; the previous seq of the first sample is *first sequence* − 1): how many records the deadband (or another priority class) took out in between |
+//! | rows | always | varint `zigzag(idx − (previous idx + gap)) << 1 \| tag_changed` (the previous index of the first sample is −1): a device's registers enter the outbox one after the other, in stream-table order ([`DataFrame::from_filtered`]), so within a poll the index follows from the gap and this is 0 |
 //! | times | always | zigzag(ts − previous sample's ts) (the first against 0): samples of one poll share a timestamp and cost one byte |
 //! | tags | when `tag_changed` | the tag byte of the raw block (kind, quality); each stream starts from tag 0 (f64, good), so only kind/quality changes and boolean toggles cost a byte |
 //! | codings | first f64 of a stream | varint: `0` XOR, `k ≥ 1` scaled by scale-table entry `k − 1` |
@@ -49,8 +49,8 @@ pub const MAX_SCALES: usize = 32;
 
 /// Number of columns in a delta block.
 const COLUMNS: usize = 10;
-const C_ROWS: usize = 0;
-const C_SEQS: usize = 1;
+const C_SEQS: usize = 0;
+const C_ROWS: usize = 1;
 const C_TIMES: usize = 2;
 const C_TAGS: usize = 3;
 const C_CODINGS: usize = 4;
@@ -62,8 +62,8 @@ const C_STRS: usize = 9;
 
 /// Column names, for [`column_sizes`].
 pub const COLUMN_NAMES: [&str; COLUMNS] = [
-    "rows",
     "seqs",
+    "rows",
     "times",
     "tags",
     "codings",
@@ -90,7 +90,7 @@ pub(crate) const STATE_BYTES: usize = std::mem::size_of::<StreamState>();
 
 /// One entry of the scale table: `predict(n) = n × s + o` or `n / s + o`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Scale {
+pub(crate) struct Scale {
     div: bool,
     s: f64,
     o: f64,
@@ -111,7 +111,7 @@ impl Scale {
             && self.o.to_bits() == other.o.to_bits()
     }
 
-    fn predict(&self, n: i64) -> f64 {
+    pub(crate) fn predict(&self, n: i64) -> f64 {
         if self.div {
             n as f64 / self.s + self.o
         } else {
@@ -130,7 +130,7 @@ impl Scale {
     }
 
     /// `(n, correction)` for `v`.
-    fn split(&self, v: f64) -> (i64, u64) {
+    pub(crate) fn split(&self, v: f64) -> (i64, u64) {
         let n = self.quantize(v);
         let corr = zigzag(v.to_bits().wrapping_sub(self.predict(n).to_bits()) as i64);
         (n, corr)
@@ -141,7 +141,7 @@ fn varint_len(v: u64) -> usize {
     (64 - v.leading_zeros() as usize).max(1).div_ceil(7)
 }
 
-fn put_xor(out: &mut Vec<u8>, x: u64) {
+pub(crate) fn put_xor(out: &mut Vec<u8>, x: u64) {
     if x == 0 {
         out.push(0);
         return;
@@ -236,10 +236,16 @@ fn choose_codings(d: &DataFrame) -> (Vec<Scale>, Vec<u32>) {
             per_stream[s.stream as usize].push(v);
         }
     }
+    choose_scales(&per_stream)
+}
+
+/// Chooses, for each group of f64 values (coded one after the other), XOR (`1`) or a
+/// scale-table entry `k` (`k + 2`), and builds the table (≤ [`MAX_SCALES`] entries).
+pub(crate) fn choose_scales(per_stream: &[Vec<f64>]) -> (Vec<Scale>, Vec<u32>) {
     let decimals = decimal_scales();
     let mut detected: Vec<Scale> = Vec::new();
     let mut table: Vec<Scale> = Vec::new();
-    let mut coding = vec![1u32; d.streams.len()];
+    let mut coding = vec![1u32; per_stream.len()];
     for (i, vals) in per_stream.iter().enumerate() {
         if vals.is_empty() {
             continue;
@@ -316,17 +322,66 @@ pub(crate) fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), Encod
     let cols = encode_columns(d)?;
     encode_stream_table(out, &d.streams)?;
     put_varint(out, d.samples.len() as u64);
-    out.push(cols.scales.len() as u8);
-    for sc in &cols.scales {
+    put_scales(out, &cols.scales);
+    put_columns(out, &cols.columns);
+    Ok(())
+}
+
+/// Writes a scale table: u8 count, then each entry as u8 op + f64 s + f64 o.
+pub(crate) fn put_scales(out: &mut Vec<u8>, scales: &[Scale]) {
+    out.push(scales.len() as u8);
+    for sc in scales {
         out.push(u8::from(sc.div));
         out.extend_from_slice(&sc.s.to_bits().to_le_bytes());
         out.extend_from_slice(&sc.o.to_bits().to_le_bytes());
     }
-    for c in &cols.columns {
+}
+
+/// Writes columns, each as varint length + bytes.
+pub(crate) fn put_columns(out: &mut Vec<u8>, columns: &[Vec<u8>]) {
+    for c in columns {
         put_varint(out, c.len() as u64);
         out.extend_from_slice(c);
     }
-    Ok(())
+}
+
+/// Reads a scale table written by [`put_scales`].
+pub(crate) fn read_scales(r: &mut Reader<'_>) -> Result<Vec<Scale>, FrameError> {
+    let k = r.u8("scale table")? as usize;
+    if k > MAX_SCALES {
+        return Err(FrameError::LimitExceeded {
+            what: "scale table",
+            count: k as u64,
+            max: MAX_SCALES,
+        });
+    }
+    let mut scales = Vec::with_capacity(k);
+    for _ in 0..k {
+        let op = r.u8("scale op")?;
+        if op > 1 {
+            return Err(malformed("scale op", "unknown operation"));
+        }
+        let s = f64::from_bits(u64::from_le_bytes(r.array("scale")?));
+        let o = f64::from_bits(u64::from_le_bytes(r.array("scale offset")?));
+        scales.push(Scale { div: op == 1, s, o });
+    }
+    Ok(scales)
+}
+
+/// Cuts `names.len()` columns (varint length + bytes) off `r`.
+pub(crate) fn read_columns<'a>(
+    r: &mut Reader<'a>,
+    names: &[&'static str],
+) -> Result<Vec<Reader<'a>>, FrameError> {
+    let mut cols = Vec::with_capacity(names.len());
+    for name in names {
+        let len = r.varint(name)?;
+        if len > r.remaining() as u64 {
+            return Err(malformed(name, "column longer than the block"));
+        }
+        cols.push(Reader::new(r.bytes(len as usize, name)?));
+    }
+    Ok(cols)
 }
 
 struct Columns {
@@ -350,13 +405,13 @@ fn encode_columns(d: &DataFrame) -> Result<Columns, EncodeError> {
             });
         }
         let idx = i64::from(s.stream);
-        let step = idx - prev_idx - 1;
+        let gap = s.seq.wrapping_sub(prev_seq);
+        put_varint(&mut cols[C_SEQS], gap - 1);
         let st = &mut state[s.stream as usize];
         let tag = value_tag(s.quality, &s.value);
         let changed = tag != st.tag;
+        let step = idx.wrapping_sub(prev_idx.wrapping_add(gap as i64));
         put_varint(&mut cols[C_ROWS], (zigzag(step) << 1) | u64::from(changed));
-        let pred = prev_seq.wrapping_add(1).wrapping_add(step.max(0) as u64);
-        put_varint(&mut cols[C_SEQS], zigzag(s.seq.wrapping_sub(pred) as i64));
         put_varint(&mut cols[C_TIMES], zigzag(s.ts_ns.wrapping_sub(prev_ts)));
         if changed {
             cols[C_TAGS].push(tag);
@@ -439,32 +494,8 @@ pub(crate) fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), Fr
         });
     }
     let m = m as usize;
-    let k = r.u8("scale table")? as usize;
-    if k > MAX_SCALES {
-        return Err(FrameError::LimitExceeded {
-            what: "scale table",
-            count: k as u64,
-            max: MAX_SCALES,
-        });
-    }
-    let mut scales = Vec::with_capacity(k);
-    for _ in 0..k {
-        let op = r.u8("scale op")?;
-        if op > 1 {
-            return Err(malformed("scale op", "unknown operation"));
-        }
-        let s = f64::from_bits(u64::from_le_bytes(r.array("scale")?));
-        let o = f64::from_bits(u64::from_le_bytes(r.array("scale offset")?));
-        scales.push(Scale { div: op == 1, s, o });
-    }
-    let mut cols: Vec<Reader<'_>> = Vec::with_capacity(COLUMNS);
-    for name in COLUMN_NAMES {
-        let len = r.varint(name)?;
-        if len > r.remaining() as u64 {
-            return Err(malformed(name, "column longer than the block"));
-        }
-        cols.push(Reader::new(r.bytes(len as usize, name)?));
-    }
+    let scales = read_scales(&mut r)?;
+    let mut cols = read_columns(&mut r, &COLUMN_NAMES)?;
     r.finish("delta block")?;
     // Every sample has at least one byte in the rows column.
     if m > cols[C_ROWS].remaining() {
@@ -476,22 +507,23 @@ pub(crate) fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), Fr
     let mut prev_seq = frame.first_seq.wrapping_sub(1);
     let mut prev_ts = 0i64;
     for i in 0..m {
-        let row = cols[C_ROWS].varint("rows column")?;
-        let step = unzigzag(row >> 1);
-        let idx = prev_idx.wrapping_add(1).wrapping_add(step);
-        if idx < 0 || idx >= streams.len() as i64 {
-            return Err(malformed("sample stream index", "outside the stream table"));
-        }
-        let pred = prev_seq.wrapping_add(1).wrapping_add(step.max(0) as u64);
-        let seq = pred.wrapping_add(unzigzag(cols[C_SEQS].varint("seqs column")?) as u64);
-        if seq < frame.first_seq || seq > frame.last_seq {
+        let gap = cols[C_SEQS]
+            .varint("seqs column")?
+            .checked_add(1)
+            .ok_or(malformed("seqs column", "gap overflows"))?;
+        let seq = prev_seq.wrapping_add(gap);
+        if seq < frame.first_seq || seq > frame.last_seq || (i > 0 && seq <= prev_seq) {
             return Err(malformed(
                 "sample sequence",
                 "outside the frame's sequence bounds",
             ));
         }
-        if i > 0 && seq <= prev_seq {
-            return Err(malformed("sample sequence", "not increasing"));
+        let row = cols[C_ROWS].varint("rows column")?;
+        let idx = prev_idx
+            .wrapping_add(gap as i64)
+            .wrapping_add(unzigzag(row >> 1));
+        if idx < 0 || idx >= streams.len() as i64 {
+            return Err(malformed("sample stream index", "outside the stream table"));
         }
         let ts_ns = prev_ts.wrapping_add(unzigzag(cols[C_TIMES].varint("times column")?));
         let st = &mut state[idx as usize];
@@ -557,7 +589,7 @@ pub(crate) fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), Fr
     Ok(())
 }
 
-fn read_xor(r: &mut Reader<'_>) -> Result<u64, FrameError> {
+pub(crate) fn read_xor(r: &mut Reader<'_>) -> Result<u64, FrameError> {
     let token = r.u8("xors column")? as usize;
     if token == 0 {
         return Ok(0);

@@ -52,6 +52,7 @@ use std::collections::{BTreeMap, HashMap};
 use outpost_runtime::model::{MAX_STR_LEN, Priority, Quality, Sample, StreamId, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::encoding::delta;
 use crate::frame::{
     DataFrame, EncodeError, Encoding, FrameError, Reader, parse_tag, put_value_payload, put_varint,
     read_value_payload, unzigzag, value_tag, zigzag,
@@ -403,7 +404,84 @@ fn bad(reason: &'static str) -> EncodeError {
     EncodeError::Summary(reason)
 }
 
-/// Appends the summaries section of `d` (after its raw sample block).
+const SUMMARY_COLUMNS: [&str; 11] = [
+    "summary streams",
+    "summary windows",
+    "summary times",
+    "summary seqs",
+    "summary counts",
+    "summary tags",
+    "summary lasts",
+    "summary codings",
+    "summary scaled",
+    "summary corrections",
+    "summary floats",
+];
+const S_STREAMS: usize = 0;
+const S_WINDOWS: usize = 1;
+const S_TIMES: usize = 2;
+const S_SEQS: usize = 3;
+const S_COUNTS: usize = 4;
+const S_TAGS: usize = 5;
+const S_LASTS: usize = 6;
+const S_CODINGS: usize = 7;
+const S_SCALED: usize = 8;
+const S_CORR: usize = 9;
+const S_FLOATS: usize = 10;
+
+/// The f64s of a numeric summary coded as a group: min, max, and the last value if it is an
+/// f64.
+fn coded_values(w: &WindowSummary) -> Vec<f64> {
+    let Some(n) = &w.numeric else {
+        return Vec::new();
+    };
+    let mut v = vec![n.min, n.max];
+    if let Value::F64(x) = w.last {
+        v.push(x);
+    }
+    v
+}
+
+fn check_summary(d: &DataFrame, index: usize, f: &FrameSummary) -> Result<(), EncodeError> {
+    let w = &f.summary;
+    if f.stream as usize >= d.streams.len() {
+        return Err(EncodeError::StreamIndex {
+            index,
+            stream: f.stream,
+            streams: d.streams.len(),
+        });
+    }
+    if w.window_ns == 0 {
+        return Err(bad("window length must be at least 1 ns"));
+    }
+    if w.count == 0 {
+        return Err(bad("count must be at least 1"));
+    }
+    if w.last_ts_ns < w.first_ts_ns {
+        return Err(bad("last timestamp before first timestamp"));
+    }
+    if w.first_seq > w.last_seq || w.first_seq < d.first_seq || w.last_seq > d.last_seq {
+        return Err(EncodeError::SeqOutOfRange {
+            seq: w.first_seq,
+            first: d.first_seq,
+            last: d.last_seq,
+        });
+    }
+    if let Value::Str(t) = &w.last
+        && t.len() > MAX_STR_LEN
+    {
+        return Err(EncodeError::StringTooLong(t.len()));
+    }
+    if let Some(n) = &w.numeric
+        && (n.n == 0 || n.n > w.count)
+    {
+        return Err(bad("numeric count must be in 1..=count"));
+    }
+    Ok(())
+}
+
+/// Appends the summaries section of `d` (after its raw sample block): varint `K`, a scale
+/// table, then eleven columns (see `FRAME_FORMAT.md`).
 pub(crate) fn encode_summaries(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
     if d.summaries.len() > MAX_SUMMARIES_PER_FRAME {
         return Err(EncodeError::LimitExceeded {
@@ -412,60 +490,79 @@ pub(crate) fn encode_summaries(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), E
             max: MAX_SUMMARIES_PER_FRAME,
         });
     }
-    put_varint(out, d.summaries.len() as u64);
-    let mut prev_start = 0i64;
-    for (index, f) in d.summaries.iter().enumerate() {
-        let w = &f.summary;
-        if f.stream as usize >= d.streams.len() {
-            return Err(EncodeError::StreamIndex {
-                index,
-                stream: f.stream,
-                streams: d.streams.len(),
-            });
-        }
-        if w.window_ns == 0 {
-            return Err(bad("window length must be at least 1 ns"));
-        }
-        if w.count == 0 {
-            return Err(bad("count must be at least 1"));
-        }
-        if w.last_ts_ns < w.first_ts_ns {
-            return Err(bad("last timestamp before first timestamp"));
-        }
-        if w.first_seq > w.last_seq || w.first_seq < d.first_seq || w.last_seq > d.last_seq {
-            return Err(EncodeError::SeqOutOfRange {
-                seq: w.first_seq,
-                first: d.first_seq,
-                last: d.last_seq,
-            });
-        }
-        if let Value::Str(t) = &w.last
-            && t.len() > MAX_STR_LEN
-        {
-            return Err(EncodeError::StringTooLong(t.len()));
-        }
-        put_varint(out, u64::from(f.stream));
-        put_varint(out, zigzag(w.window_start_ns.wrapping_sub(prev_start)));
-        prev_start = w.window_start_ns;
-        put_varint(out, w.window_ns);
-        put_varint(out, zigzag(w.first_ts_ns.wrapping_sub(w.window_start_ns)));
-        put_varint(out, w.last_ts_ns.wrapping_sub(w.first_ts_ns) as u64);
-        put_varint(out, w.first_seq - d.first_seq);
-        put_varint(out, w.last_seq - w.first_seq);
-        put_varint(out, w.count);
-        let flag = if w.numeric.is_some() { 0x40 } else { 0 };
-        out.push(value_tag(w.last_quality, &w.last) | flag);
-        put_value_payload(out, &w.last);
-        if let Some(n) = &w.numeric {
-            if n.n == 0 || n.n > w.count {
-                return Err(bad("numeric count must be in 1..=count"));
-            }
-            put_varint(out, n.n);
-            for v in [n.min, n.max, n.mean, n.stddev] {
-                out.extend_from_slice(&v.to_bits().to_le_bytes());
-            }
-        }
+    for (i, f) in d.summaries.iter().enumerate() {
+        check_summary(d, i, f)?;
     }
+    let groups: Vec<Vec<f64>> = d
+        .summaries
+        .iter()
+        .map(|f| coded_values(&f.summary))
+        .collect();
+    let (scales, coding) = delta::choose_scales(&groups);
+    let mut c: [Vec<u8>; 11] = Default::default();
+    let mut prev_idx: i64 = -1;
+    let mut prev_start = 0i64;
+    let mut prev_first = d.first_seq;
+    for (f, code) in d.summaries.iter().zip(&coding) {
+        let w = &f.summary;
+        let idx = i64::from(f.stream);
+        put_varint(&mut c[S_STREAMS], zigzag(idx - prev_idx - 1));
+        prev_idx = idx;
+        put_varint(
+            &mut c[S_WINDOWS],
+            zigzag(w.window_start_ns.wrapping_sub(prev_start)),
+        );
+        put_varint(&mut c[S_WINDOWS], w.window_ns);
+        prev_start = w.window_start_ns;
+        put_varint(
+            &mut c[S_TIMES],
+            zigzag(w.first_ts_ns.wrapping_sub(w.window_start_ns)),
+        );
+        put_varint(
+            &mut c[S_TIMES],
+            w.last_ts_ns.wrapping_sub(w.first_ts_ns) as u64,
+        );
+        put_varint(
+            &mut c[S_SEQS],
+            zigzag(w.first_seq.wrapping_sub(prev_first) as i64),
+        );
+        put_varint(&mut c[S_SEQS], w.last_seq - w.first_seq);
+        prev_first = w.first_seq;
+        put_varint(&mut c[S_COUNTS], w.count);
+        let flag = if w.numeric.is_some() { 0x40 } else { 0 };
+        c[S_TAGS].push(value_tag(w.last_quality, &w.last) | flag);
+        let Some(n) = &w.numeric else {
+            put_value_payload(&mut c[S_LASTS], &w.last);
+            continue;
+        };
+        put_varint(&mut c[S_COUNTS], w.count - n.n);
+        if !matches!(w.last, Value::F64(_)) {
+            put_value_payload(&mut c[S_LASTS], &w.last);
+        }
+        put_varint(&mut c[S_CODINGS], u64::from(code - 1));
+        let vals = coded_values(w);
+        if *code == 1 {
+            let mut prev = 0u64;
+            for v in &vals {
+                delta::put_xor(&mut c[S_FLOATS], v.to_bits() ^ prev);
+                prev = v.to_bits();
+            }
+        } else {
+            let sc = &scales[(code - 2) as usize];
+            let mut prev = 0i64;
+            for v in &vals {
+                let (q, corr) = sc.split(*v);
+                put_varint(&mut c[S_SCALED], zigzag(q.wrapping_sub(prev)));
+                put_varint(&mut c[S_CORR], corr);
+                prev = q;
+            }
+        }
+        delta::put_xor(&mut c[S_FLOATS], n.mean.to_bits() ^ n.min.to_bits());
+        delta::put_xor(&mut c[S_FLOATS], n.stddev.to_bits());
+    }
+    put_varint(out, d.summaries.len() as u64);
+    delta::put_scales(out, &scales);
+    delta::put_columns(out, &c);
     Ok(())
 }
 
@@ -478,71 +575,114 @@ pub(crate) fn decode_summaries(
     r: &mut Reader<'_>,
     frame: &mut DataFrame,
 ) -> Result<(), FrameError> {
-    // A summary takes at least 10 bytes.
-    let k = r.count("summaries per frame", MAX_SUMMARIES_PER_FRAME, 10)?;
+    let k = r.varint("summaries per frame")?;
+    if k > MAX_SUMMARIES_PER_FRAME as u64 {
+        return Err(FrameError::LimitExceeded {
+            what: "summaries per frame",
+            count: k,
+            max: MAX_SUMMARIES_PER_FRAME,
+        });
+    }
+    let k = k as usize;
+    let scales = delta::read_scales(r)?;
+    let mut c = delta::read_columns(r, &SUMMARY_COLUMNS)?;
+    // Every summary has at least one byte in the tags column.
+    if k > c[S_TAGS].remaining() {
+        return Err(malformed("summary tags", "shorter than the summary count"));
+    }
     let mut out = Vec::with_capacity(k);
+    let mut prev_idx: i64 = -1;
     let mut prev_start = 0i64;
+    let mut prev_first = frame.first_seq;
     for _ in 0..k {
-        let stream = r.varint("summary stream index")?;
-        if stream >= frame.streams.len() as u64 {
+        let idx = prev_idx
+            .wrapping_add(1)
+            .wrapping_add(unzigzag(c[S_STREAMS].varint("summary streams")?));
+        if idx < 0 || idx >= frame.streams.len() as i64 {
             return Err(malformed(
                 "summary stream index",
                 "outside the stream table",
             ));
         }
-        let window_start_ns = prev_start.wrapping_add(unzigzag(r.varint("summary window start")?));
+        prev_idx = idx;
+        let window_start_ns =
+            prev_start.wrapping_add(unzigzag(c[S_WINDOWS].varint("summary windows")?));
         prev_start = window_start_ns;
-        let window_ns = r.varint("summary window length")?;
+        let window_ns = c[S_WINDOWS].varint("summary windows")?;
         if window_ns == 0 {
             return Err(malformed("summary window length", "zero"));
         }
         let first_ts_ns =
-            window_start_ns.wrapping_add(unzigzag(r.varint("summary first timestamp")?));
-        let span = r.varint("summary last timestamp")?;
+            window_start_ns.wrapping_add(unzigzag(c[S_TIMES].varint("summary times")?));
         let last_ts_ns = first_ts_ns
-            .checked_add_unsigned(span)
+            .checked_add_unsigned(c[S_TIMES].varint("summary times")?)
             .ok_or(malformed("summary last timestamp", "overflows"))?;
-        let first_seq = frame
-            .first_seq
-            .checked_add(r.varint("summary first sequence")?)
-            .ok_or(malformed("summary first sequence", "overflows"))?;
+        let first_seq = prev_first.wrapping_add(unzigzag(c[S_SEQS].varint("summary seqs")?) as u64);
+        prev_first = first_seq;
         let last_seq = first_seq
-            .checked_add(r.varint("summary last sequence")?)
+            .checked_add(c[S_SEQS].varint("summary seqs")?)
             .ok_or(malformed("summary last sequence", "overflows"))?;
-        if last_seq > frame.last_seq {
+        if first_seq < frame.first_seq || last_seq > frame.last_seq {
             return Err(malformed(
-                "summary last sequence",
+                "summary sequences",
                 "outside the frame's sequence bounds",
             ));
         }
-        let count = r.varint("summary count")?;
+        let count = c[S_COUNTS].varint("summary counts")?;
         if count == 0 {
             return Err(malformed("summary count", "zero"));
         }
-        let tag = r.u8("summary tag")?;
+        let tag = c[S_TAGS].u8("summary tags")?;
         let (last_quality, kind) = parse_tag(tag & !0x40)?;
-        let last = read_value_payload(r, kind)?;
-        let numeric = if tag & 0x40 != 0 {
-            let n = r.varint("summary numeric count")?;
-            if n == 0 || n > count {
+        let (last, numeric) = if tag & 0x40 == 0 {
+            (read_value_payload(&mut c[S_LASTS], kind)?, None)
+        } else {
+            let missing = c[S_COUNTS].varint("summary counts")?;
+            if missing >= count {
                 return Err(malformed("summary numeric count", "not in 1..=count"));
             }
-            let mut f = [0f64; 4];
-            for v in &mut f {
-                *v = f64::from_bits(u64::from_le_bytes(r.array("summary statistic")?));
+            let last_is_f64 = kind == crate::frame::KIND_F64;
+            let other = if last_is_f64 {
+                None
+            } else {
+                Some(read_value_payload(&mut c[S_LASTS], kind)?)
+            };
+            let code = c[S_CODINGS].varint("summary codings")?;
+            if code > scales.len() as u64 {
+                return Err(malformed("summary codings", "no such scale entry"));
             }
-            Some(NumericStats {
-                n,
-                min: f[0],
-                max: f[1],
-                mean: f[2],
-                stddev: f[3],
-            })
-        } else {
-            None
+            let mut vals = [0f64; 3];
+            let nvals = if last_is_f64 { 3 } else { 2 };
+            if code == 0 {
+                let mut prev = 0u64;
+                for v in vals.iter_mut().take(nvals) {
+                    prev ^= delta::read_xor(&mut c[S_FLOATS])?;
+                    *v = f64::from_bits(prev);
+                }
+            } else {
+                let sc = &scales[(code - 1) as usize];
+                let mut prev = 0i64;
+                for v in vals.iter_mut().take(nvals) {
+                    prev = prev.wrapping_add(unzigzag(c[S_SCALED].varint("summary scaled")?));
+                    let corr = unzigzag(c[S_CORR].varint("summary corrections")?);
+                    *v = f64::from_bits(sc.predict(prev).to_bits().wrapping_add(corr as u64));
+                }
+            }
+            let mean = f64::from_bits(delta::read_xor(&mut c[S_FLOATS])? ^ vals[0].to_bits());
+            let stddev = f64::from_bits(delta::read_xor(&mut c[S_FLOATS])?);
+            (
+                other.unwrap_or(Value::F64(vals[2])),
+                Some(NumericStats {
+                    n: count - missing,
+                    min: vals[0],
+                    max: vals[1],
+                    mean,
+                    stddev,
+                }),
+            )
         };
         out.push(FrameSummary {
-            stream: stream as u32,
+            stream: idx as u32,
             summary: WindowSummary {
                 window_start_ns,
                 window_ns,
@@ -556,6 +696,9 @@ pub(crate) fn decode_summaries(
                 numeric,
             },
         });
+    }
+    for (col, name) in c.iter().zip(SUMMARY_COLUMNS) {
+        col.finish(name)?;
     }
     frame.summaries = out;
     Ok(())
