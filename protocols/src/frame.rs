@@ -23,7 +23,12 @@
 //!
 //! The encoding is canonical: varints are minimal, reserved bits are zero, and the decoder
 //! rejects anything else. So for a raw-encoded frame, `encode(decode(b)) == b` for every `b`
-//! that decodes (the fuzz target checks this).
+//! that decodes (the fuzz target checks this). Compressed frames (zstd, delta, summary) are
+//! not canonical, but `decode(encode(m)) == m` holds for all of them, floats bit for bit.
+//!
+//! The delta and summary encodings (sync modes `delta` and `summary`, SPEC §2) live in
+//! [`crate::encoding`]; their block layouts are in its [`delta`](crate::encoding::delta) and
+//! [`summary`](crate::encoding::summary) modules and in `FRAME_FORMAT.md`.
 //!
 //! # Byte layout (all fixed-width integers little-endian)
 //!
@@ -53,12 +58,12 @@
 //! | offset | size | field |
 //! |-------:|-----:|-------|
 //! | 0 | 1 | priority class: `0` control, `1` critical, `2` normal, `3` bulk |
-//! | 1 | 1 | encoding: `0` raw, `1` zstd, `2` delta (reserved), `3` summary (reserved) |
+//! | 1 | 1 | encoding: `0` raw, `1` zstd, `2` delta, `3` summary |
 //! | 2 | 1 | `G`: gateway id length |
 //! | 3 | G | gateway id (as in Hello) |
 //! | 3+G | 8 | first sequence number in the frame (u64) |
 //! | 11+G | 8 | last sequence number in the frame (u64), ≥ first |
-//! | 19+G | … | payload: the sample block (raw), or for zstd: u32 `U` = sample block length (≤ [`MAX_BLOCK_LEN`]) followed by one or more zstd frames that decompress to exactly `U` bytes |
+//! | 19+G | … | payload: the sample block (raw), or for zstd, delta and summary: u32 `U` = block length (≤ [`MAX_BLOCK_LEN`]) followed by one or more zstd frames that decompress to exactly `U` bytes: the sample block (zstd), a delta block (delta), the sample block then a summaries section (summary) |
 //!
 //! Sample block (≤ [`MAX_BLOCK_LEN`] bytes, consumed exactly; `varint` is unsigned LEB128,
 //! minimal, ≤ 10 bytes; `zigzag` is a varint of the zigzag-mapped signed value):

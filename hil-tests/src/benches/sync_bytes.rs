@@ -367,7 +367,7 @@ pub fn run(args: &[String]) -> Result<Json, String> {
     let mut delta_sent_frames = alarm_bytes(Encoding::Delta)?;
     let mut pending: Vec<(u64, &Sample)> = Vec::new();
     let mut pending_send: Vec<usize> = Vec::new();
-    let mut flush_pending =
+    let flush_pending =
         |pending: &mut Vec<(u64, &Sample)>, send: &mut Vec<usize>| -> Result<usize, String> {
             let outcome = FilterOutcome {
                 send: std::mem::take(send),

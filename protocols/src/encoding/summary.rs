@@ -29,23 +29,25 @@
 //! # Wire form
 //!
 //! The Summary payload is `u32 U` + zstd frames decompressing to exactly `U` bytes (as for
-//! zstd), of: the raw sample block (stream table, raw samples — possibly none), then varint
-//! `K` summaries (≤ [`MAX_SUMMARIES_PER_FRAME`]), each:
+//! zstd), of: the raw sample block (stream table, raw samples — possibly none); varint `K`
+//! summaries (≤ [`MAX_SUMMARIES_PER_FRAME`]); a scale table as in the delta block; then eleven
+//! columns, each varint byte length + bytes, consumed exactly. Per summary, in order:
 //!
-//! | size | field |
-//! |-----:|-------|
-//! | varint | stream index into the table |
-//! | zigzag | window start − previous summary's window start (first against 0), ns |
-//! | varint | window length, ns (≥ 1) |
-//! | zigzag | first timestamp − window start, ns |
-//! | varint | last timestamp − first timestamp, ns |
-//! | varint | first sequence − the frame's first sequence |
-//! | varint | last sequence − first sequence; last ≤ the frame's last sequence |
-//! | varint | count (≥ 1) |
-//! | 1 | tag of the last value (as in the raw block: bits 0-3 kind, 4-5 quality), bit 6: numeric statistics follow, bit 7 zero |
-//! | … | the last value's payload (as in the raw block) |
-//! | varint | (if bit 6) `n`: numeric samples, 1 ..= count |
-//! | 4 × 8 | (if bit 6) min, max, mean, stddev as f64 (IEEE-754 bits, little-endian) |
+//! | column | content |
+//! |--------|---------|
+//! | streams | zigzag(stream index − previous summary's index − 1), the first against −1 |
+//! | windows | zigzag(window start − previous summary's window start, first against 0); varint window length ns (≥ 1) |
+//! | times | zigzag(first timestamp − window start); varint(last timestamp − first timestamp) |
+//! | seqs | zigzag(first sequence − previous summary's first sequence, the first against the frame's first sequence); varint(last − first); all within the frame's bounds |
+//! | counts | varint count (≥ 1); if numeric, varint(count − n) (< count) |
+//! | tags | the last value's tag (as in the raw block), bit 6 set if numeric statistics follow |
+//! | lasts | the last value's payload (as in the raw block), unless numeric statistics follow and the last value is an f64 (then it is coded with min and max) |
+//! | codings | if numeric: varint `0` XOR, `k ≥ 1` scale entry `k − 1` |
+//! | scaled, corrections | if numeric and scaled: for min, max (and an f64 last), zigzag(n − previous n, the first against 0) and varint zigzag correction, as in the delta block |
+//! | floats | if numeric: with XOR coding, min, max (and an f64 last) as XOR tokens against the previous one (the first against 0); then always mean XOR min and stddev XOR 0 as tokens |
+//!
+//! min, max and last are sample values, so they are scaled integers whenever the samples are;
+//! mean and stddev are computed and travel as full f64s. Everything round-trips bit for bit.
 
 use std::collections::{BTreeMap, HashMap};
 
