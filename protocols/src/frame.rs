@@ -2566,7 +2566,13 @@ mod tests {
             proptest::collection::vec(
                 (
                     any::<u32>(),
-                    prop_oneof![Just(1u64), 1u64..5, 1u64..100_000],
+                    prop_oneof![
+                        4 => Just(1u64),
+                        4 => 1u64..5,
+                        2 => 1u64..100_000,
+                        1 => 1u64 << 40..1u64 << 63,
+                        1 => Just(u64::MAX),
+                    ],
                     prop_oneof![
                         Just(0i64),
                         Just(100_000_000i64),
@@ -2584,29 +2590,29 @@ mod tests {
         )
             .prop_map(|(names, first, raw, prio)| {
                 let streams: Vec<String> = names.into_iter().collect();
-                let total: u64 = raw.iter().map(|r| r.1).sum();
-                let first = first.min(u64::MAX - total);
+                let total = raw.iter().fold(0u64, |a, r| a.saturating_add(r.1));
+                let first = first.min(u64::MAX - total.min(u64::MAX / 2));
                 let mut seq = first;
                 let mut ts = 1_700_000_000_000_000_000i64;
                 let samples = raw
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (st, gap, dts, q, value))| {
+                    .map_while(|(i, (st, gap, dts, q, value))| {
                         if i > 0 {
-                            seq += gap;
+                            seq = seq.checked_add(gap)?;
                         }
                         ts = if dts == i64::MIN || dts == i64::MAX {
                             dts
                         } else {
                             ts.wrapping_add(dts)
                         };
-                        FrameSample {
+                        Some(FrameSample {
                             stream: st % streams.len() as u32,
                             seq,
                             ts_ns: ts,
                             quality: Quality::from_u8(q).unwrap(),
                             value,
-                        }
+                        })
                     })
                     .collect();
                 DataFrame {

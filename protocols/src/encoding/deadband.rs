@@ -164,6 +164,12 @@ impl DeadbandFilter {
                 reason,
             })?;
         }
+        if cfg.max_silence_ms == Some(0) {
+            return Err(DeadbandError {
+                key: "max_silence_ms".into(),
+                reason: "must be at least 1 (omit it for no heartbeat)",
+            });
+        }
         for (name, d) in &cfg.streams {
             d.validate().map_err(|reason| DeadbandError {
                 key: format!("streams.{name:?}"),
@@ -452,5 +458,7 @@ mod tests {
         assert!(DeadbandFilter::new(&cfg("default = { relative = nan }")).is_err());
         assert!(toml::from_str::<DeadbandConfig>("default = { both = 1.0 }").is_err());
         assert!(toml::from_str::<DeadbandConfig>("unknown = 1").is_err());
+        let e = DeadbandFilter::new(&cfg("max_silence_ms = 0")).unwrap_err();
+        assert_eq!(e.key, "max_silence_ms");
     }
 }

@@ -12,7 +12,7 @@
 //! | column | per sample | content |
 //! |--------|------------|---------|
 //! | seqs | always | varint `gap − 1`, `gap` = seq − previous sample's seq (≥ 1; the previous seq of the first sample is *first sequence* − 1): how many records the deadband (or another priority class) took out in between |
-//! | rows | always | varint `zigzag(idx − (previous idx + gap)) << 1 \| tag_changed` (the previous index of the first sample is −1): a device's registers enter the outbox one after the other, in stream-table order ([`DataFrame::from_filtered`]), so within a poll the index follows from the gap and this is 0 |
+//! | rows | always | varint `zigzag(idx − (previous idx + min(gap, S))) << 1 \| tag_changed` (`S` streams in the table; the previous index of the first sample is −1): a device's registers enter the outbox one after the other, in stream-table order ([`DataFrame::from_filtered`]), so within a poll the index follows from the gap and this is 0 |
 //! | times | always | zigzag(ts − previous sample's ts) (the first against 0): samples of one poll share a timestamp and cost one byte |
 //! | tags | when `tag_changed` | the tag byte of the raw block (kind, quality); each stream starts from tag 0 (f64, good), so only kind/quality changes and boolean toggles cost a byte |
 //! | codings | first f64 of a stream | varint: `0` XOR, `k ≥ 1` scaled by scale-table entry `k − 1` |
@@ -410,7 +410,7 @@ fn encode_columns(d: &DataFrame) -> Result<Columns, EncodeError> {
         let st = &mut state[s.stream as usize];
         let tag = value_tag(s.quality, &s.value);
         let changed = tag != st.tag;
-        let step = idx.wrapping_sub(prev_idx.wrapping_add(gap as i64));
+        let step = idx - (prev_idx + gap.min(d.streams.len() as u64) as i64);
         put_varint(&mut cols[C_ROWS], (zigzag(step) << 1) | u64::from(changed));
         put_varint(&mut cols[C_TIMES], zigzag(s.ts_ns.wrapping_sub(prev_ts)));
         if changed {
@@ -519,9 +519,8 @@ pub(crate) fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), Fr
             ));
         }
         let row = cols[C_ROWS].varint("rows column")?;
-        let idx = prev_idx
-            .wrapping_add(gap as i64)
-            .wrapping_add(unzigzag(row >> 1));
+        let idx =
+            (prev_idx + gap.min(streams.len() as u64) as i64).wrapping_add(unzigzag(row >> 1));
         if idx < 0 || idx >= streams.len() as i64 {
             return Err(malformed("sample stream index", "outside the stream table"));
         }
