@@ -1726,6 +1726,16 @@ mod tests {
             encode(&Message::Data(bad)),
             Err(EncodeError::SeqOutOfRange { .. })
         ));
+        // The widest sequence span: first 0, samples at the very top.
+        let mut wide = delta_data();
+        wide.first_seq = 0;
+        wide.last_seq = u64::MAX;
+        let n = wide.samples.len() as u64;
+        for (i, smp) in wide.samples.iter_mut().enumerate() {
+            smp.seq = u64::MAX - (n - 1 - i as u64);
+        }
+        let m = Message::Data(wide);
+        assert_eq!(key(&decode(&encode(&m).unwrap()).unwrap()), key(&m));
         let mut bad = delta_data();
         bad.samples[3].seq = bad.samples[2].seq;
         assert!(matches!(

@@ -11,7 +11,7 @@
 //!
 //! | column | per sample | content |
 //! |--------|------------|---------|
-//! | seqs | always | varint `gap − 1`, `gap` = seq − previous sample's seq (≥ 1; the previous seq of the first sample is *first sequence* − 1): how many records the deadband (or another priority class) took out in between |
+//! | seqs | always | varint `skip` = seq − previous sample's seq − 1 (for the first sample: seq − *first sequence*): how many records the deadband (or another priority class) took out in between; `gap` = `skip + 1` (saturating) |
 //! | rows | always | varint `zigzag(idx − (previous idx + min(gap, S))) << 1 \| tag_changed` (`S` streams in the table; the previous index of the first sample is −1): a device's registers enter the outbox one after the other, in stream-table order ([`DataFrame::from_filtered`]), so within a poll the index follows from the gap and this is 0 |
 //! | times | always | zigzag(ts − previous sample's ts) (the first against 0): samples of one poll share a timestamp and cost one byte |
 //! | tags | when `tag_changed` | the tag byte of the raw block (kind, quality); each stream starts from tag 0 (f64, good), so only kind/quality changes and boolean toggles cost a byte |
@@ -395,7 +395,7 @@ fn encode_columns(d: &DataFrame) -> Result<Columns, EncodeError> {
     let mut cols: [Vec<u8>; COLUMNS] = Default::default();
     let mut state = vec![StreamState::default(); d.streams.len()];
     let mut prev_idx: i64 = -1;
-    let mut prev_seq = d.first_seq.wrapping_sub(1);
+    let mut prev_seq = d.first_seq;
     let mut prev_ts = 0i64;
     for (i, s) in d.samples.iter().enumerate() {
         if i > 0 && s.seq <= prev_seq {
@@ -405,8 +405,14 @@ fn encode_columns(d: &DataFrame) -> Result<Columns, EncodeError> {
             });
         }
         let idx = i64::from(s.stream);
-        let gap = s.seq.wrapping_sub(prev_seq);
-        put_varint(&mut cols[C_SEQS], gap - 1);
+        // Records left out before this one; the first sample counts from *first sequence*.
+        let skip = if i == 0 {
+            s.seq - d.first_seq
+        } else {
+            s.seq - prev_seq - 1
+        };
+        put_varint(&mut cols[C_SEQS], skip);
+        let gap = skip.saturating_add(1);
         let st = &mut state[s.stream as usize];
         let tag = value_tag(s.quality, &s.value);
         let changed = tag != st.tag;
@@ -504,20 +510,25 @@ pub(crate) fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), Fr
     let mut state = vec![StreamState::default(); streams.len()];
     let mut samples = Vec::with_capacity(m);
     let mut prev_idx: i64 = -1;
-    let mut prev_seq = frame.first_seq.wrapping_sub(1);
+    let mut prev_seq = frame.first_seq;
     let mut prev_ts = 0i64;
     for i in 0..m {
-        let gap = cols[C_SEQS]
-            .varint("seqs column")?
-            .checked_add(1)
-            .ok_or(malformed("seqs column", "gap overflows"))?;
-        let seq = prev_seq.wrapping_add(gap);
-        if seq < frame.first_seq || seq > frame.last_seq || (i > 0 && seq <= prev_seq) {
-            return Err(malformed(
-                "sample sequence",
-                "outside the frame's sequence bounds",
-            ));
-        }
+        let skip = cols[C_SEQS].varint("seqs column")?;
+        let seq = if i == 0 {
+            frame.first_seq.checked_add(skip)
+        } else {
+            prev_seq.checked_add(skip).and_then(|s| s.checked_add(1))
+        };
+        let seq = match seq {
+            Some(q) if q <= frame.last_seq => q,
+            _ => {
+                return Err(malformed(
+                    "sample sequence",
+                    "outside the frame's sequence bounds",
+                ));
+            }
+        };
+        let gap = skip.saturating_add(1);
         let row = cols[C_ROWS].varint("rows column")?;
         let idx =
             (prev_idx + gap.min(streams.len() as u64) as i64).wrapping_add(unzigzag(row >> 1));
