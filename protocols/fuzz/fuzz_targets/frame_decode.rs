@@ -8,7 +8,8 @@
 //! or `0xD1` is taken as a *decompressed* delta (`0xD0`) or summary (`0xD1`) block and wrapped
 //! in a valid compressed frame, which sends the fuzzer straight into the block parsers.
 //!
-//! Run: `cd protocols/fuzz && cargo +nightly fuzz run frame_decode`.
+//! Run: `cd protocols/fuzz && cargo +nightly fuzz run frame_decode corpus/frame_decode seeds/frame_decode`
+//! (`seeds/` holds committed delta and summary seeds).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
