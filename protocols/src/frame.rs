@@ -27,8 +27,7 @@
 //! not canonical, but `decode(encode(m)) == m` holds for all of them, floats bit for bit.
 //!
 //! The delta and summary encodings (sync modes `delta` and `summary`, SPEC §2) live in
-//! [`crate::encoding`]; their block layouts are in its [`delta`](crate::encoding::delta) and
-//! [`summary`](crate::encoding::summary) modules and in `FRAME_FORMAT.md`.
+//! [`crate::encoding`]; their block layouts are in its `delta` and `summary` modules and in `FRAME_FORMAT.md`.
 //!
 //! # Byte layout (all fixed-width integers little-endian)
 //!
