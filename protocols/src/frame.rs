@@ -23,7 +23,11 @@
 //!
 //! The encoding is canonical: varints are minimal, reserved bits are zero, and the decoder
 //! rejects anything else. So for a raw-encoded frame, `encode(decode(b)) == b` for every `b`
-//! that decodes (the fuzz target checks this).
+//! that decodes (the fuzz target checks this). Compressed frames (zstd, delta, summary) are
+//! not canonical, but `decode(encode(m)) == m` holds for all of them, floats bit for bit.
+//!
+//! The delta and summary encodings (sync modes `delta` and `summary`, SPEC §2) live in
+//! [`crate::encoding`]; their block layouts are in its `delta` and `summary` modules and in `FRAME_FORMAT.md`.
 //!
 //! # Byte layout (all fixed-width integers little-endian)
 //!
@@ -53,12 +57,12 @@
 //! | offset | size | field |
 //! |-------:|-----:|-------|
 //! | 0 | 1 | priority class: `0` control, `1` critical, `2` normal, `3` bulk |
-//! | 1 | 1 | encoding: `0` raw, `1` zstd, `2` delta (reserved), `3` summary (reserved) |
+//! | 1 | 1 | encoding: `0` raw, `1` zstd, `2` delta, `3` summary |
 //! | 2 | 1 | `G`: gateway id length |
 //! | 3 | G | gateway id (as in Hello) |
 //! | 3+G | 8 | first sequence number in the frame (u64) |
 //! | 11+G | 8 | last sequence number in the frame (u64), ≥ first |
-//! | 19+G | … | payload: the sample block (raw), or for zstd: u32 `U` = sample block length (≤ [`MAX_BLOCK_LEN`]) followed by one or more zstd frames that decompress to exactly `U` bytes |
+//! | 19+G | … | payload: the sample block (raw), or for zstd, delta and summary: u32 `U` = block length (≤ [`MAX_BLOCK_LEN`]) followed by one or more zstd frames that decompress to exactly `U` bytes: the sample block (zstd), a delta block (delta), the sample block then a summaries section (summary) |
 //!
 //! Sample block (≤ [`MAX_BLOCK_LEN`] bytes, consumed exactly; `varint` is unsigned LEB128,
 //! minimal, ≤ 10 bytes; `zigzag` is a varint of the zigzag-mapped signed value):
@@ -93,6 +97,9 @@ use outpost_runtime::model::{
     MAX_STR_LEN, Priority, Quality, Sample, StreamId, StreamNameError, Value,
 };
 
+use crate::encoding::delta;
+use crate::encoding::summary::{self, FrameSummary, MAX_SUMMARIES_PER_FRAME};
+
 /// Frame format version written by this build.
 pub const VERSION: u8 = 1;
 /// The two magic bytes every frame starts with.
@@ -123,12 +130,20 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 /// Upper bound of the Rust-heap bytes one [`decode`] call requests (allocator overhead
 /// aside): the decompressed block, the sample vector, string values and stream names (whose
 /// bytes all come from the block, so they sum to at most one block), the stream table and its
-/// duplicate check.
+/// duplicate check, the ack ranges, the delta decoder's per-stream state, scale table and
+/// column readers, and the summary vector (summary frames hold samples and summaries).
 pub const MAX_DECODE_ALLOC: usize = MAX_BLOCK_LEN
     + MAX_SAMPLES_PER_FRAME * std::mem::size_of::<FrameSample>()
     + MAX_BLOCK_LEN
     + MAX_STREAMS_PER_FRAME * (std::mem::size_of::<String>() + 2 * std::mem::size_of::<&str>() + 8)
-    + MAX_ACK_RANGES * std::mem::size_of::<SeqRange>();
+    + MAX_ACK_RANGES * std::mem::size_of::<SeqRange>()
+    + MAX_STREAMS_PER_FRAME * delta::STATE_BYTES
+    + delta::MAX_SCALES * 24
+    + COLUMNS_ALLOC
+    + MAX_SUMMARIES_PER_FRAME * std::mem::size_of::<FrameSummary>();
+
+/// The delta decoder's column readers.
+const COLUMNS_ALLOC: usize = 16 * std::mem::size_of::<Reader<'static>>();
 
 const CRC32C: crc::Crc<u32, crc::Table<16>> =
     crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
@@ -170,9 +185,11 @@ pub enum Encoding {
     Raw = 0,
     /// The raw sample block, zstd-compressed (sync mode `full_zstd`).
     Zstd = 1,
-    /// Reserved: deadband-filtered, Gorilla-style delta/XOR encoding (sync mode `delta`).
+    /// The deadband's choice of samples, delta/XOR/scaled-integer columns, then zstd (sync
+    /// mode `delta`; see [`crate::encoding::delta`]).
     Delta = 2,
-    /// Reserved: per-window aggregates (sync mode `summary`).
+    /// Per-window aggregates (plus optional raw samples), zstd-compressed (sync mode
+    /// `summary`; see [`crate::encoding::summary`]).
     Summary = 3,
 }
 
@@ -188,9 +205,13 @@ impl Encoding {
         }
     }
 
-    /// Whether this build can encode and decode it.
+    /// Whether this build can encode and decode it (every assigned code since the delta and
+    /// summary encodings landed).
     pub fn is_supported(self) -> bool {
-        matches!(self, Encoding::Raw | Encoding::Zstd)
+        matches!(
+            self,
+            Encoding::Raw | Encoding::Zstd | Encoding::Delta | Encoding::Summary
+        )
     }
 }
 
@@ -259,7 +280,8 @@ pub struct DataFrame {
     pub gateway_id: String,
     /// Priority class of every sample in the frame.
     pub priority: Priority,
-    /// Body encoding on the wire ([`Encoding::Raw`] or [`Encoding::Zstd`] in v1).
+    /// Body encoding on the wire. [`Encoding::Delta`] needs strictly increasing sequences
+    /// (the outbox order).
     pub encoding: Encoding,
     /// Lowest sequence number the frame may hold. The range is a bound, not a claim that
     /// every sequence in it is present (other priority classes interleave): acknowledge the
@@ -271,6 +293,9 @@ pub struct DataFrame {
     pub streams: Vec<String>,
     /// The samples, in wire order.
     pub samples: Vec<FrameSample>,
+    /// Per-window aggregates; only in [`Encoding::Summary`] frames (empty otherwise). Not
+    /// acknowledged: the raw samples they summarize stay in the gateway's outbox for backfill.
+    pub summaries: Vec<FrameSummary>,
 }
 
 impl DataFrame {
@@ -314,6 +339,7 @@ impl DataFrame {
             last_seq: hi,
             streams,
             samples: out,
+            summaries: Vec::new(),
         }
     }
 
@@ -558,9 +584,23 @@ pub enum EncodeError {
     /// A string value is longer than [`MAX_STR_LEN`].
     #[error("string value of {0} bytes exceeds {MAX_STR_LEN}")]
     StringTooLong(usize),
-    /// The encoding is reserved and not implemented.
+    /// The encoding is reserved and not implemented (no assigned code is, today).
     #[error("encoding {0} is not implemented yet")]
     UnsupportedEncoding(Encoding),
+    /// A delta frame's samples are not in strictly increasing sequence order.
+    #[error("delta frames need strictly increasing sequences: sample {index} has {seq}")]
+    SeqOrder {
+        /// Position of the sample.
+        index: usize,
+        /// Its sequence.
+        seq: u64,
+    },
+    /// Summaries in a frame whose encoding is not [`Encoding::Summary`].
+    #[error("only summary-encoded frames carry summaries")]
+    SummariesNeedSummaryEncoding,
+    /// A window summary is inconsistent.
+    #[error("invalid window summary: {0}")]
+    Summary(&'static str),
     /// Ack ranges are not increasing, disjoint, with first ≤ last.
     #[error("ack ranges must be increasing and disjoint, each with first <= last")]
     AckRanges,
@@ -605,7 +645,7 @@ pub fn validate_gateway_id(id: &str) -> Result<(), &'static str> {
 }
 
 /// The checks `StreamId::intern` applies, so a decoded name always interns.
-fn validate_stream_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn validate_stream_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
     }
@@ -621,21 +661,21 @@ fn validate_stream_name(name: &str) -> Result<(), &'static str> {
 // ---------------------------------------------------------------------------------------------
 // Encoding
 
-const KIND_F64: u8 = 0;
-const KIND_I64: u8 = 1;
-const KIND_FALSE: u8 = 2;
-const KIND_TRUE: u8 = 3;
-const KIND_STR: u8 = 4;
+pub(crate) const KIND_F64: u8 = 0;
+pub(crate) const KIND_I64: u8 = 1;
+pub(crate) const KIND_FALSE: u8 = 2;
+pub(crate) const KIND_TRUE: u8 = 3;
+pub(crate) const KIND_STR: u8 = 4;
 
-fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -643,7 +683,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn put_short_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_short_str(out: &mut Vec<u8>, s: &str) {
     // Callers have checked s.len() <= 255.
     out.push(s.len() as u8);
     out.extend_from_slice(s.as_bytes());
@@ -712,6 +752,9 @@ fn encode_data(out: &mut Vec<u8>, d: &DataFrame, zstd_level: i32) -> Result<(), 
     put_short_str(out, &d.gateway_id);
     out.extend_from_slice(&d.first_seq.to_le_bytes());
     out.extend_from_slice(&d.last_seq.to_le_bytes());
+    if !d.summaries.is_empty() && d.encoding != Encoding::Summary {
+        return Err(EncodeError::SummariesNeedSummaryEncoding);
+    }
     match d.encoding {
         Encoding::Raw => {
             let start = out.len();
@@ -720,7 +763,14 @@ fn encode_data(out: &mut Vec<u8>, d: &DataFrame, zstd_level: i32) -> Result<(), 
         }
         _ => {
             let mut block = Vec::with_capacity(16 * d.samples.len() + 64);
-            encode_block(&mut block, d)?;
+            match d.encoding {
+                Encoding::Delta => delta::encode_block(&mut block, d)?,
+                Encoding::Summary => {
+                    encode_block(&mut block, d)?;
+                    summary::encode_summaries(&mut block, d)?;
+                }
+                _ => encode_block(&mut block, d)?,
+            }
             check_block_len(block.len())?;
             let z = zstd::bulk::compress(&block, zstd_level)
                 .map_err(|e| EncodeError::Compress(e.to_string()))?;
@@ -749,14 +799,9 @@ fn check_block_len(len: usize) -> Result<(), EncodeError> {
     Ok(())
 }
 
-fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
-    if d.streams.len() > MAX_STREAMS_PER_FRAME {
-        return Err(EncodeError::LimitExceeded {
-            what: "streams per frame",
-            count: d.streams.len(),
-            max: MAX_STREAMS_PER_FRAME,
-        });
-    }
+/// Checks what every sample-carrying encoding requires of a frame's samples: the counts, the
+/// stream indices, the sequence bounds and the string lengths.
+pub(crate) fn check_samples(d: &DataFrame) -> Result<(), EncodeError> {
     if d.samples.len() > MAX_SAMPLES_PER_FRAME {
         return Err(EncodeError::LimitExceeded {
             what: "samples per frame",
@@ -764,24 +809,6 @@ fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
             max: MAX_SAMPLES_PER_FRAME,
         });
     }
-    let mut seen = HashSet::with_capacity(d.streams.len());
-    put_varint(out, d.streams.len() as u64);
-    for name in &d.streams {
-        validate_stream_name(name).map_err(|reason| EncodeError::StreamName {
-            name: name.clone(),
-            reason,
-        })?;
-        if !seen.insert(name.as_str()) {
-            return Err(EncodeError::StreamName {
-                name: name.clone(),
-                reason: "listed twice in the stream table",
-            });
-        }
-        put_short_str(out, name);
-    }
-    put_varint(out, d.samples.len() as u64);
-    let mut prev_seq = d.first_seq;
-    let mut prev_ts = 0i64;
     for (index, s) in d.samples.iter().enumerate() {
         if s.stream as usize >= d.streams.len() {
             return Err(EncodeError::StreamIndex {
@@ -797,31 +824,82 @@ fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
                 last: d.last_seq,
             });
         }
+        if let Value::Str(t) = &s.value
+            && t.len() > MAX_STR_LEN
+        {
+            return Err(EncodeError::StringTooLong(t.len()));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the stream table: count, then each name (validated, no duplicates).
+pub(crate) fn encode_stream_table(
+    out: &mut Vec<u8>,
+    streams: &[String],
+) -> Result<(), EncodeError> {
+    if streams.len() > MAX_STREAMS_PER_FRAME {
+        return Err(EncodeError::LimitExceeded {
+            what: "streams per frame",
+            count: streams.len(),
+            max: MAX_STREAMS_PER_FRAME,
+        });
+    }
+    let mut seen = HashSet::with_capacity(streams.len());
+    put_varint(out, streams.len() as u64);
+    for name in streams {
+        validate_stream_name(name).map_err(|reason| EncodeError::StreamName {
+            name: name.clone(),
+            reason,
+        })?;
+        if !seen.insert(name.as_str()) {
+            return Err(EncodeError::StreamName {
+                name: name.clone(),
+                reason: "listed twice in the stream table",
+            });
+        }
+        put_short_str(out, name);
+    }
+    Ok(())
+}
+
+/// The tag byte of a value: kind in bits 0-3, quality in bits 4-5.
+pub(crate) fn value_tag(quality: Quality, value: &Value) -> u8 {
+    let kind = match value {
+        Value::F64(_) => KIND_F64,
+        Value::I64(_) => KIND_I64,
+        Value::Bool(false) => KIND_FALSE,
+        Value::Bool(true) => KIND_TRUE,
+        Value::Str(_) => KIND_STR,
+    };
+    ((quality as u8) << 4) | kind
+}
+
+/// Writes a value's payload as in the raw sample block (the tag is written by the caller).
+/// Strings must have been checked against [`MAX_STR_LEN`] ([`check_samples`]).
+pub(crate) fn put_value_payload(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::F64(v) => out.extend_from_slice(&v.to_bits().to_le_bytes()),
+        Value::I64(v) => put_varint(out, zigzag(*v)),
+        Value::Bool(_) => {}
+        Value::Str(t) => put_short_str(out, t),
+    }
+}
+
+fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
+    check_samples(d)?;
+    encode_stream_table(out, &d.streams)?;
+    put_varint(out, d.samples.len() as u64);
+    let mut prev_seq = d.first_seq;
+    let mut prev_ts = 0i64;
+    for s in &d.samples {
         put_varint(out, u64::from(s.stream));
         put_varint(out, zigzag(s.seq.wrapping_sub(prev_seq) as i64));
         put_varint(out, zigzag(s.ts_ns.wrapping_sub(prev_ts)));
         prev_seq = s.seq;
         prev_ts = s.ts_ns;
-        let q = (s.quality as u8) << 4;
-        match &s.value {
-            Value::F64(v) => {
-                out.push(q | KIND_F64);
-                out.extend_from_slice(&v.to_bits().to_le_bytes());
-            }
-            Value::I64(v) => {
-                out.push(q | KIND_I64);
-                put_varint(out, zigzag(*v));
-            }
-            Value::Bool(false) => out.push(q | KIND_FALSE),
-            Value::Bool(true) => out.push(q | KIND_TRUE),
-            Value::Str(t) => {
-                if t.len() > MAX_STR_LEN {
-                    return Err(EncodeError::StringTooLong(t.len()));
-                }
-                out.push(q | KIND_STR);
-                put_short_str(out, t);
-            }
-        }
+        out.push(value_tag(s.quality, &s.value));
+        put_value_payload(out, &s.value);
     }
     Ok(())
 }
@@ -854,28 +932,28 @@ fn encode_ack(out: &mut Vec<u8>, a: &Ack) -> Result<(), EncodeError> {
 // Decoding
 
 /// A bounds-checked cursor over untrusted bytes.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Reader { buf, pos: 0 }
     }
 
-    fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
-    fn truncated(field: &'static str) -> FrameError {
+    pub(crate) fn truncated(field: &'static str) -> FrameError {
         FrameError::Malformed {
             field,
             reason: "ends early",
         }
     }
 
-    fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
+    pub(crate) fn bytes(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], FrameError> {
         if n > self.remaining() {
             return Err(Self::truncated(field));
         }
@@ -884,17 +962,20 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
         Ok(self.bytes(1, field)?[0])
     }
 
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FrameError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], FrameError> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.bytes(N, field)?);
         Ok(a)
     }
 
-    fn varint(&mut self, field: &'static str) -> Result<u64, FrameError> {
+    pub(crate) fn varint(&mut self, field: &'static str) -> Result<u64, FrameError> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.u8(field)?;
@@ -923,7 +1004,7 @@ impl<'a> Reader<'a> {
 
     /// A count bounded by `max`, and by the bytes left (each item takes at least
     /// `min_item_len` bytes), so a hostile count cannot make us reserve memory.
-    fn count(
+    pub(crate) fn count(
         &mut self,
         field: &'static str,
         max: usize,
@@ -944,7 +1025,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn short_str(&mut self, field: &'static str) -> Result<&'a str, FrameError> {
+    pub(crate) fn short_str(&mut self, field: &'static str) -> Result<&'a str, FrameError> {
         let len = self.u8(field)? as usize;
         let b = self.bytes(len, field)?;
         std::str::from_utf8(b).map_err(|_| FrameError::Malformed {
@@ -962,7 +1043,7 @@ impl<'a> Reader<'a> {
         Ok(id.to_string())
     }
 
-    fn finish(&self, field: &'static str) -> Result<(), FrameError> {
+    pub(crate) fn finish(&self, field: &'static str) -> Result<(), FrameError> {
         if self.remaining() != 0 {
             return Err(FrameError::Malformed {
                 field,
@@ -1080,6 +1161,7 @@ fn decode_data(r: &mut Reader<'_>) -> Result<DataFrame, FrameError> {
         last_seq,
         streams: Vec::new(),
         samples: Vec::new(),
+        summaries: Vec::new(),
     };
     match encoding {
         Encoding::Raw => {
@@ -1104,7 +1186,17 @@ fn decode_data(r: &mut Reader<'_>) -> Result<DataFrame, FrameError> {
             }
             let z = r.bytes(r.remaining(), "zstd payload")?;
             let block = decompress_bounded(z, declared as usize)?;
-            decode_block(&block, &mut frame)?;
+            match encoding {
+                Encoding::Delta => delta::decode_block(&block, &mut frame)?,
+                Encoding::Summary => {
+                    let mut r = Reader::new(&block);
+                    frame.streams = decode_stream_table(&mut r)?;
+                    decode_raw_samples(&mut r, &mut frame)?;
+                    summary::decode_summaries(&mut r, &mut frame)?;
+                    r.finish("summary block")?;
+                }
+                _ => decode_block(&block, &mut frame)?,
+            }
         }
     }
     Ok(frame)
@@ -1129,9 +1221,9 @@ fn decompress_bounded(z: &[u8], declared: usize) -> Result<Vec<u8>, FrameError> 
     Ok(block)
 }
 
-fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
-    let mut r = Reader::new(block);
-    // A stream entry takes at least 2 bytes, a sample at least 4.
+/// Reads a stream table (count, then names; validated, no duplicates).
+pub(crate) fn decode_stream_table(r: &mut Reader<'_>) -> Result<Vec<String>, FrameError> {
+    // A stream entry takes at least 2 bytes.
     let n_streams = r.count("streams per frame", MAX_STREAMS_PER_FRAME, 2)?;
     let mut streams = Vec::with_capacity(n_streams);
     let mut seen = HashSet::with_capacity(n_streams);
@@ -1149,14 +1241,55 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
         }
         streams.push(name.to_string());
     }
-    drop(seen);
+    Ok(streams)
+}
+
+/// Splits a tag byte into quality and value kind (checking reserved bits and codes).
+pub(crate) fn parse_tag(tag: u8) -> Result<(Quality, u8), FrameError> {
+    if tag & 0xC0 != 0 {
+        return Err(FrameError::Malformed {
+            field: "sample tag",
+            reason: "reserved bits set",
+        });
+    }
+    let quality = Quality::from_u8(tag >> 4).ok_or(FrameError::Malformed {
+        field: "sample quality",
+        reason: "unknown quality code",
+    })?;
+    let kind = tag & 0x0F;
+    if kind > KIND_STR {
+        return Err(FrameError::Malformed {
+            field: "sample tag",
+            reason: "unknown value kind",
+        });
+    }
+    Ok((quality, kind))
+}
+
+/// Reads a value payload of `kind` (a kind accepted by [`parse_tag`]) as in the raw block.
+pub(crate) fn read_value_payload(r: &mut Reader<'_>, kind: u8) -> Result<Value, FrameError> {
+    Ok(match kind {
+        KIND_F64 => Value::F64(f64::from_bits(u64::from_le_bytes(r.array("f64 value")?))),
+        KIND_I64 => Value::I64(unzigzag(r.varint("i64 value")?)),
+        KIND_FALSE => Value::Bool(false),
+        KIND_TRUE => Value::Bool(true),
+        _ => Value::Str(r.short_str("string value")?.into()),
+    })
+}
+
+/// Reads the samples part of a raw sample block (after the stream table) into `frame`.
+pub(crate) fn decode_raw_samples(
+    r: &mut Reader<'_>,
+    frame: &mut DataFrame,
+) -> Result<(), FrameError> {
+    // A sample takes at least 4 bytes.
     let n_samples = r.count("samples per frame", MAX_SAMPLES_PER_FRAME, 4)?;
     let mut samples = Vec::with_capacity(n_samples);
     let mut prev_seq = frame.first_seq;
     let mut prev_ts = 0i64;
     for _ in 0..n_samples {
         let stream = r.varint("sample stream index")?;
-        if stream >= streams.len() as u64 {
+        if stream >= frame.streams.len() as u64 {
             return Err(FrameError::Malformed {
                 field: "sample stream index",
                 reason: "outside the stream table",
@@ -1172,30 +1305,8 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
         let ts_ns = prev_ts.wrapping_add(unzigzag(r.varint("sample timestamp")?));
         prev_seq = seq;
         prev_ts = ts_ns;
-        let tag = r.u8("sample tag")?;
-        if tag & 0xC0 != 0 {
-            return Err(FrameError::Malformed {
-                field: "sample tag",
-                reason: "reserved bits set",
-            });
-        }
-        let quality = Quality::from_u8(tag >> 4).ok_or(FrameError::Malformed {
-            field: "sample quality",
-            reason: "unknown quality code",
-        })?;
-        let value = match tag & 0x0F {
-            KIND_F64 => Value::F64(f64::from_bits(u64::from_le_bytes(r.array("f64 value")?))),
-            KIND_I64 => Value::I64(unzigzag(r.varint("i64 value")?)),
-            KIND_FALSE => Value::Bool(false),
-            KIND_TRUE => Value::Bool(true),
-            KIND_STR => Value::Str(r.short_str("string value")?.into()),
-            _ => {
-                return Err(FrameError::Malformed {
-                    field: "sample tag",
-                    reason: "unknown value kind",
-                });
-            }
-        };
+        let (quality, kind) = parse_tag(r.u8("sample tag")?)?;
+        let value = read_value_payload(r, kind)?;
         samples.push(FrameSample {
             stream: stream as u32,
             seq,
@@ -1204,10 +1315,15 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
             value,
         });
     }
-    r.finish("sample block")?;
-    frame.streams = streams;
     frame.samples = samples;
     Ok(())
+}
+
+fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
+    let mut r = Reader::new(block);
+    frame.streams = decode_stream_table(&mut r)?;
+    decode_raw_samples(&mut r, frame)?;
+    r.finish("sample block")
 }
 
 fn decode_ack(r: &mut Reader<'_>) -> Result<Ack, FrameError> {
@@ -1557,6 +1673,141 @@ mod tests {
     }
 
     #[test]
+    fn delta_and_summary_frames_round_trip_exactly() {
+        let d = delta_data();
+        let bytes = encode(&Message::Data(d.clone())).unwrap();
+        assert_eq!(bytes[HEADER_LEN + 1], Encoding::Delta as u8);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(key(&back), key(&Message::Data(d.clone())));
+        assert_eq!(encode(&back).unwrap(), bytes);
+        let Message::Data(back) = back else {
+            unreachable!()
+        };
+        // The hub gets the very samples the gateway chose to send.
+        let mut want = all_kinds();
+        want.sort_by_key(|(q, _)| *q);
+        assert_eq!(back.to_samples().unwrap(), want);
+        assert_eq!(Ack::for_frame(&back).count(), 10);
+
+        let d = summary_data();
+        let bytes = encode(&Message::Data(d.clone())).unwrap();
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, Message::Data(d.clone()));
+        assert_eq!(encode(&back).unwrap(), bytes);
+        // Only the raw sample is acknowledged; summarized sequences stay for backfill.
+        let Message::Data(back) = back else {
+            unreachable!()
+        };
+        assert_eq!(
+            Ack::for_frame(&back).ranges,
+            vec![SeqRange {
+                first: 10,
+                last: 10
+            }]
+        );
+
+        // Summaries only travel in summary frames; delta needs increasing sequences.
+        let mut bad = summary_data();
+        bad.encoding = Encoding::Zstd;
+        assert_eq!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SummariesNeedSummaryEncoding)
+        );
+        let mut bad = summary_data();
+        bad.summaries[0].summary.count = 0;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::Summary(_))
+        ));
+        let mut bad = summary_data();
+        bad.summaries[1].summary.last_seq = 31;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SeqOutOfRange { .. })
+        ));
+        // The widest sequence span: first 0, samples at the very top.
+        let mut wide = delta_data();
+        wide.first_seq = 0;
+        wide.last_seq = u64::MAX;
+        let n = wide.samples.len() as u64;
+        for (i, smp) in wide.samples.iter_mut().enumerate() {
+            smp.seq = u64::MAX - (n - 1 - i as u64);
+        }
+        let m = Message::Data(wide);
+        assert_eq!(key(&decode(&encode(&m).unwrap()).unwrap()), key(&m));
+        let mut bad = delta_data();
+        bad.samples[3].seq = bad.samples[2].seq;
+        assert!(matches!(
+            encode(&Message::Data(bad)),
+            Err(EncodeError::SeqOrder { index: 3, .. })
+        ));
+    }
+
+    /// A realistic frame: 3 quantized streams polled together, deadband gaps in sequences.
+    fn quantized_frame() -> DataFrame {
+        let names = ["q/temp", "q/pressure", "q/count", "q/valve"];
+        let mut samples = Vec::new();
+        let mut seq = 1000u64;
+        let scale = 10.0 / 4095.0;
+        for k in 0..200i64 {
+            let ts = 1_700_000_000_000_000_000 + k * 100_000_000 + (k * 7919 % 1000) * 1000;
+            for (i, _) in names.iter().enumerate() {
+                seq += 1;
+                if (k + i as i64) % 3 == 0 {
+                    continue; // skipped by a deadband
+                }
+                let value = match i {
+                    0 => Value::F64((215 + k % 4) as f64 * 0.1),
+                    1 => Value::F64((2048 + (k * 13 % 9) - 4) as f64 * scale),
+                    2 => Value::I64(100_000 + k),
+                    _ => Value::Bool(k % 50 < 25),
+                };
+                samples.push(FrameSample {
+                    stream: i as u32,
+                    seq,
+                    ts_ns: ts,
+                    quality: Quality::Good,
+                    value,
+                });
+            }
+        }
+        DataFrame {
+            gateway_id: "gw".into(),
+            priority: Priority::Normal,
+            encoding: Encoding::Delta,
+            first_seq: 1000,
+            last_seq: seq,
+            streams: names.iter().map(|s| s.to_string()).collect(),
+            samples,
+            summaries: vec![],
+        }
+    }
+
+    #[test]
+    fn delta_finds_decimal_and_adc_scales_and_beats_zstd() {
+        let d = quantized_frame();
+        let delta = encode(&Message::Data(d.clone())).unwrap();
+        assert_eq!(
+            key(&decode(&delta).unwrap()),
+            key(&Message::Data(d.clone()))
+        );
+        let mut z = d.clone();
+        z.encoding = Encoding::Zstd;
+        let zl = encode(&Message::Data(z)).unwrap().len();
+        let sizes = delta::column_sizes(&d, DEFAULT_ZSTD_LEVEL).unwrap();
+        let get = |n: &str| sizes.iter().find(|c| c.0 == n).unwrap().1;
+        // Both float streams are scaled integers: no XOR bytes, all-zero corrections.
+        assert_eq!(get("xors"), 0, "{sizes:?}");
+        let corr = delta::column_sizes(&d, DEFAULT_ZSTD_LEVEL).unwrap();
+        assert!(corr.iter().any(|c| c.0 == "corrections" && c.1 > 0));
+        assert!(
+            delta.len() * 2 < zl,
+            "delta {} bytes vs zstd {zl} bytes: {sizes:?}",
+            delta.len()
+        );
+    }
+
+    #[test]
     fn zstd_shrinks_repetitive_frames() {
         let recs: Vec<(u64, Sample)> = (0..2000)
             .map(|i| {
@@ -1691,7 +1942,7 @@ mod tests {
         d.encoding = Encoding::Delta;
         assert_eq!(
             encode(&Message::Data(d)),
-            Err(EncodeError::UnsupportedEncoding(Encoding::Delta))
+            Err(EncodeError::SeqOrder { index: 6, seq: 12 })
         );
         let mut d = data(Encoding::Raw);
         d.samples[0].seq = 9;
@@ -1744,6 +1995,7 @@ mod tests {
                     value: Value::Bool(i % 2 == 0),
                 })
                 .collect(),
+            summaries: vec![],
         };
         for enc in [Encoding::Raw, Encoding::Zstd] {
             d.encoding = enc;
@@ -1770,6 +2022,7 @@ mod tests {
                 .map(|i| format!("{i:0>250}"))
                 .collect(),
             samples: vec![],
+            summaries: vec![],
         };
         let b = encode(&Message::Data(d.clone())).unwrap();
         assert!(b.len() > MAX_STREAMS_PER_FRAME * 251);
@@ -1824,6 +2077,7 @@ mod tests {
                     value: s.clone(),
                 })
                 .collect(),
+            summaries: vec![],
         };
         assert!(matches!(
             encode(&Message::Data(d)),
@@ -1834,10 +2088,61 @@ mod tests {
         ));
     }
 
+    /// The all-kinds frame in sequence order, delta-encoded.
+    fn delta_data() -> DataFrame {
+        let mut d = data(Encoding::Delta);
+        d.samples.sort_by_key(|s| s.seq);
+        d
+    }
+
+    /// A summary frame: two windows and one raw (pass-through) sample.
+    fn summary_data() -> DataFrame {
+        use crate::encoding::summary::{NumericStats, WindowSummary};
+        let w = |start: i64, last: Value, numeric| WindowSummary {
+            window_start_ns: start,
+            window_ns: 10_000_000_000,
+            first_ts_ns: start + 5,
+            last_ts_ns: start + 9_999_999_999,
+            first_seq: 20,
+            last_seq: 29,
+            count: 10,
+            last,
+            last_quality: Quality::Uncertain,
+            numeric,
+        };
+        let mut d = data(Encoding::Summary);
+        d.samples.truncate(1);
+        d.first_seq = 10;
+        d.last_seq = 30;
+        d.summaries = vec![
+            FrameSummary {
+                stream: 0,
+                summary: w(
+                    1_700_000_000_000_000_000,
+                    Value::F64(21.5),
+                    Some(NumericStats {
+                        n: 9,
+                        min: -0.0,
+                        max: f64::INFINITY,
+                        mean: 21.25,
+                        stddev: 0.5,
+                    }),
+                ),
+            },
+            FrameSummary {
+                stream: 3,
+                summary: w(-10_000_000_000, Value::text("stopped"), None),
+            },
+        ];
+        d
+    }
+
     fn sample_frames() -> Vec<Vec<u8>> {
         vec![
             encode(&Message::Data(data(Encoding::Raw))).unwrap(),
             encode(&Message::Data(data(Encoding::Zstd))).unwrap(),
+            encode(&Message::Data(delta_data())).unwrap(),
+            encode(&Message::Data(summary_data())).unwrap(),
             encode(&Message::Ack(Ack::from_seqs("gw-01", [1, 2, 3, 7, 1000]))).unwrap(),
             encode(&Message::Hello(Hello {
                 gateway_id: "gw-01".into(),
@@ -1949,15 +2254,24 @@ mod tests {
     }
 
     #[test]
-    fn reserved_and_unknown_encodings_are_clear_errors() {
-        for (code, want) in [
-            (2, FrameError::UnsupportedEncoding(Encoding::Delta)),
-            (3, FrameError::UnsupportedEncoding(Encoding::Summary)),
-            (4, FrameError::UnknownEncoding(4)),
-        ] {
+    fn unknown_encodings_are_clear_errors() {
+        let mut b = data_prefix(4, 0, 0);
+        b.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            decode(&envelope(1, 2, &b)),
+            Err(FrameError::UnknownEncoding(4))
+        );
+        // Delta and summary payloads start with the zstd block length, like zstd.
+        for code in [2, 3] {
             let mut b = data_prefix(code, 0, 0);
             b.extend_from_slice(&[0, 0]);
-            assert_eq!(decode(&envelope(1, 2, &b)), Err(want));
+            assert!(matches!(
+                decode(&envelope(1, 2, &b)),
+                Err(FrameError::Malformed {
+                    field: "zstd block length",
+                    ..
+                })
+            ));
         }
         assert!(
             FrameError::UnsupportedEncoding(Encoding::Delta)
@@ -2220,11 +2534,220 @@ mod tests {
                     last_seq: first + span,
                     streams,
                     samples,
+                    summaries: vec![],
                 }
             })
     }
 
+    fn arb_delta_f64() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(-f64::NAN),
+            Just(f64::from_bits(0x7ff0_0000_dead_beef)),
+            Just(-0.0),
+            Just(0.0),
+            Just(f64::INFINITY),
+            Just(f64::NEG_INFINITY),
+            Just(f64::MIN_POSITIVE / 4.0),
+            (-5000i64..5000).prop_map(|n| n as f64 * 0.1),
+            (0i64..4096).prop_map(|n| n as f64 * (10.0 / 4095.0)),
+            (-100i64..100).prop_map(|n| n as f64 / 100.0),
+        ]
+    }
+
+    fn arb_delta_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => arb_delta_f64().prop_map(Value::F64),
+            1 => prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), -3i64..3]
+                .prop_map(Value::I64),
+            1 => any::<bool>().prop_map(Value::Bool),
+            1 => ".{0,40}".prop_map(|s| Value::text(&s)),
+        ]
+    }
+
+    /// Random series for delta frames: strictly increasing sequences with random gaps,
+    /// timestamps that repeat, step, jump backwards and hit the extremes.
+    fn arb_delta() -> impl Strategy<Value = DataFrame> {
+        (
+            proptest::collection::hash_set("[a-z/_]{1,12}", 1..8),
+            any::<u64>(),
+            proptest::collection::vec(
+                (
+                    any::<u32>(),
+                    prop_oneof![
+                        4 => Just(1u64),
+                        4 => 1u64..5,
+                        2 => 1u64..100_000,
+                        1 => 1u64 << 40..1u64 << 63,
+                        1 => Just(u64::MAX),
+                    ],
+                    prop_oneof![
+                        Just(0i64),
+                        Just(100_000_000i64),
+                        -1_000_000_000i64..1_000_000_000,
+                        any::<i64>(),
+                        Just(i64::MIN),
+                        Just(i64::MAX)
+                    ],
+                    0u8..3,
+                    arb_delta_value(),
+                ),
+                0..120,
+            ),
+            0u8..4,
+        )
+            .prop_map(|(names, first, raw, prio)| {
+                let streams: Vec<String> = names.into_iter().collect();
+                let total = raw.iter().fold(0u64, |a, r| a.saturating_add(r.1));
+                let first = first.min(u64::MAX - total.min(u64::MAX / 2));
+                let mut seq = first;
+                let mut ts = 1_700_000_000_000_000_000i64;
+                let samples = raw
+                    .into_iter()
+                    .enumerate()
+                    .map_while(|(i, (st, gap, dts, q, value))| {
+                        if i > 0 {
+                            seq = seq.checked_add(gap)?;
+                        }
+                        ts = if dts == i64::MIN || dts == i64::MAX {
+                            dts
+                        } else {
+                            ts.wrapping_add(dts)
+                        };
+                        Some(FrameSample {
+                            stream: st % streams.len() as u32,
+                            seq,
+                            ts_ns: ts,
+                            quality: Quality::from_u8(q).unwrap(),
+                            value,
+                        })
+                    })
+                    .collect();
+                DataFrame {
+                    gateway_id: "gw-prop".into(),
+                    priority: Priority::from_u8(prio).unwrap(),
+                    encoding: Encoding::Delta,
+                    first_seq: first,
+                    last_seq: seq.max(first),
+                    streams,
+                    samples,
+                    summaries: vec![],
+                }
+            })
+    }
+
+    fn arb_summary() -> impl Strategy<Value = DataFrame> {
+        use crate::encoding::summary::{NumericStats, WindowSummary};
+        (
+            arb_data(),
+            proptest::collection::vec(
+                (
+                    any::<u32>(),
+                    any::<i64>(),
+                    1u64..u64::MAX,
+                    any::<i64>(),
+                    any::<u32>(),
+                    (any::<u64>(), any::<u64>()),
+                    1u64..1_000_000,
+                    (0u8..3, arb_delta_value()),
+                    proptest::option::of((
+                        any::<u64>(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                        arb_delta_f64(),
+                    )),
+                ),
+                0..20,
+            ),
+        )
+            .prop_map(|(mut d, raw)| {
+                d.encoding = Encoding::Summary;
+                let span = d.last_seq - d.first_seq;
+                d.summaries = raw
+                    .into_iter()
+                    .map(
+                        |(st, start, wn, first_ts, dur, (a, b), count, (q, last), num)| {
+                            let lo = d.first_seq + a % (span + 1);
+                            let hi = lo + b % (d.last_seq - lo + 1);
+                            FrameSummary {
+                                stream: st % d.streams.len() as u32,
+                                summary: WindowSummary {
+                                    window_start_ns: start,
+                                    window_ns: wn,
+                                    first_ts_ns: first_ts,
+                                    last_ts_ns: first_ts.saturating_add(i64::from(dur)),
+                                    first_seq: lo,
+                                    last_seq: hi,
+                                    count,
+                                    last,
+                                    last_quality: Quality::from_u8(q).unwrap(),
+                                    numeric: num.map(|(n, min, max, mean, stddev)| NumericStats {
+                                        n: 1 + n % count,
+                                        min,
+                                        max,
+                                        mean,
+                                        stddev,
+                                    }),
+                                },
+                            }
+                        },
+                    )
+                    .collect();
+                d
+            })
+    }
+
+    /// Wraps a (decompressed) block as a zstd-style payload of `encoding`.
+    fn compressed_frame(encoding: u8, first: u64, last: u64, block: &[u8]) -> Vec<u8> {
+        let mut b = data_prefix(encoding, first, last);
+        b.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        b.extend_from_slice(&zstd::bulk::compress(block, 1).unwrap());
+        envelope(1, 2, &b)
+    }
+
     proptest! {
+        #[test]
+        fn delta_encode_decode_is_identity(d in arb_delta()) {
+            let m = Message::Data(d);
+            let bytes = encode(&m).unwrap();
+            let back = decode(&bytes).unwrap();
+            prop_assert_eq!(key(&back), key(&m));
+            prop_assert_eq!(encode(&back).unwrap(), bytes);
+        }
+
+        #[test]
+        fn summary_encode_decode_is_identity(d in arb_summary()) {
+            let m = Message::Data(d);
+            let bytes = encode(&m).unwrap();
+            let back = decode(&bytes).unwrap();
+            prop_assert_eq!(format!("{back:?}"), format!("{m:?}"));
+            prop_assert_eq!(encode(&back).unwrap(), bytes);
+        }
+
+        #[test]
+        fn random_and_mutated_delta_and_summary_blocks_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            d in arb_delta(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            // Random blocks, correctly compressed, reach the block parsers.
+            for enc in [2u8, 3] {
+                let _ = decode(&compressed_frame(enc, 0, u64::MAX, &bytes));
+            }
+            // A valid delta block with a few bytes changed.
+            let mut block = Vec::new();
+            delta::encode_block(&mut block, &d).unwrap();
+            for (i, v) in edits {
+                if !block.is_empty() {
+                    let n = block.len();
+                    block[i % n] = v;
+                }
+            }
+            let _ = decode(&compressed_frame(2, d.first_seq, d.last_seq, &block));
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes);

@@ -6,6 +6,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use outpost_protocols::encoding::summary::{
+    FrameSummary, MAX_SUMMARIES_PER_FRAME, NumericStats, WindowSummary,
+};
 use outpost_protocols::frame::{
     self, Ack, DataFrame, Encoding, FrameSample, MAX_ACK_RANGES, MAX_DECODE_ALLOC,
     MAX_SAMPLES_PER_FRAME, MAX_STREAMS_PER_FRAME, Message, SeqRange,
@@ -71,6 +74,7 @@ fn frame(streams: Vec<String>, samples: Vec<FrameSample>, encoding: Encoding) ->
         last_seq: u64::MAX,
         streams,
         samples,
+        summaries: vec![],
     };
     frame::encode(&Message::Data(d)).expect("encodable")
 }
@@ -91,7 +95,75 @@ fn largest_frames_decode_within_the_declared_bound() {
         quality: Quality::Good,
         value: Value::Str("s".repeat(255).into()),
     };
+    // Delta: the most streams and the most samples, values spread over all columns.
+    let delta_sample = |i: u64| FrameSample {
+        stream: (i % MAX_STREAMS_PER_FRAME as u64) as u32,
+        seq: i,
+        ts_ns: (i / 16) as i64,
+        quality: Quality::Good,
+        value: match i % 4 {
+            0 => Value::F64(i as f64 * 0.1),
+            1 => Value::F64(f64::from_bits(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))),
+            2 => Value::I64(i as i64),
+            _ => Value::Bool(i % 8 == 3),
+        },
+    };
+    let summary_frame = {
+        let summaries = (0..MAX_SUMMARIES_PER_FRAME as u64)
+            .map(|i| FrameSummary {
+                stream: (i % MAX_STREAMS_PER_FRAME as u64) as u32,
+                summary: WindowSummary {
+                    window_start_ns: (i / 4096) as i64 * 10_000_000_000,
+                    window_ns: 10_000_000_000,
+                    first_ts_ns: (i / 4096) as i64 * 10_000_000_000 + 5,
+                    last_ts_ns: (i / 4096) as i64 * 10_000_000_000 + 9_000_000_000,
+                    first_seq: i,
+                    last_seq: i + 100,
+                    count: 100,
+                    last: if i % 64 == 0 {
+                        Value::Str("s".repeat(255).into())
+                    } else {
+                        Value::F64(i as f64 * 0.01)
+                    },
+                    last_quality: Quality::Good,
+                    numeric: Some(NumericStats {
+                        n: 100,
+                        min: 0.5,
+                        max: i as f64,
+                        mean: 1.0 / (i + 1) as f64,
+                        stddev: 0.25,
+                    }),
+                },
+            })
+            .collect();
+        let d = DataFrame {
+            gateway_id: "gw".into(),
+            priority: Priority::Normal,
+            encoding: Encoding::Summary,
+            first_seq: 0,
+            last_seq: u64::MAX,
+            streams: (0..MAX_STREAMS_PER_FRAME)
+                .map(|i| format!("{i:0>30}"))
+                .collect(),
+            samples: (0..700).map(str_sample).collect(),
+            summaries,
+        };
+        frame::encode(&Message::Data(d)).expect("encodable")
+    };
     let cases = [
+        (
+            "max streams and samples, delta",
+            frame(
+                (0..MAX_STREAMS_PER_FRAME)
+                    .map(|i| format!("{i:0>100}"))
+                    .collect(),
+                (0..MAX_SAMPLES_PER_FRAME as u64)
+                    .map(delta_sample)
+                    .collect(),
+                Encoding::Delta,
+            ),
+        ),
+        ("max summaries and long strings, summary", summary_frame),
         (
             "max samples, zstd",
             frame(

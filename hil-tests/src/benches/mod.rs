@@ -8,6 +8,7 @@ pub mod kalman;
 pub mod link_detect;
 pub mod mqtt_ingest;
 pub mod outbox;
+pub mod sync_bytes;
 
 /// Names accepted by the `bench` binary.
 pub const NAMES: &[&str] = &[
@@ -18,6 +19,7 @@ pub const NAMES: &[&str] = &[
     "mqtt_ingest",
     "e2e",
     "link_detect",
+    "sync_bytes",
 ];
 
 /// Runs the benchmark `name` with extra arguments `args`.
@@ -30,6 +32,7 @@ pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         "mqtt_ingest" => mqtt_ingest::run(args),
         "e2e" => e2e::run(args),
         "link_detect" => link_detect::run(args),
+        "sync_bytes" => sync_bytes::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")
