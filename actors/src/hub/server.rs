@@ -8,13 +8,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocols::frame::{self, Ack, FrameBuffer, Message};
+use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Message};
+use outpost_protocols::mqtt::publisher::{MqttPublisher, PublisherOptions};
 use outpost_protocols::uplink::quic::{
     self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicServer, ServerOptions, ServerTls,
 };
 use outpost_runtime::config::HubConfig;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::now_ns;
+use prometheus_client::metrics::counter::Counter;
 
 use super::store::{HubStore, HubStoreError};
 
@@ -72,7 +74,36 @@ impl Hub {
             addr: h.listen,
             source,
         })?;
-        let task = tokio::spawn(accept_loop(server, store.clone(), metrics));
+        let republish = config.republish.as_ref().map(|r| {
+            let (host, port) = r
+                .broker
+                .rsplit_once(':')
+                .map(|(h, p)| (h.to_owned(), p.parse().unwrap_or(1883)))
+                .unwrap_or_else(|| (r.broker.clone(), 1883));
+            let credentials = r.username.clone().map(|u| {
+                let pw = r
+                    .password
+                    .as_ref()
+                    .and_then(|p| p.resolve_string().ok())
+                    .unwrap_or_default();
+                (u, pw)
+            });
+            tracing::info!(broker = %r.broker, prefix = %r.topic_prefix, "republishing samples over MQTT");
+            Republish {
+                prefix: r.topic_prefix.trim_end_matches('/').to_owned(),
+                publisher: MqttPublisher::start(PublisherOptions {
+                    host,
+                    port,
+                    client_id: r.client_id.clone().unwrap_or_else(|| "outpost-hub".into()),
+                    credentials,
+                    qos: r.qos.get() as u8,
+                    queue: r.queue.get() as usize,
+                    backoff_initial: Duration::from_millis(200),
+                    backoff_max: Duration::from_secs(30),
+                }),
+            }
+        });
+        let task = tokio::spawn(accept_loop(server, store.clone(), metrics, republish));
         tracing::info!(%addr, sink = %config.sink_dir().display(), "hub listening");
         Ok(Hub { addr, store, task })
     }
@@ -90,7 +121,42 @@ impl Hub {
     }
 }
 
-async fn accept_loop(mut server: QuicServer, store: Arc<HubStore>, metrics: Metrics) {
+/// Where written samples are republished (optional).
+#[derive(Clone)]
+struct Republish {
+    prefix: String,
+    publisher: MqttPublisher,
+}
+
+impl Republish {
+    fn samples(&self, gateway: &str, frame: &DataFrame, idx: &[usize], dropped: &Counter) {
+        for &i in idx {
+            let Some(s) = frame.samples.get(i) else {
+                continue;
+            };
+            let topic = format!("{}/{gateway}/{}", self.prefix, frame.stream_name(s));
+            let payload = serde_json::json!({
+                "seq": s.seq,
+                "ts_ns": s.ts_ns,
+                "value": s.value,
+                "quality": s.quality,
+            });
+            if !self
+                .publisher
+                .publish(topic, payload.to_string().into_bytes())
+            {
+                dropped.inc();
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    mut server: QuicServer,
+    store: Arc<HubStore>,
+    metrics: Metrics,
+    republish: Option<Republish>,
+) {
     let accepted = metrics.counter(
         "outpost_hub_connections",
         "Gateway connections accepted",
@@ -128,9 +194,10 @@ async fn accept_loop(mut server: QuicServer, store: Arc<HubStore>, metrics: Metr
                 accepted.inc();
                 let store = store.clone();
                 let metrics = metrics.clone();
+                let republish = republish.clone();
                 conns.spawn(async move {
                     let id = conn.gateway_id.clone();
-                    if let Err(e) = serve_gateway(conn, store, &metrics).await {
+                    if let Err(e) = serve_gateway(conn, store, &metrics, republish).await {
                         tracing::info!(gateway = %id, reason = %e, "gateway connection ended");
                     }
                 });
@@ -145,7 +212,13 @@ async fn serve_gateway(
     conn: GatewayConnection,
     store: Arc<HubStore>,
     metrics: &Metrics,
+    republish: Option<Republish>,
 ) -> Result<(), String> {
+    let republish_dropped = metrics.counter(
+        "outpost_hub_republish_dropped",
+        "Samples not republished over MQTT because the broker was slow or away",
+        &[],
+    );
     let gw = conn.gateway_id.clone();
     let c = &conn.connection;
     let bad = |kind: &'static str| {
@@ -231,6 +304,9 @@ async fn serve_gateway(
                 };
                 written.inc_by(done.written as u64);
                 dups.inc_by(done.duplicates as u64);
+                if let Some(r) = &republish {
+                    r.samples(&gw, &frame, &done.written_idx, &republish_dropped);
+                }
                 let ack = frame::encode(&Message::Ack(Ack::for_frame(&frame)))
                     .map_err(|e| format!("cannot encode ack: {e}"))?;
                 quic::send_all(&mut send, &ack)

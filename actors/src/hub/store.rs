@@ -41,12 +41,14 @@ pub enum HubStoreError {
 }
 
 /// What a commit did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Committed {
     /// Samples written to the sink.
     pub written: usize,
     /// Samples dropped as already written.
     pub duplicates: usize,
+    /// Indices (into the frame's samples) of the samples written.
+    pub written_idx: Vec<usize>,
 }
 
 struct Inner {
@@ -118,12 +120,14 @@ impl HubStore {
         let seen = inner.seen.entry(gateway.to_owned()).or_default();
         let mut fresh = RangeSet::new();
         let mut records = Vec::with_capacity(frame.samples.len());
+        let mut written_idx = Vec::with_capacity(frame.samples.len());
         let mut duplicates = 0;
-        for s in &frame.samples {
+        for (i, s) in frame.samples.iter().enumerate() {
             if seen.contains(s.seq) || !fresh.insert(s.seq) {
                 duplicates += 1;
                 continue;
             }
+            written_idx.push(i);
             records.push(SinkRecord {
                 gateway,
                 stream: frame.stream_name(s),
@@ -138,6 +142,7 @@ impl HubStore {
             return Ok(Committed {
                 written: 0,
                 duplicates,
+                written_idx,
             });
         }
         let file = file_name(gateway, arrival_ns);
@@ -153,6 +158,7 @@ impl HubStore {
         Ok(Committed {
             written: records.len(),
             duplicates,
+            written_idx,
         })
     }
 

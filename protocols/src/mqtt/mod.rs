@@ -3,4 +3,5 @@
 //! the client (connection, subscriptions, backoff, manual acks).
 
 pub mod mapping;
+pub mod publisher;
 pub mod source;

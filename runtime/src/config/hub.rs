@@ -20,6 +20,38 @@ pub struct HubConfig {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub sink: SinkSection,
+    /// Optional: republish every sample written to the sink to an MQTT broker, for other
+    /// consumers (best effort: the sink is the durable record).
+    pub republish: Option<RepublishSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepublishSection {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// Topics are `<topic_prefix>/<gateway>/<stream>`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    #[serde(default = "one_qos")]
+    pub qos: super::Bounded<0, 1>,
+    /// Default `outpost-hub`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Messages queued while the broker is slow or away before new ones are dropped.
+    #[serde(default = "default_queue")]
+    pub queue: super::Bounded<1, 10_000_000>,
+}
+
+fn default_prefix() -> String {
+    "outpost".into()
+}
+fn one_qos() -> super::Bounded<0, 1> {
+    super::Bounded(1)
+}
+fn default_queue() -> super::Bounded<1, 10_000_000> {
+    super::Bounded(100_000)
 }
 
 fn hub_metrics() -> MetricsSection {
@@ -96,7 +128,29 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
         }
     }
     if let Err(e) = c.hub.key.resolve() {
-        problems.push((at.key("key"), e.to_string()));
+        problems.push((at.clone().key("key"), e.to_string()));
+    }
+    if let Some(r) = &mut c.republish {
+        let at = KeyPath::default().key("republish");
+        if let Some(Secret::File { file }) = &mut r.password {
+            fix(file);
+        }
+        match r
+            .broker
+            .rsplit_once(':')
+            .map(|(h, p)| (h, p.parse::<u16>()))
+        {
+            Some((h, Ok(p))) if !h.is_empty() && p > 0 => {}
+            _ => problems.push((
+                at.clone().key("broker"),
+                format!("invalid address {:?}: expected host:port", r.broker),
+            )),
+        }
+        if let Some(pw) = &r.password
+            && let Err(e) = pw.resolve()
+        {
+            problems.push((at.key("password"), e.to_string()));
+        }
     }
     if problems.is_empty() {
         Ok(c)
