@@ -54,6 +54,8 @@ pub struct Mosquitto {
     port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// Extra configuration lines (more listeners, TLS, authentication).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -92,9 +94,44 @@ impl Mosquitto {
             port,
             dir,
             persistent,
+            extra: String::new(),
         };
         m.spawn();
         m
+    }
+
+    /// A broker (without persistence) whose configuration gets `extra` appended; `extra`
+    /// may use `{dir}` for the broker's own folder (readable by the broker's user), which
+    /// `files` are copied into first (name, bytes). With `allow_anonymous` in `extra`, the
+    /// default `allow_anonymous true` is left out.
+    pub fn start_configured(extra: &str, files: &[(&str, &[u8])]) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("cannot create a temporary directory");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("cannot open up the broker's directory");
+        for (name, bytes) in files {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).expect("cannot write a broker file");
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .expect("cannot open up a broker file");
+        }
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        let mut m = Mosquitto {
+            child: None,
+            port: super::free_port(),
+            dir,
+            persistent: false,
+            extra,
+        };
+        m.spawn();
+        m
+    }
+
+    /// The broker's folder.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub fn port(&self) -> u16 {
@@ -113,9 +150,14 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let anonymous = if self.extra.contains("allow_anonymous") {
+            ""
+        } else {
+            "allow_anonymous true\n"
+        };
         let mut text = format!(
             "listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             {anonymous}\
              max_inflight_messages 1000\n\
              max_queued_messages 1000000\n\
              max_queued_bytes 0\n\
@@ -132,6 +174,7 @@ impl Mosquitto {
         } else {
             text.push_str("persistence false\n");
         }
+        text.push_str(&self.extra);
         std::fs::write(&conf, text).expect("cannot write mosquitto.conf");
         let child = Command::new(broker_binary())
             .arg("-c")
