@@ -38,4 +38,4 @@ export OUTPOST_PYTHON="$venv/bin/python"
 export OUTPOST_MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 
 echo "== cargo test --workspace"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

@@ -132,6 +132,7 @@ fn hub(path: &std::path::Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async {
+        let mut signals = outpost_actors::gateway::ShutdownSignals::install()?;
         let metrics = outpost_runtime::metrics::Metrics::new();
         let metrics_task = if config.metrics.enabled {
             let (addr, task) =
@@ -148,7 +149,7 @@ fn hub(path: &std::path::Path) -> anyhow::Result<()> {
         let hub = outpost_actors::hub::Hub::start(&config, metrics)
             .await
             .context("cannot start the hub")?;
-        let sig = outpost_actors::gateway::shutdown_signal().await?;
+        let sig = signals.recv().await;
         tracing::info!(signal = sig, "hub shutting down");
         hub.stop().await;
         if let Some(t) = metrics_task {

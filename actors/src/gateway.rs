@@ -217,9 +217,14 @@ impl Gateway {
 
     /// Runs until SIGINT/SIGTERM (then shuts down cleanly) or until the supervision tree
     /// fails (then shuts down and reports it).
-    pub async fn run_until_signal(mut self) -> Result<(), GatewayError> {
+    /// `signals` must be installed before the gateway starts (a signal that arrives
+    /// earlier would otherwise kill the process with the default action).
+    pub async fn run_until_signal(
+        mut self,
+        mut signals: ShutdownSignals,
+    ) -> Result<(), GatewayError> {
         let outcome = tokio::select! {
-            sig = shutdown_signal() => { tracing::info!(signal = sig?, "shutting down"); Ok(()) }
+            sig = signals.recv() => { tracing::info!(signal = sig, "shutting down"); Ok(()) }
             _ = &mut self.root_join => Err(GatewayError::TreeFailed(
                 "the root supervisor stopped (a restart storm escalated to the top)".into())),
         };
@@ -263,19 +268,35 @@ impl Gateway {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() -> Result<&'static str, GatewayError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Signal)?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGINT and SIGTERM handlers. Install them first thing: from then on these signals are
+/// delivered here instead of ending the process.
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers (needs a tokio runtime).
+    pub fn install() -> Result<ShutdownSignals, GatewayError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).map_err(GatewayError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(GatewayError::Signal)?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Runs the gateway described by `config` until SIGINT or SIGTERM.
 pub async fn run_until_signal(config: Config) -> Result<(), GatewayError> {
+    let signals = ShutdownSignals::install()?;
     let gw = Gateway::start(&config, Metrics::new()).await?;
-    gw.run_until_signal().await
+    gw.run_until_signal(signals).await
 }

@@ -15,7 +15,7 @@ use outpost_runtime::model::Priority;
 use serde::Serialize;
 
 use super::sim::{SimConfig, SimDevice};
-use crate::gateway::{Gateway, shutdown_signal};
+use crate::gateway::{Gateway, ShutdownSignals};
 use crate::hub::Hub;
 
 /// The demo's gateway config, as shipped in `config/demo.toml`.
@@ -57,6 +57,7 @@ pub async fn run(
     seconds: Option<u64>,
     metrics_listen: SocketAddr,
 ) -> Result<DemoReport, DemoError> {
+    let mut signals = ShutdownSignals::install().map_err(setup("signals"))?;
     std::fs::create_dir_all(dir).map_err(setup("data folder"))?;
     let certs = dir.join("certs");
     if !certs.join("ca.pem").exists() {
@@ -108,8 +109,6 @@ pub async fn run(
     let deadline = seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         let until = async {
             match deadline {
@@ -131,7 +130,7 @@ pub async fn run(
                 );
             }
             _ = until => break,
-            _ = &mut stop => break,
+            _ = signals.recv() => break,
         }
     }
     // Let the uplink drain what was just stored, then stop in order.
