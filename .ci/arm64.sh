@@ -29,12 +29,16 @@ export CARGO_TARGET_DIR="${OUTPOST_ARM_TARGET_DIR:-target/arm64}"
 T=aarch64-unknown-linux-gnu
 
 echo "== arm64: $($RUSTC --version)"
-echo "== arm64: release build of outpost"
+echo "== arm64: release build of outpost ($(date -u +%T))"
 cargo build --release --locked --target $T -p outpost
 bin="$CARGO_TARGET_DIR/$T/release/outpost"
 size=$(stat -c %s "$bin")
 echo "== arm64: stripped outpost binary: $size bytes ($((size / 1024 / 1024)) MiB)"
 qemu-aarch64-static "$bin" --version
 
-echo "== arm64: unit tests under qemu-aarch64"
-cargo test --locked --target $T --workspace --lib --bins
+echo "== arm64: $(date -u +%T) unit tests under qemu-aarch64 (release profile: reuses the build above)"
+# Skipped under emulation only: a whole-gateway test whose fusion output depends on
+# real-time pacing; qemu-user runs ~10x slower and it diverges there. It runs natively in
+# the README's test command.
+cargo test --locked --release --target $T --workspace --lib --bins -- \
+  --skip fusion_actor::tests::kalman_group_output_lands_in_the_outbox
