@@ -293,11 +293,7 @@ fn serde_error(file: &Path, text: &str, path: &str, e: &toml::de::Error) -> Conf
         } else {
             format!(
                 "unknown key `{field}`: expected one of {}",
-                expected
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                quoted_list(&expected)
             )
         };
         return locate(file, text, e.span(), key, message, hint);
@@ -330,11 +326,7 @@ fn serde_error(file: &Path, text: &str, path: &str, e: &toml::de::Error) -> Conf
             },
             format!(
                 "unknown value `{variant}`: expected one of {}",
-                expected
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                quoted_list(&expected)
             ),
             hint,
         );
@@ -352,6 +344,15 @@ fn serde_error(file: &Path, text: &str, path: &str, e: &toml::de::Error) -> Conf
         msg,
         None,
     )
+}
+
+/// "`a`, `b`, `c`"
+fn quoted_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The closest known key, if it is close enough to be a likely typo.
