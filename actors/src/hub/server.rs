@@ -24,6 +24,8 @@ use super::store::{HubStore, HubStoreError};
 pub const CLOSE_PROTOCOL: u32 = 2;
 /// Close code when the hub cannot store data (the gateway keeps it and retries).
 pub const CLOSE_STORAGE: u32 = 3;
+/// Most buffered data frames committed together.
+const MAX_GROUP: usize = 64;
 
 /// Hub start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +239,8 @@ async fn serve_gateway(
     let mut buf = FrameBuffer::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut hello_seen = false;
+    // A message read while grouping data frames, handled next.
+    let mut pending: Option<Message> = None;
     let written = metrics.counter(
         "outpost_hub_samples_written",
         "Samples written to the sink",
@@ -248,7 +252,11 @@ async fn serve_gateway(
         &[("gateway", &gw)],
     );
     loop {
-        let msg = match buf.next_message() {
+        let next = match pending.take() {
+            Some(m) => Ok(Some(m)),
+            None => buf.next_message(),
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => match quic::read_some(&mut recv, &mut chunk).await {
                 Ok(Some(n)) => {
@@ -280,17 +288,34 @@ async fn serve_gateway(
                 }
                 hello_seen = true;
             }
-            Message::Data(frame) => {
-                if !hello_seen || frame.gateway_id != gw {
+            Message::Data(first) => {
+                // Group commit: with this frame, every data frame already buffered.
+                let mut frames = vec![first];
+                while frames.len() < MAX_GROUP {
+                    match buf.next_message() {
+                        Ok(Some(Message::Data(f))) => frames.push(f),
+                        Ok(Some(other)) => {
+                            pending = Some(other);
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            bad(e.label());
+                            c.close(CLOSE_PROTOCOL, b"frame error");
+                            return Err(format!("bad frame: {e}"));
+                        }
+                    }
+                }
+                if !hello_seen || frames.iter().any(|f| f.gateway_id != gw) {
                     bad("identity");
                     c.close(CLOSE_BAD_IDENTITY, b"frame from another gateway");
                     return Err("data frame without hello or with another gateway id".into());
                 }
                 let store2 = store.clone();
                 let gw2 = gw.clone();
-                let (frame, res) = tokio::task::spawn_blocking(move || {
-                    let r = store2.commit(&gw2, &frame, now_ns());
-                    (frame, r)
+                let (frames, res) = tokio::task::spawn_blocking(move || {
+                    let r = store2.commit_many(&gw2, &frames, now_ns());
+                    (frames, r)
                 })
                 .await
                 .map_err(|e| format!("commit task failed: {e}"))?;
@@ -302,14 +327,19 @@ async fn serve_gateway(
                         return Err(e.to_string());
                     }
                 };
-                written.inc_by(done.written as u64);
-                dups.inc_by(done.duplicates as u64);
-                if let Some(r) = &republish {
-                    r.samples(&gw, &frame, &done.written_idx, &republish_dropped);
+                let mut acks = Vec::new();
+                for (frame, done) in frames.iter().zip(&done) {
+                    written.inc_by(done.written as u64);
+                    dups.inc_by(done.duplicates as u64);
+                    if let Some(r) = &republish {
+                        r.samples(&gw, frame, &done.written_idx, &republish_dropped);
+                    }
+                    acks.extend(
+                        frame::encode(&Message::Ack(Ack::for_frame(frame)))
+                            .map_err(|e| format!("cannot encode ack: {e}"))?,
+                    );
                 }
-                let ack = frame::encode(&Message::Ack(Ack::for_frame(&frame)))
-                    .map_err(|e| format!("cannot encode ack: {e}"))?;
-                quic::send_all(&mut send, &ack)
+                quic::send_all(&mut send, &acks)
                     .await
                     .map_err(|e| e.to_string())?;
             }
