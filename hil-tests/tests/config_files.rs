@@ -1,0 +1,57 @@
+//! The shipped hub config (`config/hub.toml`) is valid as written once its certificates
+//! exist (made here the way its comment says), including its commented `[republish]`
+//! section; a misspelt key in it is reported with its line.
+
+use std::path::Path;
+
+use outpost_hil::harness::Pki;
+use outpost_runtime::config;
+
+const HUB_TOML: &str = include_str!("../../config/hub.toml");
+
+#[test]
+fn the_reference_hub_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let _pki = Pki::new(dir.path(), &["plant-a-gw01"]); // writes certs/ca.pem, hub.pem, hub.key
+    let c = config::parse_hub(HUB_TOML, Path::new("hub.toml"), dir.path()).unwrap();
+    assert_eq!(c.hub.listen.port(), 7443);
+    assert!(c.republish.is_none());
+
+    // The commented republish section, enabled.
+    let enabled: String = HUB_TOML
+        .lines()
+        .map(|l| {
+            let t = l.trim_start();
+            if t.starts_with("# [republish]")
+                || (t.starts_with("# ")
+                    && t[2..].split_once(" = ").is_some()
+                    && !t.contains("dir ="))
+            {
+                t[2..].to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    // SAFETY: a variable only this test reads.
+    unsafe { std::env::set_var("OUTPOST_HUB_MQTT_PASSWORD", "pw") };
+    let c = config::parse_hub(&enabled, Path::new("hub.toml"), dir.path())
+        .unwrap_or_else(|e| panic!("{e}\n{enabled}"));
+    let r = c.republish.expect("republish section");
+    assert_eq!(r.broker, "127.0.0.1:1883");
+    assert_eq!(r.topic_prefix, "outpost");
+
+    let typo = HUB_TOML.replace("listen = \"127.0.0.1:7443\"", "lisen = \"127.0.0.1:7443\"");
+    let e = config::parse_hub(&typo, Path::new("hub.toml"), dir.path()).unwrap_err();
+    let shown = e.to_string();
+    let line = HUB_TOML[..HUB_TOML.find("listen = \"127.0.0.1:7443\"").unwrap()]
+        .matches('\n')
+        .count()
+        + 1;
+    assert!(
+        shown.contains(&format!("hub.toml:{line}:1: `hub.lisen`")),
+        "{shown}"
+    );
+    assert!(shown.contains("did you mean `listen`?"), "{shown}");
+}
