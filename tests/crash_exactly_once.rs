@@ -111,20 +111,8 @@ fn kill_minus_nine_never_loses_or_doubles_a_sample() {
 
     // Publisher: MESSAGES QoS 1 readings at a steady rate over ~20 s, through one
     // `mosquitto_pub -l` fed line by line.
-    let mut publisher = Command::new(mosquitto::client_binary("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-q",
-            "1",
-            "-t",
-            "plant/m1/telemetry",
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+    let mut publisher = mosquitto::mosquitto_pub(broker.port(), 1, "plant/m1/telemetry")
+        .arg("-l")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

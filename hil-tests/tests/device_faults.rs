@@ -82,17 +82,8 @@ async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
     // The MQTT stream: 200 readings/s, published from one `mosquitto_pub -l`.
     let published = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut publisher = std::process::Command::new(mosquitto::client_binary("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-q",
-            "1",
-        ])
-        .args(["-t", "plant/steady/telemetry", "-l"])
-        .stdin(std::process::Stdio::piped())
+    let mut publisher = mosquitto::mosquitto_pub(broker.port(), 1, "plant/steady/telemetry")
+        .arg("-l")
         .spawn()
         .unwrap();
     let feeder = {

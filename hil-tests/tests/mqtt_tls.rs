@@ -69,21 +69,8 @@ stream = "plant/{{1}}/n"
 
 fn publish_with_credentials(port: u16, n: u64) {
     let lines: Vec<String> = (0..n).map(mosquitto::telemetry_line).collect();
-    let mut child = Command::new(mosquitto::client_binary("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-u",
-            "gw",
-            "-P",
-            "s3cret",
-        ])
-        .args(["-t", "plant/m1/telemetry", "-l"])
-        .stdin(std::process::Stdio::piped())
+    let mut child = mosquitto::mosquitto_pub(port, 1, "plant/m1/telemetry")
+        .args(["-l", "-u", "gw", "-P", "s3cret"])
         .spawn()
         .unwrap();
     use std::io::Write;

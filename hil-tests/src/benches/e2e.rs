@@ -12,7 +12,6 @@
 //! Last line: `{"bench":"e2e","samples_per_s":…,"p99_latency_ms":…, …}`.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outpost_actors::gateway::Gateway;
@@ -36,20 +35,8 @@ fn now_us() -> u64 {
 /// Publishes `count` readings `{"n":…,"v":…,"ts":<µs>}` to `topic`, `rate` per second (0:
 /// as fast as possible).
 fn publish(port: u16, topic: &str, first: u64, count: u64, rate: u64) -> Result<(), String> {
-    let mut child = Command::new(mosquitto::client_binary("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            topic,
-            "-l",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+    let mut child = mosquitto::mosquitto_pub(port, 1, topic)
+        .arg("-l")
         .spawn()
         .map_err(|e| format!("mosquitto_pub: {e}"))?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;

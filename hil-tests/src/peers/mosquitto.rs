@@ -251,6 +251,25 @@ impl Drop for Mosquitto {
     }
 }
 
+/// `mosquitto_pub` to the broker on loopback `port`, at `qos`, on `topic`, reading its
+/// message(s) from a piped stdin: add `-l` (a message per line) or `-s` (one message),
+/// credentials or other flags, then spawn.
+pub fn mosquitto_pub(port: u16, qos: u8, topic: &str) -> Command {
+    let mut c = Command::new(client_binary("mosquitto_pub"));
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-q",
+        &qos.to_string(),
+    ])
+    .args(["-t", topic])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null());
+    c
+}
+
 /// A running `mosquitto_pub -l` (one message per line of its stdin).
 pub struct Publisher {
     child: Child,
@@ -260,18 +279,8 @@ impl Publisher {
     /// Starts `mosquitto_pub -l` publishing each of `lines` to `topic` with `qos`; the
     /// lines are written from a thread so the caller is not blocked.
     pub fn lines(port: u16, topic: &str, qos: u8, lines: Vec<String>) -> Publisher {
-        let mut child = Command::new(client_binary("mosquitto_pub"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                &qos.to_string(),
-            ])
-            .args(["-t", topic, "-l"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+        let mut child = mosquitto_pub(port, qos, topic)
+            .arg("-l")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start mosquitto_pub: {e}; {INSTALL}"));
@@ -301,18 +310,8 @@ impl Publisher {
 
 /// Publishes one message with arbitrary bytes (read by `mosquitto_pub -s` from stdin).
 pub fn publish_bytes(port: u16, topic: &str, qos: u8, payload: &[u8]) {
-    let mut child = Command::new(client_binary("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            &qos.to_string(),
-        ])
-        .args(["-t", topic, "-s"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+    let mut child = mosquitto_pub(port, qos, topic)
+        .arg("-s")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start mosquitto_pub: {e}; {INSTALL}"));
