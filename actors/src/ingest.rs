@@ -64,7 +64,7 @@ struct Submission {
 }
 
 /// Fingerprints kept per source: far more than any broker's in-flight window.
-pub const RECEIPTS_PER_SOURCE: u32 = 65_536;
+pub const RECEIPTS_PER_SOURCE: usize = 65_536;
 
 /// A promise that submitted samples become durable.
 pub struct Durable(oneshot::Receiver<Result<(), IngestError>>);
@@ -270,9 +270,9 @@ async fn write_batch(
         if encoded.is_empty() {
             continue;
         }
-        let aux: Vec<(Vec<u8>, Vec<u8>)> = {
+        let aux: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
             let r = receipts.read().unwrap_or_else(|e| e.into_inner());
-            fps.iter().flat_map(|(ns, v)| r.puts(*ns, v)).collect()
+            fps.iter().flat_map(|(ns, v)| r.ops(*ns, v)).collect()
         };
         let mut warned = false;
         loop {

@@ -343,15 +343,15 @@ impl<E: KvEngine> Outbox<E> {
         self.append_with(items, &[])
     }
 
-    /// [`append`](Self::append), plus `aux` key/value pairs written in the same atomic
-    /// batch. Aux keys live in their own keyspace (they must start with [`AUX_PREFIX`]);
+    /// [`append`](Self::append), plus `aux` operations (a put, or a removal when the value
+    /// is `None`) applied in the same atomic batch. Aux keys live in their own keyspace (they must start with [`AUX_PREFIX`]);
     /// they are not records, are not counted against the quota, and are read back with
     /// [`aux_scan`](Self::aux_scan). Used for facts that must become durable together with
     /// the records they describe (e.g. which MQTT messages were stored).
     pub fn append_with(
         &self,
         items: &[(Priority, &[u8])],
-        aux: &[(Vec<u8>, Vec<u8>)],
+        aux: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<Vec<Seq>, StorageError> {
         if let Some((k, _)) = aux.iter().find(|(k, _)| k.first() != Some(&AUX_PREFIX)) {
             return Err(StorageError::Corrupt(format!(
@@ -362,7 +362,10 @@ impl<E: KvEngine> Outbox<E> {
             if !aux.is_empty() {
                 let mut batch = WriteBatch::new();
                 for (k, v) in aux {
-                    batch.put(k.clone(), v.clone());
+                    match v {
+                        Some(v) => batch.put(k.clone(), v.clone()),
+                        None => batch.remove(k.clone()),
+                    }
                 }
                 let mut st = self.lock();
                 self.engine.apply(batch)?;
@@ -451,7 +454,10 @@ impl<E: KvEngine> Outbox<E> {
             }
         }
         for (k, v) in aux {
-            batch.put(k.clone(), v.clone());
+            match v {
+                Some(v) => batch.put(k.clone(), v.clone()),
+                None => batch.remove(k.clone()),
+            }
         }
         self.engine.apply(batch)?;
 

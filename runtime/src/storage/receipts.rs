@@ -2,23 +2,27 @@
 //! so that a message the broker delivers *again* after a crash (between "stored" and
 //! "acknowledged to the broker") is not stored twice.
 //!
-//! Each source (a namespace, e.g. one MQTT device) keeps a ring of the fingerprints of its
-//! last `capacity` stored messages; the ring must be larger than the source's in-flight
-//! window (messages delivered but not yet acknowledged). Slots are aux keys of the outbox,
-//! written in the same atomic batch as the samples they vouch for
-//! ([`Outbox::append_with`](super::Outbox::append_with)):
+//! Each source (a namespace, e.g. one MQTT device) keeps the fingerprints of its last
+//! `capacity` (or a little more) stored messages, which must exceed the source's in-flight
+//! window (messages delivered but not yet acknowledged). They are kept in blocks, one per
+//! ingest batch, written as aux keys of the outbox in the same atomic batch as the samples
+//! they vouch for ([`Outbox::append_with`](super::Outbox::append_with)); the oldest blocks
+//! are removed in that same batch once a source holds more than `capacity`:
 //!
 //! | key | value |
 //! |---|---|
-//! | `FE 01 <ns u64 BE> <slot u32 BE>` | fingerprint u64 BE |
-//! | `FE 01 <ns u64 BE> FF FF FF FF` | next write position u64 BE |
+//! | `FE 02 <ns u64 BE> <block u64 BE>` | fingerprints, u64 BE each |
+//!
+//! Two phases, so that nothing counts as stored before it is: [`Receipts::ops`] plans the
+//! writes from the current state, [`Receipts::commit`] applies the same change in memory
+//! once they succeeded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use super::outbox::AUX_PREFIX;
 
-const TAG: u8 = 0x01;
-const NEXT_SLOT: u32 = u32::MAX;
+const TAG: u8 = 0x02;
+const KEY_LEN: usize = 18;
 
 /// 64-bit FNV-1a over the parts, with a separator between them (stable across processes,
 /// unlike `std`'s hasher).
@@ -38,145 +42,204 @@ pub fn fingerprint(parts: &[&[u8]]) -> u64 {
 }
 
 #[derive(Debug, Default, Clone)]
-struct Ring {
-    slots: HashMap<u32, u64>,
+struct Source {
+    /// (block number, fingerprints), oldest first.
+    blocks: VecDeque<(u64, Vec<u64>)>,
     counts: HashMap<u64, u32>,
-    next: u64,
+    total: usize,
+    next_block: u64,
 }
+
+/// An aux write: a put, or a removal (`None`).
+pub type AuxOp = (Vec<u8>, Option<Vec<u8>>);
 
 /// Fingerprints of recently stored messages, per namespace.
 #[derive(Debug, Clone)]
 pub struct Receipts {
-    capacity: u32,
-    rings: HashMap<u64, Ring>,
+    capacity: usize,
+    sources: HashMap<u64, Source>,
 }
 
-fn slot_key(ns: u64, slot: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(14);
+fn block_key(ns: u64, block: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(KEY_LEN);
     k.extend_from_slice(&[AUX_PREFIX, TAG]);
     k.extend_from_slice(&ns.to_be_bytes());
-    k.extend_from_slice(&slot.to_be_bytes());
+    k.extend_from_slice(&block.to_be_bytes());
     k
 }
 
+impl Source {
+    /// How many of the oldest blocks go once `adding` more fingerprints are in.
+    fn evictions(&self, adding: usize, capacity: usize) -> usize {
+        let mut total = self.total + adding;
+        let mut n = 0;
+        // Never evict the block being added (it is not in `blocks` yet).
+        for (_, fps) in &self.blocks {
+            if total <= capacity {
+                break;
+            }
+            total -= fps.len();
+            n += 1;
+        }
+        n
+    }
+}
+
 impl Receipts {
-    /// An empty set keeping `capacity` (≥ 1) fingerprints per namespace.
-    pub fn new(capacity: u32) -> Receipts {
+    /// An empty set keeping at least the last `capacity` (≥ 1) fingerprints per namespace.
+    pub fn new(capacity: usize) -> Receipts {
         Receipts {
-            capacity: capacity.clamp(1, NEXT_SLOT - 1),
-            rings: HashMap::new(),
+            capacity: capacity.max(1),
+            sources: HashMap::new(),
         }
     }
 
-    /// Rebuilds the set from aux pairs (as visited by `Outbox::aux_scan`); pairs that are
-    /// not receipts are ignored, malformed ones are skipped.
+    /// Rebuilds the set from aux pairs (as visited by `Outbox::aux_scan`, in key order);
+    /// pairs that are not receipt blocks are ignored, malformed ones skipped.
     pub fn load<'a>(
-        capacity: u32,
+        capacity: usize,
         pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Receipts {
         let mut r = Receipts::new(capacity);
         for (k, v) in pairs {
-            if k.len() != 14 || k[0] != AUX_PREFIX || k[1] != TAG {
+            if k.len() != KEY_LEN || k[0] != AUX_PREFIX || k[1] != TAG || v.len() % 8 != 0 {
                 continue;
             }
-            let (Ok(ns), Ok(slot), Ok(val)) = (
+            let (Ok(ns), Ok(block)) = (
                 <[u8; 8]>::try_from(&k[2..10]),
-                <[u8; 4]>::try_from(&k[10..14]),
-                <[u8; 8]>::try_from(v),
+                <[u8; 8]>::try_from(&k[10..18]),
             ) else {
                 continue;
             };
-            let (ns, slot, val) = (
-                u64::from_be_bytes(ns),
-                u32::from_be_bytes(slot),
-                u64::from_be_bytes(val),
-            );
-            let ring = r.rings.entry(ns).or_default();
-            if slot == NEXT_SLOT {
-                ring.next = val;
-            } else if slot < r.capacity {
-                ring.slots.insert(slot, val);
-                *ring.counts.entry(val).or_insert(0) += 1;
+            let (ns, block) = (u64::from_be_bytes(ns), u64::from_be_bytes(block));
+            let fps: Vec<u64> = v
+                .chunks_exact(8)
+                .filter_map(|c| <[u8; 8]>::try_from(c).ok().map(u64::from_be_bytes))
+                .collect();
+            let s = r.sources.entry(ns).or_default();
+            for fp in &fps {
+                *s.counts.entry(*fp).or_insert(0) += 1;
             }
+            s.total += fps.len();
+            s.next_block = s.next_block.max(block + 1);
+            s.blocks.push_back((block, fps));
         }
         r
     }
 
-    /// Whether `fp` was stored for `ns` (among its last `capacity` messages).
+    /// Whether `fp` was stored for `ns` (among its last `capacity` messages at least).
     pub fn contains(&self, ns: u64, fp: u64) -> bool {
-        self.rings
+        self.sources
             .get(&ns)
-            .is_some_and(|r| r.counts.contains_key(&fp))
+            .is_some_and(|s| s.counts.contains_key(&fp))
     }
 
-    /// The aux puts that record `fps` for `ns`, to be written with the samples. Call
-    /// [`commit`](Self::commit) with the same arguments once that write succeeded.
-    pub fn puts(&self, ns: u64, fps: &[u64]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let next = self.rings.get(&ns).map_or(0, |r| r.next);
-        let cap = u64::from(self.capacity);
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = fps
-            .iter()
-            .enumerate()
-            .map(|(i, fp)| {
-                let slot = ((next + i as u64) % cap) as u32;
-                (slot_key(ns, slot), fp.to_be_bytes().to_vec())
-            })
-            .collect();
-        out.push((
-            slot_key(ns, NEXT_SLOT),
-            (next + fps.len() as u64).to_be_bytes().to_vec(),
-        ));
+    /// The aux writes that record `fps` for `ns` (one new block, and the removal of blocks
+    /// beyond the capacity), to be applied with the samples. Call [`commit`](Self::commit)
+    /// with the same arguments once they were written.
+    pub fn ops(&self, ns: u64, fps: &[u64]) -> Vec<AuxOp> {
+        if fps.is_empty() {
+            return Vec::new();
+        }
+        let empty = Source::default();
+        let s = self.sources.get(&ns).unwrap_or(&empty);
+        let mut value = Vec::with_capacity(fps.len() * 8);
+        for fp in fps {
+            value.extend_from_slice(&fp.to_be_bytes());
+        }
+        let mut out = vec![(block_key(ns, s.next_block), Some(value))];
+        let evict = s.evictions(fps.len(), self.capacity);
+        out.extend(
+            s.blocks
+                .iter()
+                .take(evict)
+                .map(|(b, _)| (block_key(ns, *b), None)),
+        );
         out
     }
 
-    /// Records `fps` for `ns` in memory (after [`puts`](Self::puts) were written).
+    /// Records `fps` for `ns` in memory, exactly as [`ops`](Self::ops) wrote them.
     pub fn commit(&mut self, ns: u64, fps: &[u64]) {
-        let cap = u64::from(self.capacity);
-        let ring = self.rings.entry(ns).or_default();
-        for fp in fps {
-            let slot = (ring.next % cap) as u32;
-            if let Some(old) = ring.slots.insert(slot, *fp)
-                && let Some(c) = ring.counts.get_mut(&old)
-            {
-                *c -= 1;
-                if *c == 0 {
-                    ring.counts.remove(&old);
+        if fps.is_empty() {
+            return;
+        }
+        let capacity = self.capacity;
+        let s = self.sources.entry(ns).or_default();
+        let evict = s.evictions(fps.len(), capacity);
+        for _ in 0..evict {
+            if let Some((_, old)) = s.blocks.pop_front() {
+                s.total -= old.len();
+                for fp in old {
+                    if let Some(c) = s.counts.get_mut(&fp) {
+                        *c -= 1;
+                        if *c == 0 {
+                            s.counts.remove(&fp);
+                        }
+                    }
                 }
             }
-            *ring.counts.entry(*fp).or_insert(0) += 1;
-            ring.next += 1;
         }
+        for fp in fps {
+            *s.counts.entry(*fp).or_insert(0) += 1;
+        }
+        s.total += fps.len();
+        s.blocks.push_back((s.next_block, fps.to_vec()));
+        s.next_block += 1;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn apply(store: &mut BTreeMap<Vec<u8>, Vec<u8>>, ops: Vec<AuxOp>) {
+        for (k, v) in ops {
+            match v {
+                Some(v) => {
+                    store.insert(k, v);
+                }
+                None => {
+                    store.remove(&k);
+                }
+            }
+        }
+    }
 
     #[test]
-    fn remembers_the_last_capacity_fingerprints_and_reloads() {
-        let mut r = Receipts::new(3);
-        let puts_a = r.puts(7, &[10, 11]);
-        r.commit(7, &[10, 11]);
-        let puts_b = r.puts(7, &[12, 13]);
-        r.commit(7, &[12, 13]);
-        assert!(!r.contains(7, 10), "evicted by the ring");
-        assert!(r.contains(7, 11) && r.contains(7, 12) && r.contains(7, 13));
-        assert!(!r.contains(8, 12), "namespaces are separate");
-        // Replay the writes as a store would (later puts overwrite earlier keys).
-        let mut store: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-        for (k, v) in puts_a.into_iter().chain(puts_b) {
-            store.insert(k, v);
+    fn keeps_at_least_capacity_and_reloads_the_same() {
+        let mut r = Receipts::new(4);
+        let mut store = BTreeMap::new();
+        for batch in [[10u64, 11], [12, 13], [14, 15]] {
+            apply(&mut store, r.ops(7, &batch));
+            r.commit(7, &batch);
         }
-        let back = Receipts::load(3, store.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-        for fp in [11, 12, 13] {
+        assert!(
+            !r.contains(7, 10) && !r.contains(7, 11),
+            "oldest block evicted"
+        );
+        for fp in 12..16 {
+            assert!(r.contains(7, fp));
+        }
+        assert!(!r.contains(8, 12), "namespaces are separate");
+        assert_eq!(store.len(), 2, "evicted blocks are removed from the store");
+        let mut back = Receipts::load(4, store.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        for fp in 12..16 {
             assert!(back.contains(7, fp));
         }
-        assert!(!back.contains(7, 10));
-        // Writing continues where it stopped.
-        let mut back = back;
-        back.commit(7, &[14]);
-        assert!(!back.contains(7, 11) && back.contains(7, 12));
+        // Writing continues after the last block.
+        apply(&mut store, back.ops(7, &[16]));
+        back.commit(7, &[16]);
+        let again = Receipts::load(4, store.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        assert!(again.contains(7, 16) && again.contains(7, 14));
+    }
+
+    #[test]
+    fn ops_do_not_change_memory_before_commit() {
+        let r = Receipts::new(10);
+        let _ = r.ops(1, &[5]);
+        assert!(!r.contains(1, 5));
+        assert!(r.ops(1, &[]).is_empty());
     }
 
     #[test]
@@ -187,9 +250,9 @@ mod tests {
 
     #[test]
     fn load_ignores_foreign_and_malformed_pairs() {
-        let pairs: Vec<(&[u8], &[u8])> =
-            vec![(b"\xfe\x02abc", b"x"), (b"\xfe\x01short", b"12345678")];
+        let long = [0xfe, 0x02, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+        let pairs: Vec<(&[u8], &[u8])> = vec![(b"\xfe\x01abc", b"x"), (&long, b"1234567")];
         let r = Receipts::load(4, pairs);
-        assert!(r.rings.is_empty());
+        assert!(r.sources.is_empty());
     }
 }
