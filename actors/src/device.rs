@@ -134,7 +134,7 @@ mod tests {
     use crate::bus::Bus;
     use crate::ingest::IngestConfig;
     use outpost_runtime::model::{Sample, StreamId, Value};
-    use outpost_runtime::storage::{GatewayOutbox, OutboxConfig, open_default_engine};
+    use outpost_runtime::storage::open_gateway_outbox;
     use outpost_runtime::supervisor::{BackoffPolicy, Strategy, SupervisorSpec};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
@@ -142,16 +142,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_driver_is_restarted_and_a_panicking_one_too() {
         let dir = tempfile::tempdir().unwrap();
-        let ob = Arc::new(
-            GatewayOutbox::open(
-                open_default_engine(dir.path(), "outbox").unwrap(),
-                OutboxConfig {
-                    quota_bytes: 1 << 30,
-                    metrics: None,
-                },
-            )
-            .unwrap(),
-        );
+        let ob = Arc::new(open_gateway_outbox(dir.path(), 1 << 30, None).unwrap());
         let m = Metrics::new();
         let (ingest, _w) = Ingest::start(
             ob,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use outpost_runtime::config::Config;
 use outpost_runtime::metrics::{self, Metrics};
-use outpost_runtime::storage::{GatewayOutbox, OutboxConfig, StorageError, open_default_engine};
+use outpost_runtime::storage::{GatewayOutbox, StorageError, open_gateway_outbox};
 use outpost_runtime::supervisor::{
     self, BackoffPolicy, Restart, Strategy, SupervisorMsg, SupervisorSpec,
 };
@@ -82,23 +82,12 @@ impl Gateway {
             source,
         })?;
         let outbox_dir = dir.join("outbox");
-        let engine =
-            open_default_engine(&outbox_dir, "outbox").map_err(|source| GatewayError::Outbox {
-                path: outbox_dir.clone(),
-                source,
-            })?;
         let outbox = Arc::new(
-            GatewayOutbox::open(
-                engine,
-                OutboxConfig {
-                    quota_bytes: config.storage.quota.0,
-                    metrics: Some(metrics.clone()),
-                },
-            )
-            .map_err(|source| GatewayError::Outbox {
-                path: outbox_dir.clone(),
-                source,
-            })?,
+            open_gateway_outbox(&outbox_dir, config.storage.quota.0, Some(metrics.clone()))
+                .map_err(|source| GatewayError::Outbox {
+                    path: outbox_dir.clone(),
+                    source,
+                })?,
         );
         let st = outbox.stats();
         tracing::info!(

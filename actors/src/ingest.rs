@@ -333,20 +333,10 @@ async fn write_batch(
 mod tests {
     use super::*;
     use outpost_runtime::model::{StreamId, Value};
-    use outpost_runtime::storage::{OutboxConfig, open_default_engine};
+    use outpost_runtime::storage::open_gateway_outbox;
 
     fn open(dir: &std::path::Path, quota: u64) -> Arc<GatewayOutbox> {
-        let engine = open_default_engine(dir, "outbox").unwrap();
-        Arc::new(
-            GatewayOutbox::open(
-                engine,
-                OutboxConfig {
-                    quota_bytes: quota,
-                    metrics: None,
-                },
-            )
-            .unwrap(),
-        )
+        Arc::new(open_gateway_outbox(dir, quota, None).unwrap())
     }
 
     #[tokio::test]
@@ -423,23 +413,14 @@ mod tests {
 mod receipt_tests {
     use super::*;
     use outpost_runtime::model::{StreamId, Value};
-    use outpost_runtime::storage::{OutboxConfig, open_default_engine};
+    use outpost_runtime::storage::open_gateway_outbox;
 
     #[tokio::test]
     async fn stored_fingerprints_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let s = StreamId::intern("ingest/receipt").unwrap();
         for round in 0..2 {
-            let ob = Arc::new(
-                GatewayOutbox::open(
-                    open_default_engine(dir.path(), "outbox").unwrap(),
-                    OutboxConfig {
-                        quota_bytes: 1 << 30,
-                        metrics: None,
-                    },
-                )
-                .unwrap(),
-            );
+            let ob = Arc::new(open_gateway_outbox(dir.path(), 1 << 30, None).unwrap());
             let m = Metrics::new();
             let (ingest, task) = Ingest::start(
                 ob.clone(),

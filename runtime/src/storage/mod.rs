@@ -149,3 +149,18 @@ pub fn open_default_engine(
         },
     )
 }
+
+/// Opens (or creates) the gateway's outbox in `dir` on the default engine.
+pub fn open_gateway_outbox(
+    dir: &std::path::Path,
+    quota_bytes: u64,
+    metrics: Option<crate::metrics::Metrics>,
+) -> Result<GatewayOutbox, StorageError> {
+    Outbox::open(
+        open_default_engine(dir, "outbox")?,
+        OutboxConfig {
+            quota_bytes,
+            metrics,
+        },
+    )
+}
