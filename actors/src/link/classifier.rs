@@ -63,7 +63,7 @@ impl Default for ClassifierConfig {
 }
 
 impl ClassifierConfig {
-    /// The thresholds of a `[link]` config section, with the default margins.
+    /// The thresholds and margins of a `[link]` config section.
     pub fn from_section(s: &LinkSection) -> Self {
         Self {
             fiber_min_bps: s.fiber_min_mbps * 1e6,
@@ -73,9 +73,9 @@ impl ClassifierConfig {
             satellite_min_rtt: s.satellite_min_rtt.get(),
             upgrade_after: s.upgrade_after.get(),
             min_dwell: s.min_dwell.get(),
-            up_margin: 0.4,
-            rtt_margin: 0.1,
-            intermittent_loss: 0.8,
+            up_margin: s.up_margin,
+            rtt_margin: s.rtt_margin,
+            intermittent_loss: s.intermittent_loss,
         }
     }
 

@@ -36,6 +36,9 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     #[serde(default)]
     pub link: LinkSection,
+    /// How data is shipped in each sync mode (SPEC §2).
+    #[serde(default)]
+    pub sync: SyncSection,
     #[serde(default)]
     pub supervision: SupervisionSection,
 }
@@ -451,6 +454,44 @@ pub struct LinkSection {
     /// Active probe budget.
     #[serde(default = "d_probe_budget")]
     pub probe_budget_per_hour: ByteSize,
+    /// Up-grades need a rate this fraction above the threshold (0.4 = 40 %), so a link
+    /// whose rate jitters around a threshold does not flap.
+    #[serde(default = "d_up_margin", deserialize_with = "de_up_margin")]
+    pub up_margin: f64,
+    /// Up-grades need an RTT this fraction below the threshold.
+    #[serde(default = "d_rtt_margin", deserialize_with = "de_rtt_margin")]
+    pub rtt_margin: f64,
+    /// Loss rate (lost / sent packets) at or above which the link is intermittent.
+    #[serde(
+        default = "d_intermittent_loss",
+        deserialize_with = "de_intermittent_loss"
+    )]
+    pub intermittent_loss: f64,
+    /// Interval of the RTT ping the link monitor sends to the hub.
+    #[serde(default = "d_ping_interval")]
+    pub ping_interval: Dur<50, 60_000>,
+}
+
+fn d_up_margin() -> f64 {
+    0.4
+}
+fn de_up_margin<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    super::types::check_f64(d, 0.0, 10.0)
+}
+fn d_rtt_margin() -> f64 {
+    0.1
+}
+fn de_rtt_margin<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    super::types::check_f64(d, 0.0, 0.9)
+}
+fn d_intermittent_loss() -> f64 {
+    0.8
+}
+fn de_intermittent_loss<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    super::types::check_f64(d, 0.01, 1.0)
+}
+fn d_ping_interval() -> Dur<50, 60_000> {
+    Dur::from_millis(200)
 }
 
 fn d_fiber_mbps() -> f64 {
@@ -489,6 +530,118 @@ impl Default for LinkSection {
             upgrade_after: d_upgrade(),
             min_dwell: d_dwell(),
             probe_budget_per_hour: d_probe_budget(),
+            up_margin: d_up_margin(),
+            rtt_margin: d_rtt_margin(),
+            intermittent_loss: d_intermittent_loss(),
+            ping_interval: d_ping_interval(),
+        }
+    }
+}
+
+/// Which sync mode the sync actor uses: the one the link class gives, or a fixed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncModeSetting {
+    /// Follow the link monitor's class (SPEC §2).
+    #[default]
+    Auto,
+    Full,
+    FullZstd,
+    Delta,
+    Summary,
+    StoreAndForward,
+}
+
+impl SyncModeSetting {
+    /// The fixed mode, if any.
+    pub fn fixed(self) -> Option<crate::model::SyncMode> {
+        use crate::model::SyncMode as M;
+        match self {
+            SyncModeSetting::Auto => None,
+            SyncModeSetting::Full => Some(M::Full),
+            SyncModeSetting::FullZstd => Some(M::FullZstd),
+            SyncModeSetting::Delta => Some(M::Delta),
+            SyncModeSetting::Summary => Some(M::Summary),
+            SyncModeSetting::StoreAndForward => Some(M::StoreAndForward),
+        }
+    }
+}
+
+/// `[sync]`: how data is shipped.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// `auto` (follow the link class) or a fixed mode.
+    #[serde(default)]
+    pub mode: SyncModeSetting,
+    /// Whether raw samples held back by delta, summary or store-and-forward are sent (as
+    /// bulk) once the link is fiber or broadband again. Off: they stay in the outbox until
+    /// the quota evicts them.
+    #[serde(default = "d_true")]
+    pub backfill: bool,
+    #[serde(default)]
+    pub delta: DeltaSection,
+    #[serde(default)]
+    pub summary: SummarySection,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// A deadband: how far a number must move from the last sent value to be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeadbandSpec {
+    /// Send when `|v − last_sent| > band` (engineering units).
+    Absolute(#[serde(deserialize_with = "de_band")] f64),
+    /// Send when `|v − last_sent| > fraction × |last_sent|` (0.01 = 1 %).
+    Relative(#[serde(deserialize_with = "de_band")] f64),
+}
+
+fn de_band<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    super::types::check_f64(d, 0.0, 1e12)
+}
+
+/// `[sync.delta]`: the delta mode's per-stream deadband.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaSection {
+    /// Deadband of streams not listed in `streams`; absent = every change is sent.
+    #[serde(default)]
+    pub default: Option<DeadbandSpec>,
+    /// Send a sample anyway once a stream has sent nothing for this long (by sample time).
+    #[serde(default)]
+    pub max_silence: Option<Dur<1, 86_400_000>>,
+    /// Per-stream deadbands, by exact stream name.
+    #[serde(default)]
+    pub streams: std::collections::BTreeMap<String, DeadbandSpec>,
+}
+
+/// `[sync.summary]`: the summary mode's windows.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SummarySection {
+    /// Window length (aligned on sample timestamps).
+    #[serde(default = "d_summary_window")]
+    pub window: Dur<1, 86_400_000>,
+    /// How long after a window ends its summary waits for late samples.
+    #[serde(default = "d_summary_lateness")]
+    pub lateness: Dur<0, 3_600_000>,
+}
+
+fn d_summary_window() -> Dur<1, 86_400_000> {
+    Dur::from_millis(10_000)
+}
+fn d_summary_lateness() -> Dur<0, 3_600_000> {
+    Dur::from_millis(2_000)
+}
+
+impl Default for SummarySection {
+    fn default() -> Self {
+        SummarySection {
+            window: d_summary_window(),
+            lateness: d_summary_lateness(),
         }
     }
 }
