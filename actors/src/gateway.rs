@@ -151,10 +151,18 @@ impl Gateway {
             .with_backoff(backoff)
             .child(fusion.into_child(Restart::Permanent))
             .child(devices.into_child(Restart::Permanent));
-        if let Some(u) = &config.uplink {
+        if config.uplink.is_some() {
+            // The link monitor outlives restarts of the sync actor (its estimate is history).
+            // It starts optimistic, as broadband (full + zstd): down-grades take under 2 s
+            // of evidence and up-grades need a sustained rate, like a TCP slow start.
+            let link = crate::link::monitor::spawn(
+                &config.link,
+                outpost_runtime::model::LinkClass::Broadband,
+                &metrics,
+            );
             let ctx = crate::sync::context_from_config(
-                &config.gateway.id,
-                u,
+                config,
+                link,
                 outbox.clone(),
                 wake.clone(),
                 metrics.clone(),

@@ -15,6 +15,7 @@
 
 pub mod classifier;
 pub mod estimator;
+pub mod monitor;
 
 pub use classifier::{
     ChangeReason, ClassChange, Classifier, ClassifierConfig, ProbeBudget, ProbeRefused, probe_bytes,

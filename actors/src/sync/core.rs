@@ -1,0 +1,537 @@
+//! The sync actor's pure core: which outbox records go out next, in which frame encoding,
+//! and what is kept for backfill — for every sync mode of SPEC §2. No I/O: the actor scans
+//! the outbox when [`SyncCore::scans`] asks, hands the records to [`SyncCore::fill`], sends
+//! what [`SyncCore::next_frame`] and [`SyncCore::poll_summaries`] build, and applies the
+//! hub's acknowledgements with [`SyncCore::acked`].
+//!
+//! # Lanes and cursors
+//!
+//! Each priority class has a *live* lane, read from the outbox in sequence order behind the
+//! class's live cursor. Normal and bulk also have a *backfill* lane: records at or behind the
+//! live cursor that are neither in flight nor acknowledged are *held* — the deadband skipped
+//! them (delta), they were summarized (summary), they were left behind when
+//! store-and-forward ended, or the connection that carried them dropped. Backfill reads them
+//! again from the oldest, but only in full and full + zstd modes (the link allows it) and
+//! only when `[sync] backfill` is on. Backfill shares the bulk share of the weighted drain
+//! ([`DrainScheduler`]): fresh data keeps its priority, held data is backfilled as bulk.
+//!
+//! # Modes
+//!
+//! | mode | control, critical | normal, bulk |
+//! |------|-------------------|--------------|
+//! | full | raw frames | raw frames; backfill |
+//! | full_zstd | zstd frames | zstd frames; backfill |
+//! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held |
+//! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held |
+//! | store_and_forward | nothing | nothing |
+//!
+//! Leaving store-and-forward moves the normal and bulk live cursors to the end of the
+//! outbox (when backfill is on): what piled up during the outage is backfilled as bulk and
+//! fresh data goes first. Control and critical records are never held: after an outage
+//! they drain at their own priority.
+//!
+//! # Invariants
+//!
+//! - A record leaves the outbox only when the hub acknowledges it ([`SyncCore::acked`]):
+//!   held, summarized or lost-in-flight records are still there and will be sent.
+//! - Summary frames acknowledge nothing and are never resent.
+//! - After [`SyncCore::disconnected`] nothing is in flight, the deadband forgets what it
+//!   sent (frames since the last acknowledgement may be lost), control and critical are
+//!   read again from their oldest record and normal and bulk records in flight become held.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use outpost_protocols::encoding::deadband::DeadbandError;
+use outpost_protocols::encoding::summary::SummaryConfigError;
+use outpost_protocols::encoding::{
+    DeadbandConfig, DeadbandFilter, StreamSummary, SummaryAggregator, SummaryConfig,
+    applies_deadband, encoding_for,
+};
+use outpost_protocols::frame::{Ack, DataFrame, Encoding};
+use outpost_runtime::model::{Priority, Sample, SyncMode};
+use outpost_runtime::storage::Seq;
+
+use crate::drain::{DEFAULT_WEIGHTS, DrainScheduler};
+
+/// Most summaries per summary frame.
+pub const SUMMARIES_PER_FRAME: usize = 1_000;
+
+/// Where records come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// Fresh records of a class, behind its live cursor.
+    Live(Priority),
+    /// Held records of normal or bulk, behind the live cursor.
+    Backfill(Priority),
+}
+
+impl Lane {
+    fn index(self) -> usize {
+        match self {
+            Lane::Live(p) => p as usize,
+            Lane::Backfill(Priority::Bulk) => 5,
+            Lane::Backfill(_) => 4,
+        }
+    }
+
+    /// The outbox class the lane reads.
+    pub fn class(self) -> Priority {
+        match self {
+            Lane::Live(p) | Lane::Backfill(p) => p,
+        }
+    }
+
+    /// A label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lane::Live(_) => "live",
+            Lane::Backfill(_) => "backfill",
+        }
+    }
+}
+
+const BACKFILL: [Lane; 2] = [
+    Lane::Backfill(Priority::Normal),
+    Lane::Backfill(Priority::Bulk),
+];
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub gateway_id: String,
+    /// Most samples per frame.
+    pub max_frame_samples: usize,
+    /// Most samples in flight (sent, unacknowledged).
+    pub window: usize,
+    /// Whether held records are backfilled in full modes.
+    pub backfill: bool,
+    pub deadband: DeadbandConfig,
+    pub summary: SummaryConfig,
+    /// How long after a window ends its summary waits for late samples.
+    pub summary_lateness_ns: i64,
+}
+
+/// A configuration the core cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreConfigError {
+    #[error(transparent)]
+    Deadband(#[from] DeadbandError),
+    #[error(transparent)]
+    Summary(#[from] SummaryConfigError),
+}
+
+/// An outbox read the core wants: up to `limit` records of `lane.class()` after `after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanRequest {
+    pub lane: Lane,
+    pub after: Option<Seq>,
+    pub limit: usize,
+}
+
+/// A data frame to send. Call [`SyncCore::commit`] once it is sent, or
+/// [`SyncCore::abandon`] if it cannot be encoded.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub frame: DataFrame,
+    pub lane: Lane,
+    /// The sequences the frame carries (what the hub will acknowledge).
+    pub seqs: Vec<Seq>,
+}
+
+/// Counts since the core was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Records the deadband skipped (held for backfill).
+    pub deadband_skipped: u64,
+    /// Records aggregated into summaries (held for backfill).
+    pub summarized: u64,
+    /// Summaries emitted.
+    pub summaries: u64,
+    /// Records sent from the backfill lanes.
+    pub backfilled: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlightEntry {
+    class: Priority,
+    /// This record's share of its frame's encoded bytes.
+    bytes: u64,
+}
+
+/// The core; see the module documentation.
+#[derive(Debug)]
+pub struct SyncCore {
+    cfg: CoreConfig,
+    mode: SyncMode,
+    in_flight: BTreeMap<Seq, InFlightEntry>,
+    /// Live cursor per class: the highest sequence read for live sending.
+    live: [Option<Seq>; 4],
+    /// Backfill cursor of normal (index 2) and bulk (3).
+    back: [Option<Seq>; 4],
+    /// Whether the backfill lane of a class may have held records.
+    back_pending: [bool; 4],
+    /// Read and not yet sent, per lane (see [`Lane::index`]).
+    lanes: [VecDeque<(Seq, Sample)>; 6],
+    drain: DrainScheduler,
+    deadband: DeadbandFilter,
+    /// Summary aggregators of normal (index 0) and bulk (1).
+    summary: [SummaryAggregator; 2],
+    /// Summaries of windows reopened by late samples, waiting for the next poll.
+    late: Vec<StreamSummary>,
+    stats: CoreStats,
+}
+
+impl SyncCore {
+    /// A core in `mode` with nothing read yet.
+    pub fn new(cfg: CoreConfig, mode: SyncMode) -> Result<SyncCore, CoreConfigError> {
+        let deadband = DeadbandFilter::new(&cfg.deadband)?;
+        let summary = [
+            SummaryAggregator::new(&cfg.summary)?,
+            SummaryAggregator::new(&cfg.summary)?,
+        ];
+        let quantum = (cfg.max_frame_samples / 4).max(1) as u32;
+        Ok(SyncCore {
+            mode,
+            in_flight: BTreeMap::new(),
+            live: [None; 4],
+            back: [None; 4],
+            back_pending: [false; 4],
+            lanes: Default::default(),
+            drain: DrainScheduler::new(DEFAULT_WEIGHTS, quantum),
+            deadband,
+            summary,
+            late: Vec::new(),
+            stats: CoreStats::default(),
+            cfg,
+        })
+    }
+
+    pub fn mode(&self) -> SyncMode {
+        self.mode
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        self.stats
+    }
+
+    /// Samples sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the window is full.
+    pub fn window_full(&self) -> bool {
+        self.in_flight.len() >= self.cfg.window
+    }
+
+    /// Whether records are read and waiting to be sent.
+    pub fn has_buffered(&self) -> bool {
+        self.lanes.iter().any(|l| !l.is_empty())
+    }
+
+    /// Whether held records may be waiting for backfill.
+    pub fn backfill_pending(&self) -> bool {
+        self.backfill_active()
+            && BACKFILL
+                .iter()
+                .any(|l| self.back_pending[l.class() as usize])
+    }
+
+    fn backfill_active(&self) -> bool {
+        self.cfg.backfill && matches!(self.mode, SyncMode::Full | SyncMode::FullZstd)
+    }
+
+    /// The outbox reads needed now: lanes that are empty and active in this mode.
+    pub fn scans(&self) -> Vec<ScanRequest> {
+        let mut out = Vec::new();
+        if self.mode == SyncMode::StoreAndForward {
+            return out;
+        }
+        let limit = self.cfg.max_frame_samples.max(1);
+        for p in Priority::ALL {
+            let lane = Lane::Live(p);
+            if self.lanes[lane.index()].is_empty() {
+                out.push(ScanRequest {
+                    lane,
+                    after: self.live[p as usize],
+                    limit,
+                });
+            }
+        }
+        if self.backfill_active() {
+            for lane in BACKFILL {
+                let c = lane.class() as usize;
+                if self.back_pending[c] && self.lanes[lane.index()].is_empty() {
+                    out.push(ScanRequest {
+                        lane,
+                        after: self.back[c],
+                        limit,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The result of `req`: the decoded records (in sequence order) and the highest
+    /// sequence the read went through (undecodable records included; `None` when it found
+    /// nothing).
+    pub fn fill(&mut self, req: &ScanRequest, records: Vec<(Seq, Sample)>, upto: Option<Seq>) {
+        let c = req.lane.class() as usize;
+        match req.lane {
+            Lane::Live(p) => {
+                if req.after != self.live[c] {
+                    return; // stale: the cursor moved (reconnect or mode change) meanwhile
+                }
+                if let Some(u) = upto {
+                    self.live[c] = Some(u);
+                }
+                if self.mode == SyncMode::Summary && applies_deadband(p) {
+                    let agg = &mut self.summary[usize::from(p == Priority::Bulk)];
+                    for (seq, s) in &records {
+                        // A summary emitted here covers a window reopened by a late sample.
+                        if let Some(done) = agg.push(*seq, s) {
+                            self.late.push(done);
+                        }
+                    }
+                    self.stats.summarized += records.len() as u64;
+                    if !records.is_empty() {
+                        self.back_pending[c] = true;
+                    }
+                } else {
+                    self.lanes[req.lane.index()].extend(records);
+                }
+            }
+            Lane::Backfill(_) => {
+                if req.after != self.back[c] {
+                    return;
+                }
+                let live = self.live[c];
+                let Some(u) = upto else {
+                    self.back_pending[c] = false;
+                    return;
+                };
+                // Only what is behind the live cursor and not in flight is held.
+                let limit = live.unwrap_or(0);
+                let held: Vec<(Seq, Sample)> = records
+                    .into_iter()
+                    .filter(|(s, _)| live.is_some() && *s <= limit)
+                    .filter(|(s, _)| !self.in_flight.contains_key(s))
+                    .collect();
+                if live.is_none() || u >= limit {
+                    // Caught up with the live cursor.
+                    self.back[c] = live;
+                    if held.is_empty() {
+                        self.back_pending[c] = false;
+                    }
+                } else {
+                    self.back[c] = Some(u);
+                }
+                self.lanes[req.lane.index()].extend(held);
+            }
+        }
+    }
+
+    /// The next data frame to send, if the window has room and something is waiting. In
+    /// delta mode a batch the deadband skips entirely yields no frame: call again until
+    /// `None`.
+    pub fn next_frame(&mut self) -> Option<Outgoing> {
+        loop {
+            if self.window_full() {
+                return None;
+            }
+            let room = (self.cfg.window - self.in_flight.len()).min(self.cfg.max_frame_samples);
+            let waiting = [0, 1, 2, 3].map(|i| {
+                !self.lanes[i].is_empty()
+                    || (i == 3 && BACKFILL.iter().any(|l| !self.lanes[l.index()].is_empty()))
+            });
+            let p = self.drain.next(waiting)?;
+            let lane = if !self.lanes[p as usize].is_empty() {
+                Lane::Live(p)
+            } else {
+                *BACKFILL
+                    .iter()
+                    .find(|l| !self.lanes[l.index()].is_empty())?
+            };
+            let buf = &mut self.lanes[lane.index()];
+            let n = room.min(buf.len());
+            let batch: Vec<(Seq, Sample)> = buf.drain(..n).collect();
+            self.drain.sent(p, batch.len());
+            if let Some(out) = self.build(lane, batch) {
+                return Some(out);
+            }
+        }
+    }
+
+    fn build(&mut self, lane: Lane, batch: Vec<(Seq, Sample)>) -> Option<Outgoing> {
+        let class = lane.class();
+        let gw = &self.cfg.gateway_id;
+        let encoding = match lane {
+            Lane::Backfill(_) => {
+                self.stats.backfilled += batch.len() as u64;
+                if self.mode == SyncMode::Full {
+                    Encoding::Raw
+                } else {
+                    Encoding::Zstd
+                }
+            }
+            Lane::Live(p) => encoding_for(self.mode, p)?,
+        };
+        let frame = if encoding == Encoding::Delta && applies_deadband(class) {
+            let outcome = self.deadband.filter(batch.iter().map(|(s, x)| (*s, x)));
+            if !outcome.skipped.is_empty() {
+                self.stats.deadband_skipped += outcome.skipped.len() as u64;
+                self.back_pending[class as usize] = true;
+            }
+            if outcome.send.is_empty() {
+                return None;
+            }
+            DataFrame::from_filtered(
+                gw,
+                class,
+                Encoding::Delta,
+                batch.iter().map(|(s, x)| (*s, x)),
+                &outcome,
+            )
+        } else {
+            if encoding == Encoding::Summary {
+                // Never reached: summary-mode normal and bulk records go to the aggregators.
+                return None;
+            }
+            DataFrame::from_samples(gw, class, encoding, batch.iter().map(|(s, x)| (*s, x)))
+        };
+        let seqs = frame.samples.iter().map(|s| s.seq).collect();
+        Some(Outgoing { frame, lane, seqs })
+    }
+
+    /// The frame of `lane` carrying `seqs` was sent as `bytes` bytes: they are in flight.
+    pub fn commit(&mut self, lane: Lane, seqs: &[Seq], bytes: usize) {
+        let share = bytes as u64 / seqs.len().max(1) as u64;
+        let class = lane.class();
+        for &s in seqs {
+            self.in_flight.insert(
+                s,
+                InFlightEntry {
+                    class,
+                    bytes: share,
+                },
+            );
+        }
+    }
+
+    /// The frame of `lane` carrying `seqs` could not be encoded: the (class, sequence)
+    /// pairs to drop from the outbox.
+    pub fn abandon(&mut self, lane: Lane, seqs: Vec<Seq>) -> Vec<(Priority, Seq)> {
+        let class = lane.class();
+        seqs.into_iter().map(|s| (class, s)).collect()
+    }
+
+    /// Applies an acknowledgement: the (class, sequence) pairs to delete from the outbox
+    /// and the frame bytes they account for. Sequences not in flight are ignored.
+    pub fn acked(&mut self, ack: &Ack) -> (Vec<(Priority, Seq)>, u64) {
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for r in &ack.ranges {
+            let keys: Vec<Seq> = self
+                .in_flight
+                .range(r.first..=r.last)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in keys {
+                if let Some(e) = self.in_flight.remove(&s) {
+                    bytes += e.bytes;
+                    out.push((e.class, s));
+                }
+            }
+        }
+        (out, bytes)
+    }
+
+    /// Summaries of the windows that closed by `now_ns` (sample time), as frames.
+    pub fn poll_summaries(&mut self, now_ns: i64) -> Vec<DataFrame> {
+        let watermark = now_ns.saturating_sub(self.cfg.summary_lateness_ns);
+        let mut done = std::mem::take(&mut self.late);
+        for agg in &mut self.summary {
+            done.extend(agg.close_until(watermark));
+        }
+        self.summary_frames(done)
+    }
+
+    fn summary_frames(&mut self, done: Vec<StreamSummary>) -> Vec<DataFrame> {
+        self.stats.summaries += done.len() as u64;
+        done.chunks(SUMMARIES_PER_FRAME)
+            .map(|c| DataFrame::from_summaries(&self.cfg.gateway_id, Priority::Normal, c))
+            .collect()
+    }
+
+    /// Switches to `mode`; `outbox_end` is the outbox's next sequence (every record below
+    /// it is durable). Returns the summaries flushed by leaving summary mode.
+    pub fn set_mode(&mut self, mode: SyncMode, outbox_end: Seq) -> Vec<DataFrame> {
+        let old = self.mode;
+        if old == mode {
+            return Vec::new();
+        }
+        self.mode = mode;
+        let mut frames = Vec::new();
+        if old == SyncMode::Summary {
+            let mut done = std::mem::take(&mut self.late);
+            for agg in &mut self.summary {
+                done.extend(agg.flush());
+            }
+            frames = self.summary_frames(done);
+        }
+        // What was read for the old mode is read again for the new one.
+        for p in [Priority::Normal, Priority::Bulk] {
+            let lane = Lane::Live(p);
+            let buf = std::mem::take(&mut self.lanes[lane.index()]);
+            if let Some((first, _)) = buf.front() {
+                self.live[p as usize] = first.checked_sub(1);
+            }
+        }
+        if mode == SyncMode::Delta {
+            self.deadband.reset();
+        }
+        if old == SyncMode::StoreAndForward && self.cfg.backfill {
+            // What piled up during the outage is backfilled; fresh data goes first.
+            for p in [Priority::Normal, Priority::Bulk] {
+                let end = outbox_end.checked_sub(1);
+                let c = p as usize;
+                if end > self.live[c] {
+                    self.live[c] = end;
+                    self.back_pending[c] = true;
+                }
+            }
+        }
+        if matches!(mode, SyncMode::Full | SyncMode::FullZstd) {
+            // A fresh backfill pass from the oldest held record.
+            for lane in BACKFILL {
+                self.lanes[lane.index()].clear();
+                self.back[lane.class() as usize] = None;
+            }
+        }
+        frames
+    }
+
+    /// The connection is gone: nothing is in flight any more; see the module documentation.
+    pub fn disconnected(&mut self) {
+        for (_, e) in std::mem::take(&mut self.in_flight) {
+            self.back_pending[e.class as usize] = true;
+        }
+        for p in [Priority::Control, Priority::Critical] {
+            self.live[p as usize] = None;
+            self.lanes[p as usize].clear();
+        }
+        // Unsent normal and bulk records read for live sending are read again.
+        for p in [Priority::Normal, Priority::Bulk] {
+            let buf = std::mem::take(&mut self.lanes[p as usize]);
+            if let Some((first, _)) = buf.front() {
+                self.live[p as usize] = first.checked_sub(1);
+            }
+        }
+        for lane in BACKFILL {
+            self.lanes[lane.index()].clear();
+            self.back[lane.class() as usize] = None;
+        }
+        self.deadband.reset();
+    }
+}

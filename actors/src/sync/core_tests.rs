@@ -1,0 +1,369 @@
+//! Tests of [`super::core::SyncCore`] against an in-memory outbox.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_protocols::encoding::{Deadband, DeadbandConfig, SummaryConfig};
+use outpost_protocols::frame::{Ack, Encoding};
+use outpost_runtime::model::{Priority, Sample, StreamId, SyncMode, Value};
+use outpost_runtime::storage::Seq;
+use proptest::prelude::*;
+
+use super::core::{CoreConfig, Lane, Outgoing, SyncCore};
+
+/// The outbox: records by (class, sequence).
+#[derive(Default)]
+struct Outbox {
+    recs: BTreeMap<(Priority, Seq), Sample>,
+    next: Seq,
+}
+
+impl Outbox {
+    fn add(&mut self, p: Priority, stream: &str, ts_ms: i64, v: f64) -> Seq {
+        let seq = self.next;
+        self.next += 1;
+        let s = Sample::new(
+            StreamId::intern(stream).unwrap(),
+            ts_ms * 1_000_000,
+            Value::F64(v),
+        );
+        self.recs.insert((p, seq), s);
+        seq
+    }
+
+    /// One round: fill every lane that asks, then take every frame the core builds.
+    fn round(&self, core: &mut SyncCore) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        loop {
+            let mut read = 0;
+            for req in core.scans() {
+                let p = req.lane.class();
+                let from = req.after.map_or(0, |a| a + 1);
+                let recs: Vec<(Seq, Sample)> = self
+                    .recs
+                    .range((p, from)..=(p, Seq::MAX))
+                    .take(req.limit)
+                    .map(|((_, s), x)| (*s, x.clone()))
+                    .collect();
+                let upto = recs.last().map(|r| r.0);
+                read += recs.len();
+                core.fill(&req, recs, upto);
+            }
+            let mut sent = 0;
+            while let Some(f) = core.next_frame() {
+                core.commit(f.lane, &f.seqs, 10 * f.seqs.len());
+                out.push(f);
+                sent += 1;
+            }
+            if read == 0 && sent == 0 || core.window_full() {
+                return out;
+            }
+        }
+    }
+
+    /// Acknowledges `frames` and deletes what the core says.
+    fn ack(&mut self, core: &mut SyncCore, frames: &[Outgoing]) -> usize {
+        let ack = Ack::from_seqs("gw", frames.iter().flat_map(|f| f.seqs.iter().copied()));
+        let (done, _) = core.acked(&ack);
+        for id in &done {
+            self.recs.remove(id);
+        }
+        done.len()
+    }
+}
+
+fn cfg() -> CoreConfig {
+    CoreConfig {
+        gateway_id: "gw".into(),
+        max_frame_samples: 10,
+        window: 40,
+        backfill: true,
+        deadband: DeadbandConfig {
+            default: Some(Deadband::Absolute(0.5)),
+            max_silence_ms: None,
+            streams: Default::default(),
+        },
+        summary: SummaryConfig { window_ms: 1_000 },
+        summary_lateness_ns: 0,
+    }
+}
+
+fn seqs(frames: &[Outgoing]) -> BTreeSet<Seq> {
+    frames.iter().flat_map(|f| f.seqs.iter().copied()).collect()
+}
+
+#[test]
+fn full_mode_sends_everything_highest_class_first_and_acks_delete() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+    for i in 0..20 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+    }
+    for i in 0..5 {
+        ob.add(Priority::Critical, "t/c", i, i as f64);
+    }
+    let frames = ob.round(&mut core);
+    assert_eq!(frames[0].lane, Lane::Live(Priority::Critical));
+    assert!(frames.iter().all(|f| f.frame.encoding == Encoding::Raw));
+    assert_eq!(seqs(&frames).len(), 25);
+    assert_eq!(core.in_flight(), 25);
+    assert_eq!(ob.ack(&mut core, &frames), 25);
+    assert!(ob.recs.is_empty());
+    assert!(ob.round(&mut core).is_empty());
+}
+
+#[test]
+fn the_window_bounds_what_is_in_flight() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::FullZstd).unwrap();
+    for i in 0..100 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+    }
+    let frames = ob.round(&mut core);
+    assert_eq!(seqs(&frames).len(), 40);
+    assert!(core.window_full());
+    assert!(frames.iter().all(|f| f.frame.encoding == Encoding::Zstd));
+    ob.ack(&mut core, &frames);
+    assert_eq!(seqs(&ob.round(&mut core)).len(), 40);
+}
+
+#[test]
+fn delta_holds_what_the_deadband_skips_and_full_mode_backfills_it() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::Delta).unwrap();
+    // A flat signal with a step: the deadband sends the first sample and the step.
+    for i in 0..30 {
+        ob.add(
+            Priority::Normal,
+            "t/flat",
+            i,
+            if i < 15 { 1.0 } else { 5.0 },
+        );
+    }
+    let crit = ob.add(Priority::Critical, "t/alarm", 0, 1.0);
+    let crit2 = ob.add(Priority::Critical, "t/alarm", 1, 1.0);
+    let frames = ob.round(&mut core);
+    let sent = seqs(&frames);
+    assert!(
+        sent.contains(&crit) && sent.contains(&crit2),
+        "critical is never filtered"
+    );
+    let normal_sent: Vec<_> = frames
+        .iter()
+        .filter(|f| f.lane == Lane::Live(Priority::Normal))
+        .flat_map(|f| f.seqs.clone())
+        .collect();
+    assert_eq!(normal_sent, vec![0, 15]);
+    assert!(frames.iter().all(|f| f.frame.encoding == Encoding::Delta));
+    assert_eq!(core.stats().deadband_skipped, 28);
+    ob.ack(&mut core, &frames);
+    assert_eq!(ob.recs.len(), 28, "skipped records stay in the outbox");
+    // Nothing more in delta mode: backfill waits for a better link.
+    assert!(ob.round(&mut core).is_empty());
+    assert!(!core.backfill_pending());
+
+    core.set_mode(SyncMode::Full, ob.next);
+    assert!(core.backfill_pending());
+    let frames = ob.round(&mut core);
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.lane == Lane::Backfill(Priority::Normal))
+    );
+    assert_eq!(seqs(&frames).len(), 28);
+    ob.ack(&mut core, &frames);
+    assert!(ob.recs.is_empty());
+    ob.round(&mut core);
+    assert!(!core.backfill_pending());
+}
+
+#[test]
+fn summary_mode_aggregates_normal_passes_critical_and_keeps_raw_for_backfill() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::Summary).unwrap();
+    for i in 0..25 {
+        ob.add(Priority::Normal, "t/n", i * 100, i as f64); // 2.5 s of samples
+    }
+    let alarm = ob.add(Priority::Critical, "t/alarm", 0, 1.0);
+    let frames = ob.round(&mut core);
+    assert_eq!(seqs(&frames), BTreeSet::from([alarm]));
+    assert_eq!(frames[0].frame.encoding, Encoding::Zstd);
+    assert_eq!(core.stats().summarized, 25);
+    // Windows [0,1s) and [1s,2s) are closed at 2 s; [2s,3s) is not.
+    let sums = core.poll_summaries(2_000_000_000);
+    assert_eq!(sums.len(), 1);
+    let ws: Vec<_> = sums[0].summaries.iter().map(|s| &s.summary).collect();
+    assert_eq!(ws.len(), 2);
+    assert_eq!(ws[0].count, 10);
+    assert_eq!(ws[1].count, 10);
+    assert!(sums[0].samples.is_empty(), "summaries acknowledge nothing");
+    ob.ack(&mut core, &frames);
+    assert_eq!(ob.recs.len(), 25, "the raw samples stay for backfill");
+    // Leaving summary mode flushes the open window.
+    let flushed = core.set_mode(SyncMode::FullZstd, ob.next);
+    assert_eq!(flushed.len(), 1);
+    assert_eq!(flushed[0].summaries[0].summary.count, 5);
+    let frames = ob.round(&mut core);
+    assert_eq!(seqs(&frames).len(), 25);
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.lane == Lane::Backfill(Priority::Normal))
+    );
+    ob.ack(&mut core, &frames);
+    assert!(ob.recs.is_empty());
+}
+
+#[test]
+fn after_store_and_forward_fresh_data_goes_first_and_the_backlog_is_backfilled() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::StoreAndForward).unwrap();
+    for i in 0..50 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+    }
+    let crit = ob.add(Priority::Critical, "t/c", 0, 0.0);
+    assert!(core.scans().is_empty(), "only probes go out");
+    assert!(ob.round(&mut core).is_empty());
+    core.set_mode(SyncMode::Full, ob.next);
+    let fresh = ob.add(Priority::Normal, "t/n", 60, 60.0);
+    let frames = ob.round(&mut core);
+    assert_eq!(
+        frames[0].seqs,
+        vec![crit],
+        "critical drains at its own priority"
+    );
+    let live: BTreeSet<_> = frames
+        .iter()
+        .filter(|f| f.lane == Lane::Live(Priority::Normal))
+        .flat_map(|f| f.seqs.clone())
+        .collect();
+    assert_eq!(live, BTreeSet::from([fresh]));
+    let back = frames
+        .iter()
+        .filter(|f| f.lane == Lane::Backfill(Priority::Normal))
+        .count();
+    assert!(back > 0);
+    // Keep draining: everything arrives.
+    let mut all = seqs(&frames);
+    ob.ack(&mut core, &frames);
+    for _ in 0..10 {
+        let f = ob.round(&mut core);
+        all.extend(seqs(&f));
+        ob.ack(&mut core, &f);
+    }
+    assert!(ob.recs.is_empty());
+    assert_eq!(all.len(), 52);
+}
+
+#[test]
+fn a_lost_connection_resends_critical_live_and_backfills_normal() {
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+    for i in 0..10 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+        ob.add(Priority::Critical, "t/c", i, i as f64);
+    }
+    let lost = ob.round(&mut core);
+    assert_eq!(seqs(&lost).len(), 20);
+    core.disconnected();
+    assert_eq!(core.in_flight(), 0);
+    let again = ob.round(&mut core);
+    assert_eq!(
+        seqs(&again),
+        seqs(&lost),
+        "everything unacknowledged is sent again"
+    );
+    assert!(
+        again
+            .iter()
+            .filter(|f| f.lane.class() == Priority::Normal)
+            .all(|f| f.lane == Lane::Backfill(Priority::Normal))
+    );
+    ob.ack(&mut core, &again);
+    assert!(ob.recs.is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Add(u8, u8, i16),
+    Round,
+    AckAll,
+    AckHalf,
+    Disconnect,
+    Mode(u8),
+    Poll,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u8..3, any::<i16>()).prop_map(|(p, s, v)| Op::Add(p, s, v)),
+        3 => Just(Op::Round),
+        2 => Just(Op::AckAll),
+        1 => Just(Op::AckHalf),
+        1 => Just(Op::Disconnect),
+        1 => (0u8..5).prop_map(Op::Mode),
+        1 => Just(Op::Poll),
+    ]
+}
+
+const MODES: [SyncMode; 5] = [
+    SyncMode::Full,
+    SyncMode::FullZstd,
+    SyncMode::Delta,
+    SyncMode::Summary,
+    SyncMode::StoreAndForward,
+];
+
+proptest! {
+    /// Whatever happens (modes, lost connections, partial acks), once the link is good
+    /// again everything in the outbox is sent and acknowledged: nothing is stranded.
+    #[test]
+    fn nothing_is_stranded(ops in proptest::collection::vec(op(), 1..200)) {
+        let mut ob = Outbox::default();
+        let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+        let mut pending: Vec<Outgoing> = Vec::new();
+        let mut t = 0i64;
+        for o in ops {
+            match o {
+                Op::Add(p, s, v) => {
+                    t += 7;
+                    let p = Priority::from_u8(p).unwrap();
+                    ob.add(p, &format!("s/{s}"), t, f64::from(v) / 100.0);
+                }
+                Op::Round => pending.extend(ob.round(&mut core)),
+                Op::AckAll => {
+                    ob.ack(&mut core, &pending);
+                    pending.clear();
+                }
+                Op::AckHalf => {
+                    let half = pending.len() / 2;
+                    let acked: Vec<Outgoing> = pending.drain(..half).collect();
+                    ob.ack(&mut core, &acked);
+                }
+                Op::Disconnect => {
+                    core.disconnected();
+                    pending.clear();
+                }
+                Op::Mode(m) => {
+                    core.set_mode(MODES[m as usize], ob.next);
+                }
+                Op::Poll => {
+                    for f in core.poll_summaries(t * 1_000_000) {
+                        prop_assert!(f.samples.is_empty());
+                    }
+                }
+            }
+            prop_assert!(core.in_flight() <= 40);
+        }
+        core.set_mode(SyncMode::Full, ob.next);
+        for _ in 0..200 {
+            pending.extend(ob.round(&mut core));
+            ob.ack(&mut core, &pending);
+            pending.clear();
+            if ob.recs.is_empty() {
+                break;
+            }
+        }
+        prop_assert!(ob.recs.is_empty(), "stranded: {:?}", ob.recs.keys().collect::<Vec<_>>());
+        prop_assert_eq!(core.in_flight(), 0);
+    }
+}
