@@ -343,10 +343,17 @@ async fn serve_gateway(
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            Message::Ack(_) => {
-                bad("unexpected_ack");
-                c.close(CLOSE_PROTOCOL, b"unexpected ack");
-                return Err("gateway sent an ack".into());
+            Message::Ping(p) => {
+                let pong = frame::encode(&Message::Pong(p.pong()))
+                    .map_err(|e| format!("cannot encode pong: {e}"))?;
+                quic::send_all(&mut send, &pong)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Message::Ack(_) | Message::Pong(_) => {
+                bad("unexpected_message");
+                c.close(CLOSE_PROTOCOL, b"unexpected message");
+                return Err("gateway sent an ack or a pong".into());
             }
         }
     }

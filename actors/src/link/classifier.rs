@@ -98,7 +98,9 @@ impl ClassifierConfig {
         } else {
             (1.0, 1.0)
         };
-        let by_rate = est.rate_bps.map(|r| {
+        // An app-limited rate is a lower bound: it can prove a class, not disprove one.
+        let rate = est.rate_bps.filter(|_| strict || !est.rate_app_limited);
+        let by_rate = rate.map(|r| {
             if r < self.mobile_min_bps * rate_k {
                 LinkClass::Satellite
             } else if r < self.broadband_min_bps * rate_k {
@@ -369,6 +371,7 @@ mod tests {
         Estimate {
             rate_bps: Some(rate_mbps * 1e6),
             rate_fresh: true,
+            rate_app_limited: false,
             rtt_min: Some(ms(rtt_ms)),
             loss: 0.0,
             outage_since: None,
@@ -400,6 +403,7 @@ mod tests {
         let unknown = Estimate {
             rate_bps: None,
             rate_fresh: false,
+            rate_app_limited: false,
             rtt_min: Some(ms(5)),
             loss: 0.0,
             outage_since: None,
@@ -543,6 +547,7 @@ mod tests {
         let e = Estimate {
             rate_bps: None,
             rate_fresh: false,
+            rate_app_limited: false,
             rtt_min: None,
             loss: 0.0,
             outage_since: None,
@@ -606,6 +611,7 @@ mod tests {
             .prop_map(|(rate, rtt, loss, outage)| Estimate {
                 rate_bps: rate,
                 rate_fresh: rate.is_some(),
+                rate_app_limited: false,
                 rtt_min: rtt.map(Duration::from_millis),
                 loss,
                 outage_since: outage.then(Instant::now),

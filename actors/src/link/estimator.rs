@@ -95,6 +95,10 @@ pub struct Estimate {
     pub rate_bps: Option<f64>,
     /// True when `rate_bps` comes from samples within the current window.
     pub rate_fresh: bool,
+    /// True when `rate_bps` was measured while the sender had nothing more to send: a
+    /// lower bound of what the link carries, evidence for an up-grade but never for a
+    /// down-grade.
+    pub rate_app_limited: bool,
     /// Windowed-minimum RTT; the last known value when no fresh sample exists.
     pub rtt_min: Option<Duration>,
     /// Lost over sent packets within the loss window (0 when nothing was sent).
@@ -184,7 +188,8 @@ pub struct LinkEstimator {
     /// cumulative delivered count that ends the period.
     app_limited_until: Option<u64>,
     acks: VecDeque<AckPoint>,
-    rate_max: WindowedExtremum<f64>,
+    /// (rate, app-limited) samples; the maximum by rate.
+    rate_max: WindowedExtremum<(f64, bool)>,
 
     // RTT.
     rtt_min: WindowedExtremum<Duration>,
@@ -344,12 +349,13 @@ impl LinkEstimator {
         self.rate_max.expire(now, self.cfg.rate_window);
         if app_limited {
             // A lower bound only: it may raise the estimate, never lower it.
-            let current = self.rate_max.best_or_held().unwrap_or(0.0);
+            let current = self.rate_max.best_or_held().map_or(0.0, |r| r.0);
             if rate < current {
                 return;
             }
         }
-        self.rate_max.push(now, rate, |a, b| a >= b);
+        self.rate_max
+            .push(now, (rate, app_limited), |a, b| a.0 >= b.0);
     }
 
     /// A path-statistics reading of the uplink connection (poll it every 50-200 ms). Takes
@@ -503,8 +509,10 @@ impl LinkEstimator {
             }
             _ => 0.0,
         };
+        let best = self.rate_max.best_or_held();
         Estimate {
-            rate_bps: self.rate_max.best_or_held(),
+            rate_bps: best.map(|r| r.0),
+            rate_app_limited: best.is_some_and(|r| r.1),
             rate_fresh: fresh.is_some(),
             rtt_min: self.rtt_min.best_or_held(),
             loss,

@@ -411,6 +411,7 @@ mod tests {
                 backlogged: true,
             },
         );
+        m.on_event(t0 + ms(60), LinkEvent::Delivered { bytes: 1_000 });
         assert_eq!(m.probe_due(t0 + ms(100)), None, "busy");
         let t = t0 + IDLE_AFTER + ms(100);
         let bytes = m.probe_due(t).expect("idle, budget available");

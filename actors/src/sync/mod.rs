@@ -11,6 +11,7 @@
 pub mod core;
 #[cfg(test)]
 mod core_tests;
+pub mod pinger;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -347,6 +348,12 @@ async fn session(
     // Acks are read by their own task so sending never blocks reading.
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Ack, String>>(256);
     let _reader = AbortOnDrop(tokio::spawn(read_acks(recv, ack_tx)));
+    let mut pings = AbortOnDrop(tokio::spawn(pinger::run(
+        conn.clone(),
+        ctx.link.clone(),
+        ctx.options.ping_interval,
+    )));
+    let mut pings_done = false;
     let mut class_rx = ctx.link.watch_class();
     let mut stats_tick = tokio::time::interval(crate::link::monitor::TICK);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,6 +394,11 @@ async fn session(
                 for f in core.poll_summaries(now_ns()) {
                     send_summary(ctx, &mut send, f).await?;
                 }
+            }
+            r = &mut pings.0, if !pings_done => {
+                pings_done = true;
+                let why = r.unwrap_or_else(|e| e.to_string());
+                tracing::warn!(reason = %why, "RTT pings stopped; the link class now rests on data traffic only");
             }
             e = conn.closed() => return Err(format!("connection closed: {e}")),
         }
@@ -539,8 +551,8 @@ async fn remove(ctx: &SyncContext, ids: Vec<(Priority, Seq)>) -> Result<(), Stri
         .map_err(|e| format!("outbox remove: {e}"))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -336,6 +336,7 @@ async fn bench(forced_scale: Option<f64>) -> Result<Json, String> {
             let e = outpost_actors::link::Estimate {
                 rate_bps: p.up.rate_bps,
                 rate_fresh: true,
+                rate_app_limited: false,
                 rtt_min: Some(p.up.delay * 2),
                 loss: 0.0,
                 outage_since: None,

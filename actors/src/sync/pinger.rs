@@ -1,0 +1,162 @@
+//! The link monitor's active probes, carried out on their own QUIC stream of the sync
+//! connection (so they do not queue behind data frames): an RTT [`Ping`] every
+//! `[link] ping_interval`, and, when the link monitor asks for one, a throughput probe — a
+//! burst of padded Pings whose Pongs time how fast the padding crossed the link. Results
+//! and time-outs go to the link monitor as [`LinkEvent`]s.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use outpost_protocols::frame::{self, FrameBuffer, MAX_PING_PAD, Message, Ping};
+use outpost_protocols::uplink::quic::{self, QuicConnection};
+
+use crate::link::monitor::{LinkEvent, LinkHandle};
+
+/// Nonces of throughput-probe pings have this bit set.
+const PROBE_BIT: u64 = 1 << 63;
+
+/// A throughput probe in progress.
+struct Probe {
+    bytes: u64,
+    started: Instant,
+    /// Nonces still unanswered.
+    waiting: usize,
+    deadline: Instant,
+}
+
+/// Runs until the stream or the connection fails; the caller aborts it with the session.
+pub async fn run(conn: QuicConnection, mut link: LinkHandle, interval: Duration) -> String {
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return format!("ping stream: {e}"),
+    };
+    let epoch = Instant::now();
+    let mut nonce: u64 = 0;
+    let mut outstanding: HashMap<u64, Instant> = HashMap::new();
+    let mut probe: Option<Probe> = None;
+    let mut min_rtt: Option<Duration> = None;
+    let mut buf = FrameBuffer::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                // Time-outs first.
+                let limit = link.probe_timeout();
+                let before = outstanding.len();
+                outstanding.retain(|_, sent| now.saturating_duration_since(*sent) < limit);
+                for _ in outstanding.len()..before {
+                    link.report(LinkEvent::PingTimedOut);
+                }
+                if let Some(p) = &probe && now >= p.deadline {
+                    link.report(LinkEvent::ProbeFailed { bytes: 0 });
+                    probe = None;
+                }
+                nonce = nonce.wrapping_add(1) & !PROBE_BIT;
+                let ping = Ping { nonce, sent_ns: ns_since(epoch, now), pad: 0 };
+                if let Err(e) = send_ping(&mut send, ping).await {
+                    return e;
+                }
+                outstanding.insert(nonce, now);
+                link.report(LinkEvent::PingSent);
+                if probe.is_none() && let Some(bytes) = link.take_probe() {
+                    match start_probe(&mut send, bytes, epoch, &mut nonce, min_rtt, limit).await {
+                        Ok(p) => probe = Some(p),
+                        Err(e) => {
+                            link.report(LinkEvent::ProbeFailed { bytes });
+                            return e;
+                        }
+                    }
+                }
+            }
+            r = quic::read_some(&mut recv, &mut chunk) => {
+                match r {
+                    Ok(Some(n)) => {
+                        if let Err(e) = buf.push(&chunk[..n]) {
+                            return format!("bad frame on the ping stream: {e}");
+                        }
+                    }
+                    Ok(None) => return "hub closed the ping stream".into(),
+                    Err(e) => return format!("ping stream: {e}"),
+                }
+                loop {
+                    match buf.next_message() {
+                        Ok(Some(Message::Pong(p))) => {
+                            let now = Instant::now();
+                            if p.nonce & PROBE_BIT != 0 {
+                                if let Some(pr) = &mut probe {
+                                    pr.waiting = pr.waiting.saturating_sub(1);
+                                    if pr.waiting == 0 {
+                                        // The padding took the elapsed time less one RTT.
+                                        let took = now.saturating_duration_since(pr.started)
+                                            .saturating_sub(min_rtt.unwrap_or_default());
+                                        if took.is_zero() {
+                                            link.report(LinkEvent::ProbeFailed { bytes: 0 });
+                                        } else {
+                                            link.report(LinkEvent::ProbeDone { bytes: pr.bytes, duration: took });
+                                        }
+                                        probe = None;
+                                    }
+                                }
+                            } else if let Some(sent) = outstanding.remove(&p.nonce) {
+                                let rtt = now.saturating_duration_since(sent);
+                                min_rtt = Some(min_rtt.map_or(rtt, |m| m.min(rtt)));
+                                link.report(LinkEvent::PingAnswered { rtt });
+                            }
+                        }
+                        Ok(Some(_)) => return "unexpected message on the ping stream".into(),
+                        Ok(None) => break,
+                        Err(e) => return format!("bad frame on the ping stream: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ns_since(epoch: Instant, now: Instant) -> u64 {
+    now.saturating_duration_since(epoch).as_nanos() as u64
+}
+
+async fn send_ping(send: &mut quic::SendStream, ping: Ping) -> Result<(), String> {
+    let bytes = frame::encode(&Message::Ping(ping)).map_err(|e| e.to_string())?;
+    quic::send_all(send, &bytes)
+        .await
+        .map_err(|e| format!("ping stream: {e}"))
+}
+
+/// Sends `bytes` of padded pings back to back.
+async fn start_probe(
+    send: &mut quic::SendStream,
+    bytes: u64,
+    epoch: Instant,
+    nonce: &mut u64,
+    min_rtt: Option<Duration>,
+    timeout: Duration,
+) -> Result<Probe, String> {
+    let started = Instant::now();
+    let mut left = bytes;
+    let mut waiting = 0usize;
+    while left > 0 {
+        let pad = left.min(u64::from(MAX_PING_PAD)) as u32;
+        left -= u64::from(pad);
+        *nonce = nonce.wrapping_add(1) & !PROBE_BIT;
+        let ping = Ping {
+            nonce: *nonce | PROBE_BIT,
+            sent_ns: ns_since(epoch, Instant::now()),
+            pad,
+        };
+        send_ping(send, ping).await?;
+        waiting += 1;
+    }
+    // Generous: the probe is sized to take PROBE_SPAN at the rate it must prove.
+    let deadline = started + timeout + min_rtt.unwrap_or_default() + Duration::from_secs(2);
+    Ok(Probe {
+        bytes,
+        started,
+        waiting,
+        deadline,
+    })
+}
