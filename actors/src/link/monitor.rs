@@ -185,9 +185,9 @@ impl Monitor {
             .last_backlogged
             .is_none_or(|t| now.saturating_duration_since(t) >= IDLE_AFTER);
         let est = self.estimator.estimate(now);
-        if est.outage() || est.rate_fresh {
-            // The link must answer pings before it is measured; real traffic is measuring
-            // it already.
+        if est.outage() || (est.rate_fresh && !est.rate_app_limited) {
+            // The link must answer pings before it is measured; traffic that keeps it busy
+            // is measuring it already.
             return None;
         }
         let bytes = probe_bytes(self.classifier.config(), class, PROBE_SPAN)?;

@@ -22,7 +22,7 @@ use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Hello, Message
 use outpost_protocols::uplink::quic::{self, ClientOptions, ClientTls, QuicClient, QuicConnection};
 use outpost_runtime::config::{Config, DeadbandSpec, SyncModeSetting};
 use outpost_runtime::metrics::Metrics;
-use outpost_runtime::model::{Priority, SyncMode, now_ns};
+use outpost_runtime::model::{LinkClass, Priority, SyncMode, now_ns};
 use outpost_runtime::record;
 use outpost_runtime::storage::{GatewayOutbox, Seq};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
@@ -30,6 +30,15 @@ use tokio::sync::{Notify, mpsc};
 
 use self::core::{CoreConfig, Outgoing, ScanRequest, SyncCore};
 use crate::link::monitor::{LinkEvent, LinkHandle};
+
+/// Timeout of a connection attempt (handshake included).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait between connection attempts while the link is intermittent.
+const OUTAGE_RETRY: Duration = Duration::from_millis(500);
+/// A session on an intermittent link that has heard nothing from the hub for this long is
+/// given up for a fresh handshake (QUIC's own retransmission timer backs off
+/// exponentially, so an old connection may stay silent long after the link is back).
+const SILENT_SESSION: Duration = Duration::from_millis(1_500);
 
 /// Tuning of the sync loop.
 #[derive(Debug, Clone)]
@@ -229,6 +238,9 @@ pub async fn run(ctx: SyncContext) -> Result<(), String> {
         ClientOptions {
             keep_alive: ctx.options.keep_alive,
             idle_timeout: (ctx.options.keep_alive * 4).max(Duration::from_secs(2)),
+            // A handshake is also the probe that ends an outage: a satellite link completes
+            // one in under 2 s; a dead one should not hold the next attempt back for long.
+            connect_timeout: CONNECT_TIMEOUT,
             ..ClientOptions::default()
         },
     )
@@ -261,7 +273,12 @@ pub async fn run(ctx: SyncContext) -> Result<(), String> {
                 tracing::warn!(hub = %ctx.hub, error = %e, "cannot connect to the hub");
             }
         }
-        let (attempt, delay) = backoff.next_delay(Some(started.elapsed()), fastrand::f64());
+        let (attempt, mut delay) = backoff.next_delay(Some(started.elapsed()), fastrand::f64());
+        if ctx.link.class() == LinkClass::Intermittent {
+            // During an outage a fresh handshake is the probe: try often, so the end of the
+            // outage is seen within about a second.
+            delay = delay.min(OUTAGE_RETRY);
+        }
         tracing::debug!(
             attempt,
             delay_ms = delay.as_millis() as u64,
@@ -348,10 +365,12 @@ async fn session(
     // Acks are read by their own task so sending never blocks reading.
     let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Ack, String>>(256);
     let _reader = AbortOnDrop(tokio::spawn(read_acks(recv, ack_tx)));
+    let heard = Arc::new(pinger::Heard::new());
     let mut pings = AbortOnDrop(tokio::spawn(pinger::run(
         conn.clone(),
         ctx.link.clone(),
         ctx.options.ping_interval,
+        heard.clone(),
     )));
     let mut pings_done = false;
     let mut class_rx = ctx.link.watch_class();
@@ -379,6 +398,7 @@ async fn session(
         tokio::select! {
             a = ack_rx.recv() => {
                 let ack = a.ok_or_else(|| "ack reader stopped".to_string())??;
+                heard.now();
                 let (done, bytes) = core.acked(&ack);
                 ctx.link.report(LinkEvent::Delivered { bytes });
                 c.acked.inc_by(done.len() as u64);
@@ -389,6 +409,9 @@ async fn session(
             _ = class_rx.changed() => {}
             _ = stats_tick.tick() => {
                 ctx.link.report(LinkEvent::PathStats(conn.path_stats()));
+                if ctx.link.class() == LinkClass::Intermittent && heard.silent_for() > SILENT_SESSION {
+                    return Err("the link is down: nothing heard from the hub".into());
+                }
             }
             _ = summary_tick.tick() => {
                 for f in core.poll_summaries(now_ns()) {

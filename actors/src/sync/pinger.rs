@@ -5,12 +5,50 @@
 //! and time-outs go to the link monitor as [`LinkEvent`]s.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outpost_protocols::frame::{self, FrameBuffer, MAX_PING_PAD, Message, Ping};
 use outpost_protocols::uplink::quic::{self, QuicConnection};
 
 use crate::link::monitor::{LinkEvent, LinkHandle};
+
+/// When the hub was last heard from on a connection (acks or pongs).
+#[derive(Debug)]
+pub struct Heard {
+    epoch: Instant,
+    /// Milliseconds since `epoch`.
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    /// Heard now (a connection just came up).
+    pub fn new() -> Heard {
+        Heard {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Something arrived from the hub.
+    pub fn now(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the hub was last heard from.
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Nonces of throughput-probe pings have this bit set.
 const PROBE_BIT: u64 = 1 << 63;
@@ -25,7 +63,12 @@ struct Probe {
 }
 
 /// Runs until the stream or the connection fails; the caller aborts it with the session.
-pub async fn run(conn: QuicConnection, mut link: LinkHandle, interval: Duration) -> String {
+pub async fn run(
+    conn: QuicConnection,
+    mut link: LinkHandle,
+    interval: Duration,
+    heard: Arc<Heard>,
+) -> String {
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
         Err(e) => return format!("ping stream: {e}"),
@@ -85,6 +128,7 @@ pub async fn run(conn: QuicConnection, mut link: LinkHandle, interval: Duration)
                     match buf.next_message() {
                         Ok(Some(Message::Pong(p))) => {
                             let now = Instant::now();
+                            heard.now();
                             if p.nonce & PROBE_BIT != 0 {
                                 if let Some(pr) = &mut probe {
                                     pr.waiting = pr.waiting.saturating_sub(1);
