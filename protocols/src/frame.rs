@@ -1,5 +1,6 @@
 //! Frame codec v1: the versioned, length-prefixed, checksummed binary frames that carry
-//! samples from a gateway to the hub and acknowledgements back (SPEC §4, issue 3 item 3).
+//! samples from a gateway to the hub and acknowledgements back (SPEC §4, issue 3 item 3),
+//! and the RTT pings of the link monitor (SPEC §2).
 //!
 //! This module is a pure codec: no I/O, no global state. The same bytes travel as QUIC stream
 //! data and as MQTT payloads; [`next_frame`] and [`FrameBuffer`] cut a byte stream into frames,
@@ -10,7 +11,8 @@
 //! The hub decodes frames from the network, so [`decode`] is **total**: every byte string gives
 //! a [`Message`] or a [`FrameError`], never a panic. Every count and length read from the wire is
 //! checked against a declared limit ([`MAX_FRAME_LEN`], [`MAX_BLOCK_LEN`],
-//! [`MAX_SAMPLES_PER_FRAME`], [`MAX_STREAMS_PER_FRAME`], [`MAX_ACK_RANGES`]) *before* anything is
+//! [`MAX_SAMPLES_PER_FRAME`], [`MAX_STREAMS_PER_FRAME`], [`MAX_ACK_RANGES`],
+//! [`MAX_PING_PAD`]) *before* anything is
 //! allocated for it, and the zstd body is decompressed into a buffer of at most
 //! [`MAX_BLOCK_LEN`] bytes. Decoding one frame therefore allocates at most
 //! [`MAX_DECODE_ALLOC`] bytes on the Rust heap (plus zstd's own fixed-size decompression
@@ -38,7 +40,7 @@
 //! |-------:|-----:|-------|
 //! | 0 | 2 | magic `"OP"` (`0x4F 0x50`) |
 //! | 2 | 1 | version, `1` ([`VERSION`]) |
-//! | 3 | 1 | message type: `1` Hello, `2` Data, `3` Ack ([`MessageType`]) |
+//! | 3 | 1 | message type: `1` Hello, `2` Data, `3` Ack, `4` Ping, `5` Pong ([`MessageType`]) |
 //! | 4 | 4 | `N`: body length in bytes (u32); `12 + N` ≤ [`MAX_FRAME_LEN`] |
 //! | 8 | N | body (depends on the message type) |
 //! | 8+N | 4 | CRC-32C (Castagnoli) of bytes `0 .. 8+N` (u32) |
@@ -89,6 +91,27 @@
 //! | varint | · gap: first of the range − (last of the previous range + 1); for the first range, its first sequence itself |
 //! | varint | · last − first of the range |
 //!
+//! Ping body (gateway → hub; an RTT probe, optionally padded as a small throughput probe):
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0 | 8 | nonce (u64), chosen by the sender |
+//! | 8 | 8 | sent_ns (u64): the sender's clock, echoed back unchanged |
+//! | 16 | 4 | `P`: padding length (u32, ≤ [`MAX_PING_PAD`]) |
+//! | 20 | P | padding: `P` zero bytes (anything else is malformed) |
+//!
+//! Pong body (hub → gateway; the answer to a Ping, never padded):
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0 | 8 | nonce of the Ping |
+//! | 8 | 8 | sent_ns of the Ping |
+//!
+//! Ping and Pong are version-1 message types assigned after Hello, Data and Ack: a decoder
+//! built before them answers [`FrameError::UnknownMessageType`] (4 or 5) — which on a stream
+//! means "close it" — so a gateway should send pings on a stream of their own and stop
+//! probing a hub that closes it that way.
+//!
 //! The same layout is described in `protocols/FRAME_FORMAT.md`.
 
 use std::collections::{HashMap, HashSet};
@@ -122,6 +145,12 @@ pub const MAX_STREAMS_PER_FRAME: usize = 4_096;
 pub const MAX_ACK_RANGES: usize = 16_384;
 /// Longest gateway id, in bytes.
 pub const MAX_GATEWAY_ID_LEN: usize = 64;
+/// Most padding bytes in a [`Ping`] (64 KiB: a throughput probe, not a bulk transfer).
+pub const MAX_PING_PAD: u32 = 64 * 1024;
+/// Bytes of a Ping body before its padding: nonce, sent_ns, padding length.
+pub const PING_BODY_LEN: usize = 20;
+/// Bytes of a Pong body: nonce, sent_ns.
+pub const PONG_BODY_LEN: usize = 16;
 /// Most bytes [`FrameBuffer`] holds before [`FrameBuffer::push`] refuses more.
 pub const MAX_BUFFERED: usize = 2 * MAX_FRAME_LEN;
 /// zstd level used by [`encode`].
@@ -163,6 +192,10 @@ pub enum MessageType {
     Data = 2,
     /// Acknowledged sequences, hub → gateway.
     Ack = 3,
+    /// RTT (and small throughput) probe, gateway → hub.
+    Ping = 4,
+    /// Answer to a Ping, hub → gateway.
+    Pong = 5,
 }
 
 impl MessageType {
@@ -172,6 +205,8 @@ impl MessageType {
             1 => Some(MessageType::Hello),
             2 => Some(MessageType::Data),
             3 => Some(MessageType::Ack),
+            4 => Some(MessageType::Ping),
+            5 => Some(MessageType::Pong),
             _ => None,
         }
     }
@@ -235,6 +270,10 @@ pub enum Message {
     Data(DataFrame),
     /// See [`Ack`].
     Ack(Ack),
+    /// See [`Ping`].
+    Ping(Ping),
+    /// See [`Pong`].
+    Pong(Pong),
 }
 
 impl Message {
@@ -244,6 +283,8 @@ impl Message {
             Message::Hello(_) => MessageType::Hello,
             Message::Data(_) => MessageType::Data,
             Message::Ack(_) => MessageType::Ack,
+            Message::Ping(_) => MessageType::Ping,
+            Message::Pong(_) => MessageType::Pong,
         }
     }
 }
@@ -256,6 +297,44 @@ pub struct Hello {
     pub gateway_id: String,
     /// Highest frame version the sender can decode (≥ 1).
     pub max_version: u8,
+}
+
+/// An RTT probe from a gateway: the hub answers at once with a [`Pong`] echoing `nonce` and
+/// `sent_ns`. With `pad > 0` the frame carries that many zero bytes (a short throughput
+/// probe); the Pong does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ping {
+    /// Chosen by the sender to match the Pong to its Ping.
+    pub nonce: u64,
+    /// The sender's clock when it sent the Ping (any unit and epoch the sender likes: only
+    /// the sender reads it back).
+    pub sent_ns: u64,
+    /// Zero bytes of padding in the frame, ≤ [`MAX_PING_PAD`].
+    pub pad: u32,
+}
+
+impl Ping {
+    /// The answer to this Ping.
+    pub fn pong(&self) -> Pong {
+        Pong {
+            nonce: self.nonce,
+            sent_ns: self.sent_ns,
+        }
+    }
+
+    /// Length of this Ping's frame on the wire, in bytes.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + PING_BODY_LEN + self.pad as usize + TRAILER_LEN
+    }
+}
+
+/// The hub's answer to a [`Ping`]: its nonce and timestamp, unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pong {
+    /// The Ping's nonce.
+    pub nonce: u64,
+    /// The Ping's `sent_ns`.
+    pub sent_ns: u64,
 }
 
 /// One sample of a [`DataFrame`].
@@ -476,8 +555,8 @@ pub enum FrameError {
         /// CRC of the content.
         computed: u32,
     },
-    /// The message type byte is not assigned.
-    #[error("unknown message type {0}")]
+    /// The message type byte is not assigned (by this build: a newer peer may know it).
+    #[error("unknown message type {0} (this build knows 1 to 5)")]
     UnknownMessageType(u8),
     /// The encoding byte is not assigned.
     #[error("unknown encoding {0}")]
@@ -719,6 +798,23 @@ pub fn encode_with_level(msg: &Message, zstd_level: i32) -> Result<Vec<u8>, Enco
         }
         Message::Data(d) => encode_data(&mut out, d, zstd_level)?,
         Message::Ack(a) => encode_ack(&mut out, a)?,
+        Message::Ping(p) => {
+            if p.pad > MAX_PING_PAD {
+                return Err(EncodeError::LimitExceeded {
+                    what: "ping padding",
+                    count: p.pad as usize,
+                    max: MAX_PING_PAD as usize,
+                });
+            }
+            out.extend_from_slice(&p.nonce.to_le_bytes());
+            out.extend_from_slice(&p.sent_ns.to_le_bytes());
+            out.extend_from_slice(&p.pad.to_le_bytes());
+            out.resize(out.len() + p.pad as usize, 0);
+        }
+        Message::Pong(p) => {
+            out.extend_from_slice(&p.nonce.to_le_bytes());
+            out.extend_from_slice(&p.sent_ns.to_le_bytes());
+        }
     }
     let total = out.len() + TRAILER_LEN;
     if total > MAX_FRAME_LEN {
@@ -1132,6 +1228,13 @@ pub fn decode(bytes: &[u8]) -> Result<Message, FrameError> {
         }
         MessageType::Data => Message::Data(decode_data(&mut r)?),
         MessageType::Ack => Message::Ack(decode_ack(&mut r)?),
+        MessageType::Ping => Message::Ping(decode_ping(&mut r)?),
+        MessageType::Pong => {
+            let nonce = u64::from_le_bytes(r.array("pong nonce")?);
+            let sent_ns = u64::from_le_bytes(r.array("pong sent_ns")?);
+            r.finish("pong body")?;
+            Message::Pong(Pong { nonce, sent_ns })
+        }
     };
     Ok(msg)
 }
@@ -1324,6 +1427,35 @@ fn decode_block(block: &[u8], frame: &mut DataFrame) -> Result<(), FrameError> {
     frame.streams = decode_stream_table(&mut r)?;
     decode_raw_samples(&mut r, frame)?;
     r.finish("sample block")
+}
+
+fn decode_ping(r: &mut Reader<'_>) -> Result<Ping, FrameError> {
+    let nonce = u64::from_le_bytes(r.array("ping nonce")?);
+    let sent_ns = u64::from_le_bytes(r.array("ping sent_ns")?);
+    let pad = u32::from_le_bytes(r.array("ping padding length")?);
+    if pad > MAX_PING_PAD {
+        return Err(FrameError::LimitExceeded {
+            what: "ping padding",
+            count: u64::from(pad),
+            max: MAX_PING_PAD as usize,
+        });
+    }
+    // Borrowed from the frame: checking the padding allocates nothing.
+    if r.bytes(pad as usize, "ping padding")?
+        .iter()
+        .any(|&b| b != 0)
+    {
+        return Err(FrameError::Malformed {
+            field: "ping padding",
+            reason: "not all zero",
+        });
+    }
+    r.finish("ping body")?;
+    Ok(Ping {
+        nonce,
+        sent_ns,
+        pad,
+    })
 }
 
 fn decode_ack(r: &mut Reader<'_>) -> Result<Ack, FrameError> {
@@ -2149,7 +2281,164 @@ mod tests {
                 max_version: 1,
             }))
             .unwrap(),
+            encode(&Message::Ping(Ping {
+                nonce: 7,
+                sent_ns: 1_700_000_000_000_000_000,
+                pad: 0,
+            }))
+            .unwrap(),
+            encode(&Message::Ping(Ping {
+                nonce: u64::MAX,
+                sent_ns: 0,
+                pad: 100,
+            }))
+            .unwrap(),
+            encode(&Message::Pong(Pong {
+                nonce: 7,
+                sent_ns: 1_700_000_000_000_000_000,
+            }))
+            .unwrap(),
         ]
+    }
+
+    #[test]
+    fn ping_and_pong_round_trip_and_match_the_documented_layout() {
+        for (nonce, sent_ns, pad) in [
+            (0, 0, 0),
+            (1, 2, 1),
+            (u64::MAX, u64::MAX, 4096),
+            (42, 1_700_000_000_123_456_789, MAX_PING_PAD),
+        ] {
+            let p = Ping {
+                nonce,
+                sent_ns,
+                pad,
+            };
+            let bytes = encode(&Message::Ping(p)).unwrap();
+            assert_eq!(bytes.len(), p.frame_len());
+            assert_eq!(bytes[3], MessageType::Ping as u8);
+            assert_eq!(decode(&bytes).unwrap(), Message::Ping(p));
+            let pong = p.pong();
+            assert_eq!((pong.nonce, pong.sent_ns), (nonce, sent_ns));
+            let pb = encode(&Message::Pong(pong)).unwrap();
+            // The answer is never padded.
+            assert_eq!(pb.len(), HEADER_LEN + PONG_BODY_LEN + TRAILER_LEN);
+            assert_eq!(decode(&pb).unwrap(), Message::Pong(pong));
+        }
+        // The body byte for byte, as FRAME_FORMAT.md describes it.
+        let p = Ping {
+            nonce: 0x0102_0304_0506_0708,
+            sent_ns: 0x1122_3344_5566_7788,
+            pad: 3,
+        };
+        let mut body = vec![8, 7, 6, 5, 4, 3, 2, 1];
+        body.extend_from_slice(&[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        body.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(encode(&Message::Ping(p)).unwrap(), envelope(1, 4, &body));
+        assert_eq!(
+            encode(&Message::Pong(p.pong())).unwrap(),
+            envelope(1, 5, &body[..16])
+        );
+    }
+
+    #[test]
+    fn malformed_pings_and_pongs_are_clear_errors() {
+        let body = |pad_len: u32, pad: &[u8]| {
+            let mut b = 9u64.to_le_bytes().to_vec();
+            b.extend_from_slice(&5u64.to_le_bytes());
+            b.extend_from_slice(&pad_len.to_le_bytes());
+            b.extend_from_slice(pad);
+            b
+        };
+        assert!(decode(&envelope(1, 4, &body(2, &[0, 0]))).is_ok());
+        // Padding over the limit: refused from the length alone, on both sides.
+        let e = decode(&envelope(1, 4, &body(MAX_PING_PAD + 1, &[]))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FrameError::LimitExceeded {
+                    what: "ping padding",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(
+            decode(&envelope(1, 4, &body(u32::MAX, &[]))),
+            Err(FrameError::LimitExceeded { .. })
+        ));
+        assert!(matches!(
+            encode(&Message::Ping(Ping {
+                nonce: 0,
+                sent_ns: 0,
+                pad: MAX_PING_PAD + 1,
+            })),
+            Err(EncodeError::LimitExceeded {
+                what: "ping padding",
+                ..
+            })
+        ));
+        // Padding that is not zeros, shorter or longer than declared.
+        assert_eq!(
+            decode(&envelope(1, 4, &body(2, &[0, 1]))),
+            Err(FrameError::Malformed {
+                field: "ping padding",
+                reason: "not all zero"
+            })
+        );
+        assert_eq!(
+            decode(&envelope(1, 4, &body(3, &[0, 0]))),
+            Err(FrameError::Malformed {
+                field: "ping padding",
+                reason: "ends early"
+            })
+        );
+        assert_eq!(
+            decode(&envelope(1, 4, &body(1, &[0, 0]))),
+            Err(FrameError::Malformed {
+                field: "ping body",
+                reason: "trailing bytes"
+            })
+        );
+        // Short bodies, a padded Pong.
+        let full = body(0, &[]);
+        for cut in 0..full.len() {
+            assert!(decode(&envelope(1, 4, &full[..cut])).is_err(), "{cut}");
+        }
+        assert!(decode(&envelope(1, 5, &full[..16])).is_ok());
+        for cut in 0..16 {
+            assert!(decode(&envelope(1, 5, &full[..cut])).is_err(), "{cut}");
+        }
+        assert_eq!(
+            decode(&envelope(1, 5, &full)),
+            Err(FrameError::Malformed {
+                field: "pong body",
+                reason: "trailing bytes"
+            })
+        );
+        // The next unassigned type is still a clear error, as 4 and 5 were for older builds.
+        let e = decode(&envelope(1, 6, &full)).unwrap_err();
+        assert_eq!(e, FrameError::UnknownMessageType(6));
+        assert_eq!(e.label(), "message_type");
+        assert!(e.to_string().contains("unknown message type 6"));
+    }
+
+    /// The committed fuzz seeds for Ping and Pong are frames this build decodes (and, being
+    /// canonical, re-encodes to the same bytes).
+    #[test]
+    fn ping_and_pong_fuzz_seeds_decode() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/frame_decode");
+        let mut kinds = Vec::new();
+        for name in ["seed-ping", "seed-ping-pad", "seed-pong"] {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            let m = decode(&bytes).unwrap();
+            assert_eq!(encode(&m).unwrap(), bytes, "{name}");
+            kinds.push(m.message_type());
+        }
+        assert_eq!(
+            kinds,
+            vec![MessageType::Ping, MessageType::Ping, MessageType::Pong]
+        );
     }
 
     #[test]
@@ -2753,9 +3042,18 @@ mod tests {
             let _ = decode(&bytes);
             let _ = next_frame(&bytes);
             // Random bodies behind a valid envelope reach the body parsers.
-            for ty in 1..=3 {
+            for ty in 1..=5 {
                 let _ = decode(&envelope(1, ty, &bytes));
             }
+        }
+
+        #[test]
+        fn pings_round_trip(nonce in any::<u64>(), sent_ns in any::<u64>(), pad in 0u32..2048) {
+            let p = Ping { nonce, sent_ns, pad };
+            let bytes = encode(&Message::Ping(p)).unwrap();
+            prop_assert_eq!(decode(&bytes).unwrap(), Message::Ping(p));
+            let q = encode(&Message::Pong(p.pong())).unwrap();
+            prop_assert_eq!(decode(&q).unwrap(), Message::Pong(Pong { nonce, sent_ns }));
         }
 
         #[test]

@@ -9,7 +9,7 @@
 //! in a valid compressed frame, which sends the fuzzer straight into the block parsers.
 //!
 //! Run: `cd protocols/fuzz && cargo +nightly fuzz run frame_decode corpus/frame_decode seeds/frame_decode`
-//! (`seeds/` holds committed delta and summary seeds).
+//! (`seeds/` holds committed delta, summary, ping and pong seeds).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
