@@ -331,6 +331,13 @@ async fn serve_gateway(
                     Err(e) => return Err(e.to_string()),
                 };
                 opened_any = true;
+                // Streams that have ended no longer count.
+                while let Some(ended) = streams.try_join_next() {
+                    if let Err(e) = ended {
+                        c.close(CLOSE_STORAGE, b"hub stream task failed");
+                        return Err(format!("stream task failed: {e}"));
+                    }
+                }
                 if streams.len() >= MAX_STREAMS_PER_CONNECTION {
                     refused.inc();
                     let _ = send.reset(STREAM_REFUSED.into());
@@ -338,7 +345,16 @@ async fn serve_gateway(
                     tracing::debug!(gateway = %gw, "stream refused: too many open on the connection");
                     continue;
                 }
-                streams.spawn(serve_stream(ctx.clone(), send, recv));
+                let ctx = ctx.clone();
+                streams.spawn(async move {
+                    // Logged here: when this stream closed the connection, the accept above
+                    // may see that first and end the connection's task before joining us.
+                    let r = serve_stream(ctx.clone(), send, recv).await;
+                    if let Err(e) = &r {
+                        tracing::info!(gateway = %ctx.gw, reason = %e, "gateway stream ended");
+                    }
+                    r
+                });
             }
             _ = tokio::time::sleep_until(first_deadline), if !opened_any => {
                 c.close(CLOSE_PROTOCOL, b"no stream opened");
@@ -346,8 +362,7 @@ async fn serve_gateway(
             }
             Some(ended) = streams.join_next(), if !streams.is_empty() => {
                 match ended {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::info!(gateway = %gw, reason = %e, "gateway stream ended"),
+                    Ok(_) => {}
                     Err(e) => {
                         c.close(CLOSE_STORAGE, b"hub stream task failed");
                         return Err(format!("stream task failed: {e}"));
