@@ -303,14 +303,20 @@ impl HubStore {
             for (file, len) in &lens {
                 batch.put([SINK, file.as_bytes()].concat(), len.to_be_bytes().to_vec());
             }
-            let mut seen_after = seen.clone();
-            for (a, b) in fresh.iter() {
-                seen_after.insert_range(a, b);
-            }
-            batch.put([SEEN, gateway.as_bytes()].concat(), seen_after.to_bytes());
+            // Updated only once durable: a failed commit must not mark its samples as seen.
+            let seen_after = (!fresh.is_empty()).then(|| {
+                let mut after = seen.clone();
+                for (a, b) in fresh.iter() {
+                    after.insert_range(a, b);
+                }
+                batch.put([SEEN, gateway.as_bytes()].concat(), after.to_bytes());
+                after
+            });
             self.engine.apply(batch)?;
             self.engine.flush()?;
-            *seen = seen_after;
+            if let Some(after) = seen_after {
+                *seen = after;
+            }
             Ok(())
         })();
         if let Err(e) = written {
