@@ -3,6 +3,27 @@
 //! certificate, decodes frames (every byte is hostile: errors are counted and the
 //! connection is closed, the hub carries on), commits them through [`HubStore`] and
 //! acknowledges.
+//!
+//! # Streams
+//!
+//! A gateway opens bi-directional streams on its connection: one for data (Hello, then Data
+//! frames, answered by Acks) and one for the link monitor's pings, so that pings are not
+//! queued behind data. The hub serves up to [`MAX_STREAMS_PER_CONNECTION`] streams of a
+//! connection at once, each with the same message loop; a stream opened beyond that is
+//! refused (reset and stopped with [`STREAM_REFUSED`]) and counted. The first stream must
+//! come within 30 s of the handshake. A stream that ends, or fails on the transport, ends
+//! alone; a protocol violation or a storage failure on any stream closes the connection.
+//!
+//! # Messages
+//!
+//! - Hello: must name the certificate's gateway id. It is per stream: a Data frame needs a
+//!   Hello earlier *on the same stream* (streams are not ordered with each other).
+//! - Data: committed (grouped with the Data frames already buffered behind it), then
+//!   acknowledged on the same stream.
+//! - Ping: answered at once with a Pong on the same stream, Hello or not: it reveals nothing
+//!   and the connection's identity is the certificate's anyway. A ping-only stream never
+//!   needs a Hello. On a data stream a Ping waits for the commit in front of it.
+//! - Ack and Pong travel hub → gateway only: receiving one is a protocol violation.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +32,8 @@ use std::time::Duration;
 use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Message};
 use outpost_protocols::mqtt::publisher::{MqttPublisher, PublisherOptions};
 use outpost_protocols::uplink::quic::{
-    self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicServer, ServerOptions, ServerTls,
+    self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicConnection, QuicServer, ServerOptions,
+    ServerTls,
 };
 use outpost_runtime::config::HubConfig;
 use outpost_runtime::metrics::Metrics;
@@ -26,6 +48,14 @@ pub const CLOSE_PROTOCOL: u32 = 2;
 pub const CLOSE_STORAGE: u32 = 3;
 /// Most buffered data frames committed together.
 const MAX_GROUP: usize = 64;
+/// Most bi-directional streams served at once on one gateway connection (data, pings, and
+/// room to spare for a stream being replaced).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 4;
+/// Application error code of a stream refused because the connection already has
+/// [`MAX_STREAMS_PER_CONNECTION`] streams.
+pub const STREAM_REFUSED: u32 = 4;
+/// How long a new connection may take to open its first stream.
+const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Hub start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -209,48 +239,155 @@ async fn accept_loop(
     }
 }
 
-/// Serves one gateway connection until it closes or misbehaves.
-async fn serve_gateway(
-    conn: GatewayConnection,
+/// What every stream of one gateway connection shares.
+struct ConnCtx {
+    gw: String,
+    conn: QuicConnection,
     store: Arc<HubStore>,
-    metrics: &Metrics,
+    metrics: Metrics,
     republish: Option<Republish>,
-) -> Result<(), String> {
-    let republish_dropped = metrics.counter(
-        "outpost_hub_republish_dropped",
-        "Samples not republished over MQTT because the broker was slow or away",
-        &[],
-    );
-    let gw = conn.gateway_id.clone();
-    let c = &conn.connection;
-    let bad = |kind: &'static str| {
-        metrics
+    republish_dropped: Counter,
+    written: Counter,
+    dups: Counter,
+    summaries: Counter,
+    summary_dups: Counter,
+    pongs: Counter,
+}
+
+impl ConnCtx {
+    /// Counts rejected input of `kind`.
+    fn bad(&self, kind: &'static str) {
+        self.metrics
             .counter(
                 "outpost_hub_bad_input",
                 "Rejected input from gateways",
                 &[("kind", kind)],
             )
             .inc();
-    };
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), c.accept_bi())
-        .await
-        .map_err(|_| "no stream opened within 30 s".to_string())?
-        .map_err(|e| e.to_string())?;
+    }
+
+    /// Counts a frame error and closes the connection for it.
+    fn frame_error(&self, e: &frame::FrameError) -> String {
+        self.bad(e.label());
+        self.conn.close(CLOSE_PROTOCOL, b"frame error");
+        format!("bad frame: {e}")
+    }
+}
+
+/// Serves one gateway connection until it closes or misbehaves: accepts its streams (at
+/// most [`MAX_STREAMS_PER_CONNECTION`] at once) and serves each in its own task.
+async fn serve_gateway(
+    conn: GatewayConnection,
+    store: Arc<HubStore>,
+    metrics: &Metrics,
+    republish: Option<Republish>,
+) -> Result<(), String> {
+    let gw = conn.gateway_id.clone();
+    let per_gw =
+        |name: &'static str, help: &'static str| metrics.counter(name, help, &[("gateway", &gw)]);
+    let ctx = Arc::new(ConnCtx {
+        conn: conn.connection.clone(),
+        store,
+        metrics: metrics.clone(),
+        republish,
+        republish_dropped: metrics.counter(
+            "outpost_hub_republish_dropped",
+            "Samples not republished over MQTT because the broker was slow or away",
+            &[],
+        ),
+        written: per_gw("outpost_hub_samples_written", "Samples written to the sink"),
+        dups: per_gw(
+            "outpost_hub_duplicates",
+            "Samples received again and dropped",
+        ),
+        summaries: per_gw(
+            "outpost_hub_summaries_written",
+            "Window summaries written to the summaries sink",
+        ),
+        summary_dups: per_gw(
+            "outpost_hub_summary_duplicates",
+            "Window summaries received again and dropped",
+        ),
+        pongs: per_gw("outpost_hub_pongs_sent", "Pings answered with a Pong"),
+        gw: gw.clone(),
+    });
+    let refused = metrics.counter(
+        "outpost_hub_streams_refused",
+        "Gateway streams refused because their connection had too many open",
+        &[],
+    );
+    let c = &conn.connection;
+    // Owned here: when the connection's task ends (or is aborted), its streams' tasks are
+    // aborted with it.
+    let mut streams = tokio::task::JoinSet::new();
+    let mut opened_any = false;
+    let first_deadline = tokio::time::Instant::now() + FIRST_STREAM_TIMEOUT;
+    loop {
+        tokio::select! {
+            accepted = c.accept_bi() => {
+                let (mut send, mut recv) = match accepted {
+                    Ok(s) => s,
+                    // The connection is closed (by the gateway, a stream task or a timeout).
+                    Err(e) => return Err(e.to_string()),
+                };
+                opened_any = true;
+                // Streams that have ended no longer count.
+                while let Some(ended) = streams.try_join_next() {
+                    if let Err(e) = ended {
+                        c.close(CLOSE_STORAGE, b"hub stream task failed");
+                        return Err(format!("stream task failed: {e}"));
+                    }
+                }
+                if streams.len() >= MAX_STREAMS_PER_CONNECTION {
+                    refused.inc();
+                    let _ = send.reset(STREAM_REFUSED.into());
+                    let _ = recv.stop(STREAM_REFUSED.into());
+                    tracing::debug!(gateway = %gw, "stream refused: too many open on the connection");
+                    continue;
+                }
+                let ctx = ctx.clone();
+                streams.spawn(async move {
+                    // Logged here: when this stream closed the connection, the accept above
+                    // may see that first and end the connection's task before joining us.
+                    let r = serve_stream(ctx.clone(), send, recv).await;
+                    if let Err(e) = &r {
+                        tracing::info!(gateway = %ctx.gw, reason = %e, "gateway stream ended");
+                    }
+                    r
+                });
+            }
+            _ = tokio::time::sleep_until(first_deadline), if !opened_any => {
+                c.close(CLOSE_PROTOCOL, b"no stream opened");
+                return Err(format!("no stream opened within {} s", FIRST_STREAM_TIMEOUT.as_secs()));
+            }
+            Some(ended) = streams.join_next(), if !streams.is_empty() => {
+                match ended {
+                    Ok(_) => {}
+                    Err(e) => {
+                        c.close(CLOSE_STORAGE, b"hub stream task failed");
+                        return Err(format!("stream task failed: {e}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves one stream of a gateway connection until it ends or misbehaves. Protocol
+/// violations and storage failures close the whole connection; transport errors end the
+/// stream only.
+async fn serve_stream(
+    ctx: Arc<ConnCtx>,
+    mut send: quic::SendStream,
+    mut recv: quic::RecvStream,
+) -> Result<(), String> {
+    let gw = &ctx.gw;
+    let c = &ctx.conn;
     let mut buf = FrameBuffer::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut hello_seen = false;
     // A message read while grouping data frames, handled next.
     let mut pending: Option<Message> = None;
-    let written = metrics.counter(
-        "outpost_hub_samples_written",
-        "Samples written to the sink",
-        &[("gateway", &gw)],
-    );
-    let dups = metrics.counter(
-        "outpost_hub_duplicates",
-        "Samples received again and dropped",
-        &[("gateway", &gw)],
-    );
     loop {
         let next = match pending.take() {
             Some(m) => Ok(Some(m)),
@@ -261,25 +398,23 @@ async fn serve_gateway(
             Ok(None) => match quic::read_some(&mut recv, &mut chunk).await {
                 Ok(Some(n)) => {
                     if let Err(e) = buf.push(&chunk[..n]) {
-                        bad(e.label());
-                        c.close(CLOSE_PROTOCOL, b"frame error");
-                        return Err(format!("bad frame: {e}"));
+                        return Err(ctx.frame_error(&e));
                     }
                     continue;
                 }
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    // The gateway finished its side: finish ours.
+                    let _ = quic::finish(&mut send);
+                    return Ok(());
+                }
                 Err(e) => return Err(e.to_string()),
             },
-            Err(e) => {
-                bad(e.label());
-                c.close(CLOSE_PROTOCOL, b"frame error");
-                return Err(format!("bad frame: {e}"));
-            }
+            Err(e) => return Err(ctx.frame_error(&e)),
         };
         match msg {
             Message::Hello(h) => {
-                if h.gateway_id != gw {
-                    bad("identity");
+                if h.gateway_id != *gw {
+                    ctx.bad("identity");
                     c.close(CLOSE_BAD_IDENTITY, b"hello does not match certificate");
                     return Err(format!(
                         "hello names {:?} but the certificate says {gw:?}",
@@ -287,6 +422,14 @@ async fn serve_gateway(
                     ));
                 }
                 hello_seen = true;
+            }
+            Message::Ping(p) => {
+                let pong = frame::encode(&Message::Pong(p.pong()))
+                    .map_err(|e| format!("cannot encode pong: {e}"))?;
+                quic::send_all(&mut send, &pong)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ctx.pongs.inc();
             }
             Message::Data(first) => {
                 // Group commit: with this frame, every data frame already buffered.
@@ -299,26 +442,25 @@ async fn serve_gateway(
                             break;
                         }
                         Ok(None) => break,
-                        Err(e) => {
-                            bad(e.label());
-                            c.close(CLOSE_PROTOCOL, b"frame error");
-                            return Err(format!("bad frame: {e}"));
-                        }
+                        Err(e) => return Err(ctx.frame_error(&e)),
                     }
                 }
-                if !hello_seen || frames.iter().any(|f| f.gateway_id != gw) {
-                    bad("identity");
+                if !hello_seen || frames.iter().any(|f| f.gateway_id != *gw) {
+                    ctx.bad("identity");
                     c.close(CLOSE_BAD_IDENTITY, b"frame from another gateway");
                     return Err("data frame without hello or with another gateway id".into());
                 }
-                let store2 = store.clone();
+                let store = ctx.store.clone();
                 let gw2 = gw.clone();
                 let (frames, res) = tokio::task::spawn_blocking(move || {
-                    let r = store2.commit_many(&gw2, &frames, now_ns());
+                    let r = store.commit_many(&gw2, &frames, now_ns());
                     (frames, r)
                 })
                 .await
-                .map_err(|e| format!("commit task failed: {e}"))?;
+                .map_err(|e| {
+                    c.close(CLOSE_STORAGE, b"hub storage error");
+                    format!("commit task failed: {e}")
+                })?;
                 let done = match res {
                     Ok(d) => d,
                     Err(e) => {
@@ -329,10 +471,12 @@ async fn serve_gateway(
                 };
                 let mut acks = Vec::new();
                 for (frame, done) in frames.iter().zip(&done) {
-                    written.inc_by(done.written as u64);
-                    dups.inc_by(done.duplicates as u64);
-                    if let Some(r) = &republish {
-                        r.samples(&gw, frame, &done.written_idx, &republish_dropped);
+                    ctx.written.inc_by(done.written as u64);
+                    ctx.dups.inc_by(done.duplicates as u64);
+                    ctx.summaries.inc_by(done.summaries_written as u64);
+                    ctx.summary_dups.inc_by(done.summary_duplicates as u64);
+                    if let Some(r) = &ctx.republish {
+                        r.samples(gw, frame, &done.written_idx, &ctx.republish_dropped);
                     }
                     acks.extend(
                         frame::encode(&Message::Ack(Ack::for_frame(frame)))
@@ -343,17 +487,15 @@ async fn serve_gateway(
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            Message::Ping(p) => {
-                let pong = frame::encode(&Message::Pong(p.pong()))
-                    .map_err(|e| format!("cannot encode pong: {e}"))?;
-                quic::send_all(&mut send, &pong)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            Message::Ack(_) => {
+                ctx.bad("unexpected_ack");
+                c.close(CLOSE_PROTOCOL, b"unexpected ack");
+                return Err("gateway sent an ack".into());
             }
-            Message::Ack(_) | Message::Pong(_) => {
-                bad("unexpected_message");
-                c.close(CLOSE_PROTOCOL, b"unexpected message");
-                return Err("gateway sent an ack or a pong".into());
+            Message::Pong(_) => {
+                ctx.bad("unexpected_pong");
+                c.close(CLOSE_PROTOCOL, b"unexpected pong");
+                return Err("gateway sent a pong".into());
             }
         }
     }
