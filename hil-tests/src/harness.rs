@@ -126,7 +126,8 @@ pub struct SinkLine {
     pub received_ns: i64,
 }
 
-/// Every line of every sink file under `sink_dir` (all gateways, all days).
+/// Every sample line of every sink file under `sink_dir` (all gateways, all days; the
+/// `*.summary.jsonl` files of window summaries are not samples and are skipped).
 pub fn read_sink(sink_dir: &Path) -> Vec<SinkLine> {
     let mut out = Vec::new();
     let Ok(gws) = std::fs::read_dir(sink_dir) else {
@@ -137,6 +138,13 @@ pub fn read_sink(sink_dir: &Path) -> Vec<SinkLine> {
             continue;
         };
         for day in days.flatten() {
+            if day
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".summary.jsonl")
+            {
+                continue;
+            }
             let text = std::fs::read_to_string(day.path()).unwrap_or_default();
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line)
@@ -150,6 +158,31 @@ pub fn read_sink(sink_dir: &Path) -> Vec<SinkLine> {
                     received_ns: v["received_ns"].as_i64().unwrap_or_default(),
                 });
             }
+        }
+    }
+    out
+}
+
+/// The window summaries in the `*.summary.jsonl` files under `sink_dir`, as JSON objects.
+pub fn read_summaries(sink_dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Ok(gws) = std::fs::read_dir(sink_dir) else {
+        return out;
+    };
+    for gw in gws.flatten() {
+        let Ok(days) = std::fs::read_dir(gw.path()) else {
+            continue;
+        };
+        for day in days.flatten() {
+            if !day
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".summary.jsonl")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(day.path()).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
         }
     }
     out

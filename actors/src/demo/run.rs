@@ -190,6 +190,10 @@ fn count_sink(dir: &Path) -> (u64, u64) {
     let mut lines = 0u64;
     let files = walk(dir);
     for f in files {
+        // Window summaries are not samples.
+        if f.to_string_lossy().ends_with(".summary.jsonl") {
+            continue;
+        }
         let Ok(text) = std::fs::read_to_string(&f) else {
             continue;
         };
