@@ -192,7 +192,7 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 c.fusion.len(),
                 c.uplink
                     .as_ref()
-                    .map_or("none".to_owned(), |u| u.hub.clone())
+                    .map_or("none".to_owned(), |u| u.target())
             );
             ExitCode::SUCCESS
         }
