@@ -4,7 +4,7 @@
 //! again what is unacknowledged). Checked: every sample exactly once at the hub; a resent
 //! frame is acknowledged again and not written twice; garbage and a frame naming another
 //! gateway are counted and skipped while the ingress carries on; a broker restart mid-way
-//! is survived by both sides.
+//! is survived by both sides; garbage on a gateway's down topic ends its session.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use outpost_actors::hub::Hub;
 use outpost_hil::harness::{self, Pki};
-use outpost_hil::peers::mosquitto::Mosquitto;
+use outpost_hil::peers::mosquitto::{Mosquitto, publish_bytes};
 use outpost_protocols::frame::{self, DataFrame, Encoding, Hello, Message};
-use outpost_protocols::uplink::mqtt::{MqttUplinkOptions, MqttUplinkSession};
+use outpost_protocols::uplink::mqtt::{MqttUplinkError, MqttUplinkOptions, MqttUplinkSession};
 use outpost_runtime::config;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Priority, Sample, StreamId, Value};
@@ -308,6 +308,22 @@ async fn frames_reach_the_hub_through_mosquitto_exactly_once() {
     assert!(metrics.counter_value("outpost_hub_ingress_disconnects", &[MQTT]) >= 1);
     assert_sink_holds(&sink, 40 * PER_FRAME);
     assert_eq!(written(&metrics), 40 * PER_FRAME);
+
+    // Garbage on the gateway's down topic ends its session, counted.
+    let s = gw.session().await;
+    let port = broker.port();
+    tokio::task::block_in_place(|| {
+        publish_bytes(port, &format!("outpost/{GW}/down"), 1, b"not an ack")
+    });
+    match tokio::time::timeout(Duration::from_secs(5), s.recv()).await {
+        Ok(Err(MqttUplinkError::Undecodable(_))) => {}
+        other => panic!("expected an undecodable message, got {other:?}"),
+    }
+    assert_eq!(s.stats().bad_messages, 1);
+    assert!(matches!(
+        s.send(&rest[0].bytes).await,
+        Err(MqttUplinkError::Ended(_))
+    ));
 
     gw.reconnect().await;
     hub.stop().await;

@@ -821,7 +821,8 @@ mod tests {
     fn options_are_checked() {
         let ok = MqttUplinkOptions::new("127.0.0.1", 1883, "gw-1");
         assert!(ok.check().is_ok());
-        let cases: [(&str, fn(&mut MqttUplinkOptions)); 7] = [
+        type Edit = fn(&mut MqttUplinkOptions);
+        let cases: [(&str, Edit); 7] = [
             ("prefix", |o| o.topic_prefix = "a/+".into()),
             ("gateway", |o| o.gateway_id = "gw/1".into()),
             ("client", |o| o.client_id.clear()),

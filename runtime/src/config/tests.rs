@@ -545,7 +545,7 @@ fn the_commented_mqtt_uplink_of_the_reference_is_valid() {
     let keys: Vec<&str> = loaded.environment.iter().map(|e| e.key.as_str()).collect();
     assert!(keys.contains(&"uplink.mqtt.tls.ca"), "{keys:?}");
     assert!(keys.contains(&"uplink.mqtt.password"), "{keys:?}");
-    assert!(!keys.iter().any(|k| *k == "uplink.ca"), "{keys:?}");
+    assert!(!keys.contains(&"uplink.ca"), "{keys:?}");
 }
 
 #[test]
