@@ -190,9 +190,7 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 c.gateway.id,
                 c.devices.len(),
                 c.fusion.len(),
-                c.uplink
-                    .as_ref()
-                    .map_or("none".to_owned(), |u| u.hub.clone())
+                c.uplink.as_ref().map_or("none".to_owned(), |u| u.target())
             );
             ExitCode::SUCCESS
         }

@@ -1,7 +1,9 @@
 //! The hub: the receiving end of the uplink (`outpost hub CONFIG`). It authenticates
 //! gateways, decodes their frames, de-duplicates by (gateway, stream, sequence) durably,
-//! writes every sample once to its sink and acknowledges.
+//! writes every sample once to its sink and acknowledges. Gateways on the MQTT uplink reach
+//! it through a broker instead ([`mqtt_ingress`]).
 
+pub mod mqtt_ingress;
 pub mod server;
 pub mod sink;
 pub mod store;

@@ -69,6 +69,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Store(#[from] HubStoreError),
+    #[error("MQTT ingress: {0}")]
+    MqttIngress(String),
 }
 
 /// A running hub.
@@ -76,6 +78,7 @@ pub struct Hub {
     pub addr: SocketAddr,
     pub store: Arc<HubStore>,
     task: tokio::task::JoinHandle<()>,
+    mqtt_ingress: Option<super::mqtt_ingress::MqttIngress>,
 }
 
 impl Hub {
@@ -135,9 +138,23 @@ impl Hub {
                 }),
             }
         });
+        let mqtt_ingress = match &config.mqtt_ingress {
+            Some(m) => Some(super::mqtt_ingress::MqttIngress::start(
+                super::mqtt_ingress::MqttIngressOptions::from_config(m)
+                    .map_err(HubError::MqttIngress)?,
+                store.clone(),
+                metrics.clone(),
+            )),
+            None => None,
+        };
         let task = tokio::spawn(accept_loop(server, store.clone(), metrics, republish));
         tracing::info!(%addr, sink = %config.sink_dir().display(), "hub listening");
-        Ok(Hub { addr, store, task })
+        Ok(Hub {
+            addr,
+            store,
+            task,
+            mqtt_ingress,
+        })
     }
 
     /// Stops accepting, drops open connections (unacknowledged frames will be resent by
@@ -145,6 +162,9 @@ impl Hub {
     pub async fn stop(self) {
         self.task.abort();
         let _ = self.task.await;
+        if let Some(ingress) = self.mqtt_ingress {
+            ingress.stop().await;
+        }
         // Commits already running finish (each is atomic) and release the store.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {

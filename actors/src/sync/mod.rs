@@ -83,12 +83,20 @@ pub fn context_from_config(
         .uplink
         .as_ref()
         .ok_or_else(|| "no [uplink] section".to_string())?;
-    let hub = resolve(&u.hub)?;
+    // Only a config with transport = "mqtt" lacks them: that transport is not wired into
+    // the sync loop yet (issue 5).
+    let need = |key: &str| {
+        let t = u.transport.as_str();
+        format!("uplink.{key} is missing: this sync loop speaks QUIC only (transport {t:?})")
+    };
+    let hub = resolve(u.hub.as_deref().ok_or_else(|| need("hub"))?)?;
     let read = |p: &std::path::Path| quic::read_pem_file(p).map_err(|e| e.to_string());
     let tls = ClientTls {
-        ca_pem: read(&u.ca)?,
-        cert_pem: read(&u.cert)?,
-        key_pem: u.key.resolve().map_err(|e| e.to_string())?,
+        ca_pem: read(u.ca.as_deref().ok_or_else(|| need("ca"))?)?,
+        cert_pem: read(u.cert.as_deref().ok_or_else(|| need("cert"))?)?,
+        key_pem: (u.key.as_ref().ok_or_else(|| need("key"))?)
+            .resolve()
+            .map_err(|e| e.to_string())?,
     };
     let max_frame_samples = u.max_frame_samples.get() as usize;
     let window = (max_frame_samples * 8).max(1);
@@ -122,7 +130,7 @@ pub fn context_from_config(
     Ok(SyncContext {
         gateway_id: config.gateway.id.clone(),
         hub,
-        server_name: u.server_name.clone(),
+        server_name: u.server_name.clone().ok_or_else(|| need("server_name"))?,
         tls: Arc::new(tls),
         options: SyncOptions {
             max_frame_samples,

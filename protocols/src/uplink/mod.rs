@@ -2,12 +2,17 @@
 //!
 //! - [`quic`]: QUIC (quinn) with TLS 1.3 and mutual authentication. The hub accepts only
 //!   client certificates signed by its CA and learns each gateway's id from its certificate.
+//! - [`mqtt`]: the same frames as QoS 1 MQTT payloads through any broker (gateway side;
+//!   the hub's side is `outpost_actors::hub::mqtt_ingress`). The broker's authentication
+//!   and ACLs stand in for the client certificates.
 //! - [`certs`]: generation of a CA, a hub certificate and gateway certificates (what
 //!   `outpost certs` writes), for trying the QUIC uplink out.
 //!
-//! Framing is not done here: streams carry the bytes of the frame codec.
+//! Framing is not done here: QUIC streams and MQTT payloads carry the bytes of the frame
+//! codec.
 
 pub mod certs;
+pub mod mqtt;
 pub mod quic;
 
 /// Longest gateway id, in bytes (the same rule as `gateway.id` in the gateway config).

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::schema::{LogSection, MetricsSection};
-use super::types::Secret;
+use super::schema::{BackoffConfig, LogSection, MetricsSection, TlsClientConfig};
+use super::types::{Dur, Secret};
 use super::{ConfigErrors, KeyPath};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -23,6 +23,38 @@ pub struct HubConfig {
     /// Optional: republish every sample written to the sink to an MQTT broker, for other
     /// consumers (best effort: the sink is the durable record).
     pub republish: Option<RepublishSection>,
+    /// Optional: also take gateways' frames from an MQTT broker (gateways with
+    /// `[uplink] transport = "mqtt"`).
+    pub mqtt_ingress: Option<MqttIngressSection>,
+}
+
+/// `[mqtt_ingress]`: the hub subscribes to `<topic_prefix>/+/up` on a broker, commits the
+/// frames it reads there, and publishes acknowledgements on `<topic_prefix>/<gateway>/down`.
+/// The gateway is the one the topic names: the broker's authentication and ACLs are what
+/// keep a client from publishing on another gateway's topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttIngressSection {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// First topic levels, as the gateways' `[uplink.mqtt] topic_prefix`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Default `outpost-hub-ingress`. The session is persistent: keep it stable.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsClientConfig>,
+    /// MQTT keep-alive (whole seconds).
+    #[serde(default = "default_ingress_keep_alive")]
+    pub keep_alive: Dur<1_000, 65_535_000>,
+    /// Backoff between connection attempts.
+    #[serde(default)]
+    pub reconnect: BackoffConfig,
+}
+
+fn default_ingress_keep_alive() -> Dur<1_000, 65_535_000> {
+    Dur::from_millis(30_000)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -150,6 +182,82 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
             && let Err(e) = pw.resolve()
         {
             problems.push((at.key("password"), e.to_string()));
+        }
+    }
+    if let Some(m) = &mut c.mqtt_ingress {
+        let at = KeyPath::default().key("mqtt_ingress");
+        if let Some(Secret::File { file }) = &mut m.password {
+            fix(file);
+        }
+        if let Some(t) = &mut m.tls {
+            fix(&mut t.ca);
+            if let Some(cert) = &mut t.cert {
+                fix(cert);
+            }
+            if let Some(Secret::File { file }) = &mut t.key {
+                fix(file);
+            }
+        }
+        match m
+            .broker
+            .rsplit_once(':')
+            .map(|(h, p)| (h, p.parse::<u16>()))
+        {
+            Some((h, Ok(p))) if !h.is_empty() && p > 0 => {}
+            _ => problems.push((
+                at.clone().key("broker"),
+                format!("invalid address {:?}: expected host:port", m.broker),
+            )),
+        }
+        if let Some(e) = super::topic_prefix_problem(&m.topic_prefix) {
+            problems.push((at.clone().key("topic_prefix"), e));
+        }
+        if m.client_id.as_deref().is_some_and(str::is_empty) {
+            problems.push((
+                at.clone().key("client_id"),
+                "an MQTT client id may not be empty (the session is persistent); leave it out for `outpost-hub-ingress`".into(),
+            ));
+        }
+        if m.password.is_some() && m.username.is_none() {
+            problems.push((
+                at.clone().key("password"),
+                "a password needs a `username`".into(),
+            ));
+        }
+        if let Some(pw) = &m.password
+            && let Err(e) = pw.resolve()
+        {
+            problems.push((at.clone().key("password"), e.to_string()));
+        }
+        if let Some(t) = &m.tls {
+            let at = at.clone().key("tls");
+            if t.cert.is_some() != t.key.is_some() {
+                problems.push((
+                    at.clone(),
+                    "a client certificate needs both `cert` and `key`".into(),
+                ));
+            }
+            for (key, p) in [("ca", Some(&t.ca)), ("cert", t.cert.as_ref())] {
+                if let Some(p) = p
+                    && let Err(e) = std::fs::metadata(p)
+                {
+                    problems.push((
+                        at.clone().key(key),
+                        format!("cannot read {}: {e}", p.display()),
+                    ));
+                }
+            }
+            if let Some(k) = &t.key
+                && let Err(e) = k.resolve()
+            {
+                problems.push((at.clone().key("key"), e.to_string()));
+            }
+        }
+        if m.reconnect.initial.get() > m.reconnect.max.get() {
+            problems.push((
+                at.key("reconnect").key("initial"),
+                "initial backoff is larger than `max`".into(),
+            ));
         }
     }
     if problems.is_empty() {

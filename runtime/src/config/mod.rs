@@ -14,10 +14,10 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use fusion::*;
-pub use hub::{HubConfig, load_hub, parse_hub};
+pub use hub::{HubConfig, MqttIngressSection, load_hub, parse_hub};
 pub use schema::*;
 pub use types::{Bounded, ByteSize, Dur, Secret};
-pub use validate::topic_filter_wildcards;
+pub use validate::{topic_filter_wildcards, topic_prefix_problem};
 
 /// Largest config file accepted (a config is hand-written; anything bigger is a mistake).
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;

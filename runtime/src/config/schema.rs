@@ -395,25 +395,43 @@ impl Default for BackoffConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UplinkTransport {
+    /// QUIC with TLS 1.3 and client certificates, straight to the hub (`hub`,
+    /// `server_name`, `ca`, `cert`, `key`).
     #[default]
     Quic,
+    /// MQTT 3.1.1 through any broker (`[uplink.mqtt]`): the same frames as QoS 1 payloads.
+    Mqtt,
 }
 
+impl UplinkTransport {
+    /// The transport's name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UplinkTransport::Quic => "quic",
+            UplinkTransport::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// `[uplink]`: where data goes and how. The QUIC keys are required (and used) only with
+/// `transport = "quic"`, the `[uplink.mqtt]` table only with `transport = "mqtt"`; the
+/// validator reports a missing one at its place.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
     #[serde(default)]
     pub transport: UplinkTransport,
-    /// `host:port` of the hub.
-    pub hub: String,
-    /// Name in the hub's certificate.
-    pub server_name: String,
-    /// CA certificate (PEM) that signs the hub's and the gateways' certificates.
-    pub ca: PathBuf,
-    /// This gateway's certificate (PEM), signed by the CA.
-    pub cert: PathBuf,
-    /// This gateway's private key (PEM).
-    pub key: Secret,
+    /// QUIC: `host:port` of the hub.
+    pub hub: Option<String>,
+    /// QUIC: name in the hub's certificate.
+    pub server_name: Option<String>,
+    /// QUIC: CA certificate (PEM) that signs the hub's and the gateways' certificates.
+    pub ca: Option<PathBuf>,
+    /// QUIC: this gateway's certificate (PEM), signed by the CA.
+    pub cert: Option<PathBuf>,
+    /// QUIC: this gateway's private key (PEM).
+    pub key: Option<Secret>,
+    /// QUIC keep-alive interval.
     #[serde(default = "default_uplink_keep_alive")]
     pub keep_alive: Dur<100, 600_000>,
     /// Most samples per frame.
@@ -421,6 +439,68 @@ pub struct UplinkConfig {
     pub max_frame_samples: Bounded<1, 65_535>,
     #[serde(default)]
     pub reconnect: BackoffConfig,
+    /// MQTT: the broker and how to reach it (with `transport = "mqtt"`).
+    pub mqtt: Option<UplinkMqttConfig>,
+}
+
+impl UplinkConfig {
+    /// Where the uplink goes, for logs and `outpost check`: `quic://HUB` or `mqtt://BROKER`.
+    pub fn target(&self) -> String {
+        match self.transport {
+            UplinkTransport::Quic => {
+                format!("quic://{}", self.hub.as_deref().unwrap_or("(no hub)"))
+            }
+            UplinkTransport::Mqtt => format!(
+                "mqtt://{}",
+                self.mqtt
+                    .as_ref()
+                    .map_or("(no broker)", |m| m.broker.as_str())
+            ),
+        }
+    }
+}
+
+/// `[uplink.mqtt]`: the MQTT uplink. The gateway publishes each frame as one QoS 1 message
+/// on `<topic_prefix>/<gateway id>/up` and reads the hub's acknowledgements from
+/// `<topic_prefix>/<gateway id>/down`. The broker's authentication and ACLs are what keep
+/// one gateway from writing another's topics.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkMqttConfig {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// Defaults to `outpost-<gateway id>-uplink`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<TlsClientConfig>,
+    /// First topic levels (no wildcards, no empty level, not starting with `$`).
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// MQTT keep-alive (whole seconds, at most 65535 s).
+    #[serde(default = "default_mqtt_keep_alive")]
+    pub keep_alive: Dur<1_000, 65_535_000>,
+    /// Publishes sent and not yet acknowledged by the broker (PUBACK) at most.
+    #[serde(default = "default_mqtt_in_flight")]
+    pub max_in_flight: Bounded<1, 1_000>,
+    /// Largest payload (one encoded frame) sent; brokers often limit messages (AWS IoT:
+    /// 128 KiB). At most 1 MiB, the largest frame.
+    #[serde(default = "default_mqtt_max_payload")]
+    pub max_payload: ByteSize,
+}
+
+/// The default topic prefix of the MQTT uplink.
+pub fn default_topic_prefix() -> String {
+    "outpost".into()
+}
+fn default_mqtt_keep_alive() -> Dur<1_000, 65_535_000> {
+    Dur::from_millis(30_000)
+}
+fn default_mqtt_in_flight() -> Bounded<1, 1_000> {
+    Bounded(32)
+}
+fn default_mqtt_max_payload() -> ByteSize {
+    ByteSize(1 << 20)
 }
 
 fn default_uplink_keep_alive() -> Dur<100, 600_000> {

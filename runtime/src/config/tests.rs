@@ -38,7 +38,7 @@ fn reference_and_demo_configs_are_valid() {
         "relative paths are rebased"
     );
     let u = c.uplink.as_ref().unwrap();
-    assert_eq!(u.ca, Path::new("/base/certs/ca.pem"));
+    assert_eq!(u.ca.as_deref(), Some(Path::new("/base/certs/ca.pem")));
     // The certificates and the password variable are not on this machine: environment
     // problems, not config errors.
     let keys: Vec<&str> = loaded.environment.iter().map(|e| e.key.as_str()).collect();
@@ -487,4 +487,164 @@ fn every_method_section_deserializes_from_toml() {
         (256, 200, LatePolicy::Drop)
     );
     a.validate().unwrap();
+}
+
+/// The reference config with its commented `[uplink.mqtt]` example enabled, the transport
+/// switched to MQTT and the QUIC-only keys removed.
+fn reference_with_mqtt_uplink() -> String {
+    let mut out = Vec::new();
+    let mut in_example = false;
+    for line in REFERENCE.lines() {
+        let t = line.trim_start();
+        if t == "# [uplink.mqtt]" {
+            in_example = true;
+            out.push("[uplink.mqtt]".to_owned());
+            continue;
+        }
+        if in_example {
+            match t.strip_prefix("# ") {
+                Some(kv) if kv.split_once(" = ").is_some() => {
+                    out.push(kv.to_owned());
+                    continue;
+                }
+                _ => in_example = false,
+            }
+        }
+        let quic_only = ["hub = ", "server_name = ", "ca = ", "cert = ", "key = "]
+            .iter()
+            .any(|k| line.starts_with(k));
+        if quic_only {
+            continue;
+        }
+        if line == "transport = \"quic\"" {
+            out.push("transport = \"mqtt\"".to_owned());
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out.join("\n")
+}
+
+#[test]
+fn the_commented_mqtt_uplink_of_the_reference_is_valid() {
+    let text = reference_with_mqtt_uplink();
+    let loaded = parse_ref(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let u = loaded.config.uplink.as_ref().unwrap();
+    assert_eq!(u.transport, UplinkTransport::Mqtt);
+    assert!(u.hub.is_none() && u.ca.is_none() && u.key.is_none());
+    let m = u.mqtt.as_ref().unwrap();
+    assert_eq!(m.broker, "127.0.0.1:1883");
+    assert_eq!(m.topic_prefix, "outpost");
+    assert_eq!(m.max_in_flight.get(), 32);
+    assert_eq!(m.max_payload.0, 1 << 20);
+    assert_eq!(m.keep_alive.get(), std::time::Duration::from_secs(30));
+    let tls = m.tls.as_ref().unwrap();
+    assert_eq!(tls.ca, Path::new("/base/certs/broker-ca.pem"), "rebased");
+    assert_eq!(u.target(), "mqtt://127.0.0.1:1883");
+    // The MQTT keys are checked on this machine, the QUIC ones are not.
+    let keys: Vec<&str> = loaded.environment.iter().map(|e| e.key.as_str()).collect();
+    assert!(keys.contains(&"uplink.mqtt.tls.ca"), "{keys:?}");
+    assert!(keys.contains(&"uplink.mqtt.password"), "{keys:?}");
+    assert!(!keys.contains(&"uplink.ca"), "{keys:?}");
+}
+
+#[test]
+fn mqtt_transport_without_its_table_is_located_at_the_uplink() {
+    let text = REFERENCE.replace("transport = \"quic\"", "transport = \"mqtt\"");
+    let e = one_error(&text);
+    assert_eq!(e.key, "uplink.mqtt", "{e}");
+    assert!(e.message.contains("needs an [uplink.mqtt] table"), "{e}");
+    assert!(e.message.contains("broker"), "{e}");
+    assert_eq!(e.line, Some(line_of(&text, "[uplink]")), "{e}");
+}
+
+#[test]
+fn quic_transport_without_hub_names_the_missing_key() {
+    let text = REFERENCE.replace("hub = \"127.0.0.1:7443\"\n", "");
+    let e = one_error(&text);
+    assert_eq!(e.key, "uplink.hub", "{e}");
+    assert!(e.message.contains("missing required key `hub`"), "{e}");
+    assert!(e.message.contains("transport \"quic\" needs"), "{e}");
+    assert_eq!(e.line, Some(line_of(&text, "[uplink]")), "{e}");
+    // Every missing QUIC key is reported, not only the first.
+    let text = ["hub = ", "server_name = ", "ca = ", "cert = ", "key = "]
+        .iter()
+        .fold(REFERENCE.to_owned(), |t, k| {
+            t.lines()
+                .filter(|l| !l.starts_with(k))
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+    let errs = parse_ref(&text).unwrap_err();
+    let keys: Vec<&str> = errs.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "uplink.hub",
+            "uplink.server_name",
+            "uplink.ca",
+            "uplink.cert",
+            "uplink.key"
+        ]
+    );
+}
+
+#[test]
+fn a_typo_in_uplink_mqtt_is_located_with_a_suggestion() {
+    let text = reference_with_mqtt_uplink().replace("topic_prefix = ", "topic_prefx = ");
+    let e = one_error(&text);
+    assert_eq!(e.key, "uplink.mqtt.topic_prefx", "{e}");
+    assert_eq!(e.hint.as_deref(), Some("did you mean `topic_prefix`?"));
+    assert_eq!(e.line, Some(line_of(&text, "topic_prefx")));
+}
+
+#[test]
+fn uplink_mqtt_values_are_checked() {
+    let base = reference_with_mqtt_uplink();
+    for (from, to, key, msg) in [
+        (
+            "topic_prefix = \"outpost\"",
+            "topic_prefix = \"outpost/+\"",
+            "uplink.mqtt.topic_prefix",
+            "wildcards",
+        ),
+        (
+            "broker = \"127.0.0.1:1883\"        # host:port. Required in this table.",
+            "broker = \"localhost\"",
+            "uplink.mqtt.broker",
+            "expected host:port",
+        ),
+        (
+            "max_payload = \"1MiB\"",
+            "max_payload = \"2MiB\"",
+            "uplink.mqtt.max_payload",
+            "from 1KiB to 1MiB",
+        ),
+        (
+            "max_in_flight = 32",
+            "max_in_flight = 0",
+            "uplink.mqtt.max_in_flight",
+            "from 1 to 1000",
+        ),
+        (
+            "username = \"plant-a-gw01\"\n",
+            "",
+            "uplink.mqtt.password",
+            "needs a `username`",
+        ),
+    ] {
+        assert!(base.contains(from), "{from}");
+        let e = one_error(&base.replacen(from, to, 1));
+        assert_eq!(e.key, key, "{e}");
+        assert!(e.message.contains(msg), "{key}: {e}");
+    }
+}
+
+#[test]
+fn topic_prefixes_are_checked() {
+    assert_eq!(topic_prefix_problem("outpost"), None);
+    assert_eq!(topic_prefix_problem("site-a/outpost"), None);
+    for bad in ["", "a/+", "#", "$SYS", "a//b", "/a", "a/", "a\u{0}b"] {
+        assert!(topic_prefix_problem(bad).is_some(), "{bad:?}");
+    }
 }

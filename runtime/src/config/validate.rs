@@ -231,14 +231,7 @@ pub(super) fn validate(c: &Config) -> Problems {
     validate_fusion(c, &mut p, &mut streams);
 
     if let Some(u) = &c.uplink {
-        let at = root().key("uplink");
-        check_host_port(&mut p, &u.hub, at.clone().key("hub"));
-        if u.server_name.trim().is_empty() {
-            p.push((
-                at.key("server_name"),
-                "expected the name in the hub's certificate".into(),
-            ));
-        }
+        validate_uplink(u, &mut p);
     }
 
     let l = &c.link;
@@ -269,6 +262,124 @@ pub(super) fn validate(c: &Config) -> Problems {
         ));
     }
     p
+}
+
+/// `[uplink]`: the keys of the chosen transport must be there (and make sense).
+fn validate_uplink(u: &UplinkConfig, p: &mut Problems) {
+    let at = root().key("uplink");
+    match u.transport {
+        UplinkTransport::Quic => {
+            let mut missing = |key: &str, what: &str| {
+                p.push((
+                    at.clone().key(key),
+                    format!(
+                        "missing required key `{key}` ({what}): transport \"quic\" needs `hub`, `server_name`, `ca`, `cert` and `key`"
+                    ),
+                ))
+            };
+            if u.hub.is_none() {
+                missing("hub", "the hub's host:port");
+            }
+            if u.server_name.is_none() {
+                missing("server_name", "the name in the hub's certificate");
+            }
+            if u.ca.is_none() {
+                missing("ca", "the CA certificate");
+            }
+            if u.cert.is_none() {
+                missing("cert", "this gateway's certificate");
+            }
+            if u.key.is_none() {
+                missing("key", "this gateway's private key");
+            }
+            if let Some(hub) = &u.hub {
+                check_host_port(p, hub, at.clone().key("hub"));
+            }
+            if let Some(name) = &u.server_name
+                && name.trim().is_empty()
+            {
+                p.push((
+                    at.clone().key("server_name"),
+                    "expected the name in the hub's certificate".into(),
+                ));
+            }
+        }
+        UplinkTransport::Mqtt => {
+            let Some(m) = &u.mqtt else {
+                p.push((
+                    at.clone().key("mqtt"),
+                    "transport \"mqtt\" needs an [uplink.mqtt] table with at least `broker = \"host:port\"`".into(),
+                ));
+                return;
+            };
+            let at = at.key("mqtt");
+            check_host_port(p, &m.broker, at.clone().key("broker"));
+            if m.client_id.as_deref().is_some_and(str::is_empty) {
+                p.push((
+                    at.clone().key("client_id"),
+                    "an MQTT client id may not be empty; leave it out for `outpost-<gateway id>-uplink`".into(),
+                ));
+            }
+            if m.password.is_some() && m.username.is_none() {
+                p.push((
+                    at.clone().key("password"),
+                    "a password needs a `username`".into(),
+                ));
+            }
+            if let Some(t) = &m.tls
+                && t.cert.is_some() != t.key.is_some()
+            {
+                p.push((
+                    at.clone().key("tls"),
+                    "a client certificate needs both `cert` and `key`".into(),
+                ));
+            }
+            if let Some(e) = topic_prefix_problem(&m.topic_prefix) {
+                p.push((at.clone().key("topic_prefix"), e));
+            }
+            if !(1024..=1 << 20).contains(&m.max_payload.0) {
+                p.push((
+                    at.key("max_payload"),
+                    format!(
+                        "{} bytes is out of range: expected from 1KiB to 1MiB (the largest frame)",
+                        m.max_payload.0
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Why `prefix` cannot be the first levels of the MQTT uplink's topics
+/// (`<prefix>/<gateway>/up`, `<prefix>/<gateway>/down`), or `None` when it can.
+pub fn topic_prefix_problem(prefix: &str) -> Option<String> {
+    if prefix.is_empty() {
+        return Some("the topic prefix is empty: expected e.g. \"outpost\"".into());
+    }
+    if prefix.len() > 1024 {
+        return Some("the topic prefix is longer than 1024 bytes".into());
+    }
+    if prefix.contains(['+', '#']) {
+        return Some(format!(
+            "invalid topic prefix {prefix:?}: the wildcards `+` and `#` are not allowed"
+        ));
+    }
+    if prefix.starts_with('$') {
+        return Some(format!(
+            "invalid topic prefix {prefix:?}: topics starting with `$` are reserved for the broker"
+        ));
+    }
+    if prefix.chars().any(char::is_control) {
+        return Some(format!(
+            "invalid topic prefix {prefix:?}: control characters are not allowed"
+        ));
+    }
+    if prefix.split('/').any(str::is_empty) {
+        return Some(format!(
+            "invalid topic prefix {prefix:?}: empty topic level (a leading, trailing or doubled `/`)"
+        ));
+    }
+    None
 }
 
 /// `{1}` placeholders replaced by a letter, so a template can be checked as a stream name.
@@ -380,9 +491,30 @@ pub(super) fn environment(c: &Config) -> Problems {
     }
     if let Some(u) = &c.uplink {
         let at = root().key("uplink");
-        check_file(&mut p, &u.ca, at.clone().key("ca"));
-        check_file(&mut p, &u.cert, at.clone().key("cert"));
-        check_secret(&mut p, &u.key, at.key("key"));
+        match u.transport {
+            UplinkTransport::Quic => {
+                if let Some(ca) = &u.ca {
+                    check_file(&mut p, ca, at.clone().key("ca"));
+                }
+                if let Some(cert) = &u.cert {
+                    check_file(&mut p, cert, at.clone().key("cert"));
+                }
+                if let Some(key) = &u.key {
+                    check_secret(&mut p, key, at.key("key"));
+                }
+            }
+            UplinkTransport::Mqtt => {
+                if let Some(m) = &u.mqtt {
+                    let at = at.key("mqtt");
+                    if let Some(s) = &m.password {
+                        check_secret(&mut p, s, at.clone().key("password"));
+                    }
+                    if let Some(t) = &m.tls {
+                        check_tls(&mut p, t, at.key("tls"));
+                    }
+                }
+            }
+        }
     }
     p
 }
@@ -399,6 +531,15 @@ pub(super) fn rebase_paths(c: &mut Config, base: &std::path::Path) {
             fix(file, base);
         }
     }
+    fn fix_tls(t: &mut TlsClientConfig, base: &std::path::Path) {
+        fix(&mut t.ca, base);
+        if let Some(c) = &mut t.cert {
+            fix(c, base);
+        }
+        if let Some(k) = &mut t.key {
+            fix_secret(k, base);
+        }
+    }
     fix(&mut c.gateway.data_dir, base);
     for d in &mut c.devices {
         if let Some(m) = &mut d.mqtt {
@@ -406,20 +547,28 @@ pub(super) fn rebase_paths(c: &mut Config, base: &std::path::Path) {
                 fix_secret(s, base);
             }
             if let Some(t) = &mut m.tls {
-                fix(&mut t.ca, base);
-                if let Some(c) = &mut t.cert {
-                    fix(c, base);
-                }
-                if let Some(k) = &mut t.key {
-                    fix_secret(k, base);
-                }
+                fix_tls(t, base);
             }
         }
     }
     if let Some(u) = &mut c.uplink {
-        fix(&mut u.ca, base);
-        fix(&mut u.cert, base);
-        fix_secret(&mut u.key, base);
+        if let Some(ca) = &mut u.ca {
+            fix(ca, base);
+        }
+        if let Some(cert) = &mut u.cert {
+            fix(cert, base);
+        }
+        if let Some(key) = &mut u.key {
+            fix_secret(key, base);
+        }
+        if let Some(m) = &mut u.mqtt {
+            if let Some(s) = &mut m.password {
+                fix_secret(s, base);
+            }
+            if let Some(t) = &mut m.tls {
+                fix_tls(t, base);
+            }
+        }
     }
 }
 

@@ -1,0 +1,647 @@
+//! The hub's MQTT ingress: the receiving end of the MQTT uplink
+//! ([`outpost_protocols::uplink::mqtt`]), started by [`super::Hub::start`] when the hub
+//! config has an `[mqtt_ingress]` section.
+//!
+//! The hub is an MQTT 3.1.1 client of the broker: a **persistent session** (stable client
+//! id) subscribed to `<prefix>/+/up` with QoS 1 and **manual acknowledgements**. Each
+//! message's payload is one frame. For a batch of messages that arrived together (at most
+//! [`MAX_GROUP`] messages or [`MAX_GROUP_BYTES`] bytes) the ingress:
+//!
+//! 1. reads the gateway id from the topic and decodes the payload: anything that is not a
+//!    frame, not from a valid up topic, a Data or Hello frame naming another gateway than
+//!    its topic, or an Ack, is counted (`outpost_hub_bad_input{kind, transport="mqtt"}`),
+//!    logged and skipped — never a panic, and the ingress carries on;
+//! 2. commits the Data frames through [`HubStore::commit_many`] (one group commit per
+//!    gateway: duplicates dropped, new samples written and made durable);
+//! 3. publishes `Ack::for_frame` of each Data frame on `<prefix>/<gateway>/down` (QoS 1);
+//! 4. only then acknowledges each message to the broker (PUBACK).
+//!
+//! A message the hub has not committed is therefore never acknowledged: if the hub stops or
+//! its storage fails (the connection is then dropped on purpose), the broker delivers it
+//! again on the next connection, and the de-duplication makes that harmless. A lost Ack is
+//! harmless too: the gateway resends, the hub drops the duplicates and acknowledges again.
+//!
+//! # Identity
+//!
+//! The gateway is the one the topic names; a Data frame must carry the same id. Nothing in
+//! MQTT proves who published: the **broker's authentication and ACLs** are what stop a
+//! client from writing another gateway's `up` topic or any `down` topic. Configure them
+//! (`config/hub.toml` shows a Mosquitto ACL); without them any client of the broker can
+//! inject data for any gateway.
+//!
+//! # Connections
+//!
+//! One rumqttc event loop per connection, polled by one task (so an acknowledgement is never
+//! sent on a later connection than its message came on, where the packet id may name
+//! another message). Between connections: exponential backoff with jitter
+//! ([`Backoff`]); rumqttc itself would retry at once, forever. The subscription is sent on
+//! every connection (a broker that lost the session has forgotten it). Payloads larger than
+//! [`MAX_PACKET`] break the connection and come back on every reconnection: limit packet
+//! sizes at the broker (Mosquitto: `max_packet_size`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocols::frame::{self, Ack, DataFrame, Message};
+use outpost_protocols::uplink::mqtt::{down_topic, gateway_of_up_topic, up_filter};
+use outpost_runtime::config::MqttIngressSection;
+use outpost_runtime::metrics::Metrics;
+use outpost_runtime::model::now_ns;
+use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+use super::store::HubStore;
+
+/// Most messages committed together.
+pub const MAX_GROUP: usize = 64;
+/// Most payload bytes committed together (a batch stops growing past this).
+pub const MAX_GROUP_BYTES: usize = 4 << 20;
+/// Largest MQTT packet accepted from the broker: twice the largest frame, so a payload
+/// somewhat over the frame limit still arrives and is counted, acknowledged and skipped
+/// instead of breaking the connection.
+pub const MAX_PACKET: usize = 2 * frame::MAX_FRAME_LEN;
+/// Requests (acknowledgements, ack publishes) queued towards the event loop.
+const REQUEST_CHANNEL: usize = 4_096;
+/// Our QoS 1 ack publishes awaiting the broker's PUBACK.
+const INFLIGHT: u16 = 1_000;
+/// A connection that lasted this long resets the backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(1);
+/// The `transport` label of this ingress's metrics.
+const TRANSPORT: (&str, &str) = ("transport", "mqtt");
+
+/// Everything the ingress needs, secrets read and TLS built.
+#[derive(Clone)]
+pub struct MqttIngressOptions {
+    pub host: String,
+    pub port: u16,
+    /// Stable: the broker keeps the session (subscription, unacknowledged messages) under it.
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    pub topic_prefix: String,
+    pub keep_alive: Duration,
+    pub reconnect: BackoffPolicy,
+}
+
+impl std::fmt::Debug for MqttIngressOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttIngressOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.credentials.as_ref().map(|c| &c.0))
+            .field("tls", &self.tls.is_some())
+            .field("topic_prefix", &self.topic_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttIngressOptions {
+    /// Resolves `[mqtt_ingress]` (already validated by the config loader): reads the
+    /// password and the TLS files.
+    pub fn from_config(cfg: &MqttIngressSection) -> Result<MqttIngressOptions, String> {
+        let bad = || {
+            format!(
+                "invalid broker address {:?}: expected host:port",
+                cfg.broker
+            )
+        };
+        let (host, port) = cfg.broker.rsplit_once(':').ok_or_else(bad)?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        if let Some(p) = outpost_runtime::config::topic_prefix_problem(&cfg.topic_prefix) {
+            return Err(p);
+        }
+        let password = match &cfg.password {
+            Some(s) => Some(
+                s.resolve_string()
+                    .map_err(|e| format!("cannot read the MQTT password: {e}"))?,
+            ),
+            None => None,
+        };
+        let credentials = match (&cfg.username, password) {
+            (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
+            (None, Some(p)) => Some((String::new(), p)),
+            (None, None) => None,
+        };
+        let tls = match &cfg.tls {
+            Some(t) => Some(
+                outpost_protocols::mqtt::source::tls_client_config(t, &host)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let client_id = cfg
+            .client_id
+            .clone()
+            .unwrap_or_else(|| "outpost-hub-ingress".into());
+        if client_id.is_empty() {
+            return Err("the MQTT client id may not be empty".into());
+        }
+        let mut reconnect = BackoffPolicy::new(
+            cfg.reconnect.initial.get(),
+            cfg.reconnect.max.get().max(cfg.reconnect.initial.get()),
+            2.0,
+            0.5,
+        );
+        reconnect.reset_after = STABLE_CONNECTION;
+        Ok(MqttIngressOptions {
+            host,
+            port,
+            client_id,
+            credentials,
+            tls,
+            topic_prefix: cfg.topic_prefix.clone(),
+            keep_alive: cfg.keep_alive.get(),
+            reconnect,
+        })
+    }
+}
+
+/// A running ingress; [`stop`](Self::stop) it (dropping it leaves the task running).
+pub struct MqttIngress {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttIngress {
+    /// Starts the ingress task; the first connection attempt begins at once.
+    pub fn start(opts: MqttIngressOptions, store: Arc<HubStore>, metrics: Metrics) -> MqttIngress {
+        tracing::info!(broker = %format!("{}:{}", opts.host, opts.port), filter = %up_filter(&opts.topic_prefix), "MQTT ingress starting");
+        let task = tokio::spawn(run(opts, store, Counters::new(metrics)));
+        MqttIngress { task }
+    }
+
+    /// Stops the task: the connection is dropped, messages not yet acknowledged are
+    /// redelivered by the broker to the next hub. A commit already running finishes.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// The ingress's metrics (the QUIC side's names, with `transport="mqtt"`).
+struct Counters {
+    metrics: Metrics,
+    connections: Counter,
+    disconnects: Counter,
+    connected: Gauge,
+    messages: Counter,
+    acks: Counter,
+    storage_errors: Counter,
+}
+
+impl Counters {
+    fn new(metrics: Metrics) -> Counters {
+        Counters {
+            connections: metrics.counter(
+                "outpost_hub_connections",
+                "Gateway connections accepted",
+                &[TRANSPORT],
+            ),
+            disconnects: metrics.counter(
+                "outpost_hub_ingress_disconnects",
+                "Connections of the hub's MQTT ingress to its broker that ended",
+                &[TRANSPORT],
+            ),
+            connected: metrics.gauge(
+                "outpost_hub_ingress_connected",
+                "1 while the hub's MQTT ingress is connected and subscribed",
+                &[TRANSPORT],
+            ),
+            messages: metrics.counter(
+                "outpost_hub_ingress_messages",
+                "Messages received by the hub's MQTT ingress",
+                &[TRANSPORT],
+            ),
+            acks: metrics.counter(
+                "outpost_hub_acks_sent",
+                "Acknowledgements sent to gateways",
+                &[TRANSPORT],
+            ),
+            storage_errors: metrics.counter(
+                "outpost_hub_storage_errors",
+                "Commits that failed (the data stays unacknowledged)",
+                &[TRANSPORT],
+            ),
+            metrics,
+        }
+    }
+
+    fn bad(&self, kind: &str) {
+        self.metrics
+            .counter(
+                "outpost_hub_bad_input",
+                "Rejected input from gateways",
+                &[("kind", kind), TRANSPORT],
+            )
+            .inc();
+    }
+
+    fn written(&self, gateway: &str, written: usize, duplicates: usize) {
+        let l = [("gateway", gateway), TRANSPORT];
+        self.metrics
+            .counter(
+                "outpost_hub_samples_written",
+                "Samples written to the sink",
+                &l,
+            )
+            .inc_by(written as u64);
+        self.metrics
+            .counter(
+                "outpost_hub_duplicates",
+                "Samples received again and dropped",
+                &l,
+            )
+            .inc_by(duplicates as u64);
+    }
+}
+
+/// What one message is, once checked (pure: [`classify`]).
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    /// A Hello whose id matches the topic: nothing to do over MQTT (the topic says who).
+    Hello { gateway: String },
+    /// A Data frame from the gateway its topic names.
+    Data { gateway: String, frame: DataFrame },
+}
+
+/// Why a message is skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The `kind` label of `outpost_hub_bad_input`: `topic`, `identity`, `unexpected_ack`,
+    /// `unexpected_message`,
+    /// or a frame error's label ([`frame::FrameError::label`]).
+    pub kind: &'static str,
+    /// For the log.
+    pub detail: String,
+}
+
+/// Checks one message: the gateway id from `topic` (`<prefix>/<gw>/up`), the payload as
+/// exactly one frame, and that a Hello or Data frame names the topic's gateway.
+pub fn classify(prefix: &str, topic: &str, payload: &[u8]) -> Result<Incoming, Rejected> {
+    let gw = gateway_of_up_topic(prefix, topic).map_err(|e| Rejected {
+        kind: "topic",
+        detail: e.to_string(),
+    })?;
+    let identity = |claimed: &str| Rejected {
+        kind: "identity",
+        detail: format!(
+            "frame names gateway {:?} on the topic of gateway {gw:?}",
+            claimed.chars().take(64).collect::<String>()
+        ),
+    };
+    match frame::decode(payload) {
+        Ok(Message::Hello(h)) if h.gateway_id == gw => Ok(Incoming::Hello {
+            gateway: gw.to_owned(),
+        }),
+        Ok(Message::Hello(h)) => Err(identity(&h.gateway_id)),
+        Ok(Message::Data(d)) if d.gateway_id == gw => Ok(Incoming::Data {
+            gateway: gw.to_owned(),
+            frame: d,
+        }),
+        Ok(Message::Data(d)) => Err(identity(&d.gateway_id)),
+        Ok(Message::Ack(_)) => Err(Rejected {
+            kind: "unexpected_ack",
+            detail: format!("gateway {gw:?} sent an ack"),
+        }),
+        // Over MQTT the gateway times its publishes to the broker instead of pinging.
+        Ok(Message::Ping(_) | Message::Pong(_)) => Err(Rejected {
+            kind: "unexpected_message",
+            detail: format!("gateway {gw:?} sent a ping or pong over MQTT (not answered there)"),
+        }),
+        Err(e) => Err(Rejected {
+            kind: e.label(),
+            detail: format!("bad frame from gateway {gw:?}: {e}"),
+        }),
+    }
+}
+
+/// A request for the event loop, queued until its channel has room.
+enum Request {
+    /// An Ack frame for a gateway's down topic.
+    Ack { topic: String, payload: Vec<u8> },
+    /// The acknowledgement of a broker message.
+    PubAck(rumqttc::Publish),
+}
+
+fn build(opts: &MqttIngressOptions) -> (AsyncClient, EventLoop) {
+    let mut o = MqttOptions::new(&opts.client_id, &opts.host, opts.port);
+    o.set_keep_alive(opts.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(INFLIGHT)
+        .set_max_packet_size(MAX_PACKET + 4096, frame::MAX_FRAME_LEN + 4096)
+        .set_request_channel_capacity(REQUEST_CHANNEL);
+    if let Some((u, p)) = &opts.credentials {
+        o.set_credentials(u, p);
+    }
+    if let Some(tls) = &opts.tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    AsyncClient::new(o, REQUEST_CHANNEL)
+}
+
+async fn run(opts: MqttIngressOptions, store: Arc<HubStore>, c: Counters) {
+    let mut backoff = Backoff::new(opts.reconnect);
+    loop {
+        let (client, lp) = build(&opts);
+        let mut connected_at = None;
+        let why = serve(&opts, &client, lp, &store, &c, &mut connected_at).await;
+        c.connected.set(0);
+        c.disconnects.inc();
+        let (attempt, retry_in) =
+            backoff.next_delay(connected_at.map(|t: Instant| t.elapsed()), fastrand::f64());
+        tracing::warn!(error = %why, attempt, ?retry_in, "MQTT ingress: connection to the broker ended");
+        tokio::time::sleep(retry_in).await;
+    }
+}
+
+/// Serves one connection; returns why it ended.
+async fn serve(
+    opts: &MqttIngressOptions,
+    client: &AsyncClient,
+    mut lp: EventLoop,
+    store: &Arc<HubStore>,
+    c: &Counters,
+    connected_at: &mut Option<Instant>,
+) -> String {
+    let filter = up_filter(&opts.topic_prefix);
+    let mut queue: VecDeque<Request> = VecDeque::new();
+    loop {
+        flush(client, &mut queue, c);
+        let event = match lp.poll().await {
+            Ok(e) => e,
+            Err(e) => return e.to_string(),
+        };
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                *connected_at = Some(Instant::now());
+                c.connections.inc();
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "MQTT ingress connected"
+                );
+                if client.try_subscribe(&filter, QoS::AtLeastOnce).is_err() {
+                    return "cannot queue the subscription".into();
+                }
+            }
+            Event::Incoming(Packet::SubAck(s)) => {
+                if s.return_codes
+                    .iter()
+                    .any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    return format!("the broker refused the subscription to {filter}");
+                }
+                c.connected.set(1);
+                tracing::info!(%filter, "MQTT ingress subscribed");
+            }
+            Event::Incoming(Packet::Publish(first)) => {
+                let mut bytes = first.payload.len();
+                let mut batch = vec![first];
+                // With it, the messages already read from the network (no waiting).
+                while batch.len() < MAX_GROUP
+                    && bytes < MAX_GROUP_BYTES
+                    && matches!(
+                        lp.state.events.front(),
+                        Some(Event::Incoming(Packet::Publish(_)))
+                    )
+                {
+                    match lp.poll().await {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            bytes += p.payload.len();
+                            batch.push(p);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return e.to_string(),
+                    }
+                }
+                match handle_batch(&opts.topic_prefix, batch, store, c).await {
+                    Ok(requests) => queue.extend(requests),
+                    // Dropping the connection without acknowledging: the broker delivers
+                    // these messages again after the backoff.
+                    Err(e) => return e,
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Hands queued requests to the event loop while its channel has room, in order.
+fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, c: &Counters) {
+    while let Some(r) = queue.front() {
+        let sent = match r {
+            Request::Ack { topic, payload } => client
+                .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .is_ok(),
+            Request::PubAck(p) => client.try_ack(p).is_ok(),
+        };
+        if !sent {
+            return; // full: the next event makes room
+        }
+        if matches!(r, Request::Ack { .. }) {
+            c.acks.inc();
+        }
+        queue.pop_front();
+    }
+}
+
+/// Checks, commits and acknowledges one batch; `Err` when the store failed (nothing of the
+/// batch is acknowledged then).
+async fn handle_batch(
+    prefix: &str,
+    batch: Vec<rumqttc::Publish>,
+    store: &Arc<HubStore>,
+    c: &Counters,
+) -> Result<Vec<Request>, String> {
+    // Per message: the (gateway, index in its group) of its Data frame, if any.
+    let mut slots: Vec<Option<(String, usize)>> = Vec::with_capacity(batch.len());
+    let mut groups: BTreeMap<String, Vec<DataFrame>> = BTreeMap::new();
+    for p in &batch {
+        c.messages.inc();
+        match classify(prefix, &p.topic, &p.payload) {
+            Ok(Incoming::Data { gateway, frame }) => {
+                let g = groups.entry(gateway.clone()).or_default();
+                g.push(frame);
+                slots.push(Some((gateway, g.len() - 1)));
+            }
+            Ok(Incoming::Hello { gateway }) => {
+                tracing::debug!(%gateway, "MQTT ingress: hello");
+                slots.push(None);
+            }
+            Err(r) => {
+                c.bad(r.kind);
+                tracing::warn!(kind = r.kind, error = %r.detail, "MQTT ingress: message skipped");
+                slots.push(None);
+            }
+        }
+    }
+    let groups = if groups.is_empty() {
+        groups
+    } else {
+        let store = store.clone();
+        let (groups, result) = tokio::task::spawn_blocking(move || {
+            let arrival = now_ns();
+            let done: Result<Vec<_>, String> = groups
+                .iter()
+                .map(|(gw, frames)| {
+                    store
+                        .commit_many(gw, frames, arrival)
+                        .map_err(|e| format!("gateway {gw:?}: {e}"))
+                })
+                .collect();
+            (groups, done)
+        })
+        .await
+        .map_err(|e| format!("commit task failed: {e}"))?;
+        match result {
+            Ok(done) => {
+                for ((gw, _), done) in groups.iter().zip(&done) {
+                    let written: usize = done.iter().map(|d| d.written).sum();
+                    let dups: usize = done.iter().map(|d| d.duplicates).sum();
+                    c.written(gw, written, dups);
+                }
+            }
+            Err(e) => {
+                c.storage_errors.inc();
+                tracing::error!(error = %e, "hub cannot store data from the MQTT ingress");
+                return Err(format!("storage error: {e}"));
+            }
+        }
+        groups
+    };
+    let mut requests = Vec::with_capacity(2 * batch.len());
+    for (p, slot) in batch.into_iter().zip(slots) {
+        if let Some((gw, i)) = slot
+            && let Some(f) = groups.get(&gw).and_then(|g| g.get(i))
+        {
+            match frame::encode(&Message::Ack(Ack::for_frame(f))) {
+                Ok(payload) => requests.push(Request::Ack {
+                    topic: down_topic(prefix, &gw),
+                    payload,
+                }),
+                // Cannot happen for a frame that decoded; the gateway will resend.
+                Err(e) => tracing::error!(gateway = %gw, error = %e, "cannot encode an ack"),
+            }
+        }
+        requests.push(Request::PubAck(p));
+    }
+    Ok(requests)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocols::frame::{Encoding, Hello};
+    use outpost_runtime::model::{Priority, Sample, StreamId, Value};
+
+    fn data(gw: &str, seqs: &[u64]) -> Vec<u8> {
+        let s = StreamId::intern("ingress/t").unwrap();
+        let samples: Vec<Sample> = seqs
+            .iter()
+            .map(|q| Sample::new(s, *q as i64, Value::I64(*q as i64)))
+            .collect();
+        let f = DataFrame::from_samples(
+            gw,
+            Priority::Normal,
+            Encoding::Raw,
+            seqs.iter().copied().zip(samples.iter()),
+        );
+        frame::encode(&Message::Data(f)).unwrap()
+    }
+
+    #[test]
+    fn data_from_its_own_topic_is_accepted() {
+        match classify("outpost", "outpost/gw-1/up", &data("gw-1", &[1, 2])) {
+            Ok(Incoming::Data { gateway, frame }) => {
+                assert_eq!(gateway, "gw-1");
+                assert_eq!(frame.samples.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let hello = frame::encode(&Message::Hello(Hello {
+            gateway_id: "gw-1".into(),
+            max_version: 1,
+        }))
+        .unwrap();
+        assert_eq!(
+            classify("outpost", "outpost/gw-1/up", &hello),
+            Ok(Incoming::Hello {
+                gateway: "gw-1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn everything_else_is_rejected_with_a_kind() {
+        let kind =
+            |topic: &str, payload: &[u8]| classify("outpost", topic, payload).unwrap_err().kind;
+        let d = data("gw-1", &[1]);
+        assert_eq!(kind("outpost/gw-2/up", &d), "identity");
+        assert_eq!(kind("outpost/gw-1/down", &d), "topic");
+        assert_eq!(kind("outpost/+/up", &d), "topic");
+        assert_eq!(kind("elsewhere/gw-1/up", &d), "topic");
+        assert_eq!(kind("outpost/gw-1/up", b"garbage"), "bad_magic");
+        assert_eq!(
+            kind("outpost/gw-1/up", b"garbage, longer than a header"),
+            "bad_magic"
+        );
+        assert_eq!(kind("outpost/gw-1/up", b""), "truncated");
+        let mut two = d.clone();
+        two.extend_from_slice(&d);
+        assert_eq!(kind("outpost/gw-1/up", &two), "trailing_bytes");
+        let mut flipped = d.clone();
+        let n = flipped.len();
+        flipped[n / 2] ^= 0xff;
+        assert_eq!(kind("outpost/gw-1/up", &flipped), "checksum");
+        let ack = frame::encode(&Message::Ack(Ack::from_seqs("gw-1", [1]))).unwrap();
+        assert_eq!(kind("outpost/gw-1/up", &ack), "unexpected_ack");
+        let hello = frame::encode(&Message::Hello(Hello {
+            gateway_id: "gw-2".into(),
+            max_version: 1,
+        }))
+        .unwrap();
+        assert_eq!(kind("outpost/gw-1/up", &hello), "identity");
+    }
+
+    #[test]
+    fn options_come_from_the_config() {
+        let text = r#"
+[hub]
+listen = "127.0.0.1:0"
+data_dir = "/tmp/x"
+ca = "/dev/null"
+cert = "/dev/null"
+key = "k"
+[mqtt_ingress]
+broker = "broker.example:1883"
+username = "hub"
+password = "pw"
+topic_prefix = "site/a"
+"#;
+        let c = outpost_runtime::config::parse_hub(
+            text,
+            std::path::Path::new("hub.toml"),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let o = MqttIngressOptions::from_config(c.mqtt_ingress.as_ref().unwrap()).unwrap();
+        assert_eq!((o.host.as_str(), o.port), ("broker.example", 1883));
+        assert_eq!(o.client_id, "outpost-hub-ingress");
+        assert_eq!(o.credentials, Some(("hub".into(), "pw".into())));
+        assert_eq!(o.topic_prefix, "site/a");
+        assert_eq!(o.reconnect.reset_after, STABLE_CONNECTION);
+        assert!(!format!("{o:?}").contains("pw\""));
+    }
+}
