@@ -6,4 +6,6 @@ pub mod benches;
 pub mod crash_record;
 pub mod emulator;
 pub mod harness;
+pub mod observe;
 pub mod peers;
+pub mod traffic;
