@@ -420,7 +420,17 @@ mod receipt_tests {
         let dir = tempfile::tempdir().unwrap();
         let s = StreamId::intern("ingest/receipt").unwrap();
         for round in 0..2 {
-            let ob = Arc::new(open_gateway_outbox(dir.path(), 1 << 30, None).unwrap());
+            // sled's background flusher may hold the directory lock a moment after the
+            // previous round dropped its outbox.
+            let mut opened = open_gateway_outbox(dir.path(), 1 << 30, None);
+            for _ in 0..100 {
+                if opened.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                opened = open_gateway_outbox(dir.path(), 1 << 30, None);
+            }
+            let ob = Arc::new(opened.unwrap());
             let m = Metrics::new();
             let (ingest, task) = Ingest::start(
                 ob.clone(),
