@@ -23,7 +23,12 @@
 //!   itself (sockets closed, tasks ended).
 //!
 //! Each new client address gets its own upstream socket (so a gateway that reconnects from
-//! a new port gets through), up to [`MAX_CLIENTS`].
+//! a new port gets through), up to [`MAX_CLIENTS`] at a time. When the table is full, a new
+//! client takes the place of the least recently active one if that one has been silent for
+//! [`CLIENT_IDLE`] (as a NAT recycles its oldest mapping): a gateway that opens a new UDP
+//! socket for every connection attempt, hundreds of times through a long flapping
+//! schedule, keeps getting through. Only when every served client is active are datagrams
+//! from a new one refused.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -39,6 +44,8 @@ use tokio::time::Instant;
 
 /// Most distinct client addresses served; datagrams from more are dropped.
 pub const MAX_CLIENTS: usize = 64;
+/// Silence after which a client's place may be given to a new one when the table is full.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(1);
 /// Datagrams waiting between a socket and its shaper at most (beyond: dropped as queue
 /// overflow).
 const CHANNEL_DATAGRAMS: usize = 8_192;
@@ -265,8 +272,10 @@ pub struct EmulatorStats {
     pub up: DirStats,
     /// Hub → gateway.
     pub down: DirStats,
-    /// Datagrams dropped because [`MAX_CLIENTS`] were already served.
+    /// Datagrams dropped because [`MAX_CLIENTS`] active clients were already served.
     pub refused_clients: u64,
+    /// Silent clients whose place was given to a new client.
+    pub recycled_clients: u64,
 }
 
 #[derive(Debug, Default)]
@@ -274,6 +283,7 @@ struct Counters {
     up: DirCounters,
     down: DirCounters,
     refused_clients: AtomicU64,
+    recycled_clients: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +357,7 @@ impl Emulator {
             up: self.counters.up.snapshot(),
             down: self.counters.down.snapshot(),
             refused_clients: self.counters.refused_clients.load(Ordering::Relaxed),
+            recycled_clients: self.counters.recycled_clients.load(Ordering::Relaxed),
         }
     }
 
@@ -366,7 +377,9 @@ async fn run(
     counters: Arc<Counters>,
 ) {
     let mut tasks = JoinSet::new();
-    let mut clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, Client> = HashMap::new();
+    // Distinct clients ever served (seeds each one's random streams).
+    let mut n_clients = 0u64;
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, from) = tokio::select! {
@@ -377,12 +390,33 @@ async fn run(
             },
             _ = tokio::time::sleep_until(end) => break,
         };
-        let tx = match clients.get(&from) {
-            Some(tx) => tx.clone(),
+        let now = Instant::now();
+        let tx = match clients.get_mut(&from) {
+            Some(c) => {
+                c.last = now;
+                c.tx.clone()
+            }
             None => {
                 if clients.len() >= MAX_CLIENTS {
-                    bump(&counters.refused_clients, 1);
-                    continue;
+                    let idlest = clients
+                        .iter()
+                        .min_by_key(|(_, c)| c.last)
+                        .map(|(a, c)| (*a, c.last));
+                    match idlest {
+                        Some((addr, last)) if now - last >= CLIENT_IDLE => {
+                            // Dropping its sender ends its up shaper; aborting its reader
+                            // ends its down shaper; then its upstream socket closes.
+                            if let Some(old) = clients.remove(&addr) {
+                                old.read_back.abort();
+                            }
+                            while tasks.try_join_next().is_some() {}
+                            bump(&counters.recycled_clients, 1);
+                        }
+                        _ => {
+                            bump(&counters.refused_clients, 1);
+                            continue;
+                        }
+                    }
                 }
                 let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else {
                     continue;
@@ -393,7 +427,8 @@ async fn run(
                 let back = Arc::new(back);
                 let (up_tx, up_rx) = mpsc::channel(CHANNEL_DATAGRAMS);
                 let (down_tx, down_rx) = mpsc::channel(CHANNEL_DATAGRAMS);
-                let n_client = clients.len() as u64;
+                let n_client = n_clients;
+                n_clients += 1;
                 tasks.spawn(shape(
                     up_rx,
                     Out::Connected(Arc::clone(&back)),
@@ -416,8 +451,15 @@ async fn run(
                     end,
                     Arc::clone(&counters),
                 ));
-                tasks.spawn(read_back(back, down_tx, end, Arc::clone(&counters)));
-                clients.insert(from, up_tx.clone());
+                let read_back = tasks.spawn(read_back(back, down_tx, end, Arc::clone(&counters)));
+                clients.insert(
+                    from,
+                    Client {
+                        tx: up_tx.clone(),
+                        last: now,
+                        read_back,
+                    },
+                );
                 up_tx
             }
         };
@@ -427,6 +469,14 @@ async fn run(
         }
     }
     tasks.shutdown().await;
+}
+
+/// One served client: where its datagrams go, when it last sent one, and the task reading
+/// the hub's replies for it.
+struct Client {
+    tx: mpsc::Sender<Vec<u8>>,
+    last: Instant,
+    read_back: tokio::task::AbortHandle,
 }
 
 async fn read_back(
@@ -794,6 +844,43 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(emu.stats().up.dropped_outage >= 20);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_clients_make_room_for_new_ones() {
+        let (dst, _h) = echo().await;
+        let schedule = Schedule::new(vec![Phase::symmetric("lan", ms(20_000), None, ms(2))]);
+        let emu = Emulator::start(dst, schedule, 11).await.unwrap();
+        let mut buf = [0u8; 16];
+        let round = |n: usize| {
+            let mut socks = Vec::new();
+            for _ in 0..n {
+                socks.push(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+            }
+            socks
+        };
+        // A full table of active clients: one more is refused.
+        let first = round(MAX_CLIENTS);
+        for s in &first {
+            s.send_to(&[1], emu.local_addr()).unwrap();
+        }
+        let extra = round(1);
+        extra[0].send_to(&[2], emu.local_addr()).unwrap();
+        tokio::time::sleep(ms(200)).await;
+        assert_eq!(emu.stats().refused_clients, 1);
+        // Once they are silent, as many new clients again get through, each answered.
+        tokio::time::sleep(CLIENT_IDLE + ms(100)).await;
+        let second = round(MAX_CLIENTS);
+        for s in &second {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            s.send_to(&[3], emu.local_addr()).unwrap();
+            let (n, _) = s.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[3]);
+        }
+        let st = emu.stats();
+        assert_eq!(st.recycled_clients, MAX_CLIENTS as u64);
+        assert_eq!(st.refused_clients, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,7 +185,7 @@ async fn two_hundred_short_outages_lose_and_duplicate_nothing() {
                 "flap_storm: {done}/{outages} outages after {:.0?}: published {published:?}, \
                  at the hub {at_hub:?}, outbox {left} records, emulator {:?}",
                 t0.elapsed(),
-                emu.stats().up
+                emu.stats()
             );
         }
     }
