@@ -18,6 +18,12 @@
 //!   `T·(1+m)` keeps the current class) is what stops a rate jittering ±30 % around a
 //!   threshold from flapping: the windowed maximum of such a rate stays within
 //!   `[mean, 1.3·mean]`, narrower than the band when `m ≥ 0.3`.
+//! - **recovery**: intermittent is a condition, not a rate. Once the link has answered
+//!   (no outage, loss below half its threshold) for `upgrade_after`, the class the spell
+//!   interrupted is resumed — capped by whatever the evidence then shows — without waiting
+//!   for a rate to be proven: store-and-forward must drain when the link returns, and the
+//!   backlog it drains measures the link at once, so a wrong guess is down-graded within
+//!   a rate window.
 //! - **dwell**: no change at all within `min_dwell` of the previous one.
 //!
 //! Pure and clock-free: time comes in as arguments.
@@ -173,6 +179,10 @@ pub struct Classifier {
     /// Per class (by index): since when the strict evidence has been at least as good as
     /// that class without a break.
     runs: [Option<Instant>; 5],
+    /// The class an intermittent spell interrupted (resumed on recovery).
+    resume: LinkClass,
+    /// While intermittent: since when the link has answered without a break.
+    answering_since: Option<Instant>,
 }
 
 impl Classifier {
@@ -184,6 +194,12 @@ impl Classifier {
             class: initial,
             since: now,
             runs: [None; 5],
+            resume: if initial == LinkClass::Intermittent {
+                LinkClass::Broadband
+            } else {
+                initial
+            },
+            answering_since: None,
         }
     }
 
@@ -218,6 +234,11 @@ impl Classifier {
                 *run = None;
             }
         }
+        if self.class == LinkClass::Intermittent && strict != Some(LinkClass::Intermittent) {
+            self.answering_since.get_or_insert(now);
+        } else {
+            self.answering_since = None;
+        }
 
         if !dwell_over {
             return None;
@@ -236,11 +257,26 @@ impl Classifier {
         if let Some(target) = proven {
             return Some(self.change(now, target, ChangeReason::Upgrade));
         }
+        let recovered = self
+            .answering_since
+            .is_some_and(|start| now.saturating_duration_since(start) >= self.cfg.upgrade_after);
+        if recovered {
+            // The interrupted class, unless the evidence now shows worse.
+            let cap = self.cfg.evidence(est, false).unwrap_or(LinkClass::Fiber);
+            let target = self.resume.max(cap);
+            if target < self.class {
+                return Some(self.change(now, target, ChangeReason::Upgrade));
+            }
+        }
         None
     }
 
     fn change(&mut self, now: Instant, to: LinkClass, reason: ChangeReason) -> ClassChange {
         let from = self.class;
+        if to == LinkClass::Intermittent {
+            self.resume = from;
+        }
+        self.answering_since = None;
         self.class = to;
         self.since = now;
         ClassChange {
@@ -554,6 +590,64 @@ mod tests {
         };
         for i in 0..100 {
             assert_eq!(k.update(t0 + ms(i * 1_000), &e), None);
+        }
+    }
+
+    #[test]
+    fn the_link_answering_again_resumes_the_interrupted_class() {
+        let t0 = Instant::now();
+        let mut k = Classifier::new(cfg(), LinkClass::Broadband, t0);
+        let silent = Estimate {
+            rate_bps: None,
+            rate_fresh: false,
+            rate_app_limited: false,
+            rtt_min: Some(ms(30)),
+            loss: 0.0,
+            outage_since: None,
+        };
+        let outage = Estimate {
+            outage_since: Some(t0),
+            ..silent
+        };
+        let ch = k.update(t0 + ms(2_000), &outage).unwrap();
+        assert_eq!(
+            (ch.to, ch.reason),
+            (LinkClass::Intermittent, ChangeReason::Downgrade)
+        );
+        // Answering, but no rate known: store-and-forward holds for upgrade_after…
+        let back = t0 + ms(3_000);
+        for i in 0..50 {
+            assert_eq!(k.update(back + ms(i * 100), &silent), None);
+        }
+        // …then the interrupted class comes back.
+        let ch = k.update(back + ms(5_000), &silent).unwrap();
+        assert_eq!(
+            (ch.to, ch.reason),
+            (LinkClass::Broadband, ChangeReason::Upgrade)
+        );
+        // An answer broken by another outage starts the wait again; evidence caps the
+        // class resumed (a 700 ms RTT is satellite).
+        let t1 = back + ms(7_000);
+        assert_eq!(k.update(t1, &outage).unwrap().to, LinkClass::Intermittent);
+        let far = Estimate {
+            rtt_min: Some(ms(700)),
+            ..silent
+        };
+        assert_eq!(k.update(t1 + ms(1_000), &far), None);
+        assert_eq!(k.update(t1 + ms(4_000), &outage), None);
+        assert_eq!(k.update(t1 + ms(5_000), &far), None);
+        assert_eq!(k.update(t1 + ms(9_900), &far), None);
+        let ch = k.update(t1 + ms(10_000), &far).unwrap();
+        assert_eq!(ch.to, LinkClass::Satellite);
+        // Loss still high (above half the threshold) is no answer.
+        let t2 = t1 + ms(12_000);
+        assert_eq!(k.update(t2, &outage).unwrap().to, LinkClass::Intermittent);
+        let lossy = Estimate {
+            loss: cfg().intermittent_loss * 0.6,
+            ..silent
+        };
+        for i in 0..100 {
+            assert_eq!(k.update(t2 + ms(1_000 + i * 100), &lossy), None);
         }
     }
 

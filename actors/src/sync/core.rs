@@ -11,18 +11,26 @@
 //! live cursor that are neither in flight nor acknowledged are *held* — the deadband skipped
 //! them (delta), they were summarized (summary), they were left behind when
 //! store-and-forward ended, or the connection that carried them dropped. Backfill reads them
-//! again from the oldest, but only in full and full + zstd modes (the link allows it) and
-//! only when `[sync] backfill` is on. Backfill shares the bulk share of the weighted drain
-//! ([`DrainScheduler`]): fresh data keeps its priority, held data is backfilled as bulk.
+//! again from the oldest (when `[sync] backfill` is on):
+//!
+//! - in full and full + zstd modes, everything held, through the bulk share of the weighted
+//!   drain ([`DrainScheduler`]): fresh data keeps its priority, held data goes as bulk;
+//! - in delta and summary modes, only the *backlog*: what an outage, a lost connection or
+//!   an earlier summary period left behind (up to a mark moved by [`SyncCore::set_mode`]
+//!   and [`SyncCore::disconnected`]), and gently — one frame in flight at a time, only while
+//!   no live record waits — so alarms and live data keep the link. What the current mode
+//!   itself holds back (deadband skips, summarized samples) waits for a full mode: a mobile
+//!   or satellite link is not asked to carry the raw stream after all;
+//! - in store-and-forward, nothing.
 //!
 //! # Modes
 //!
 //! | mode | control, critical | normal, bulk |
 //! |------|-------------------|--------------|
-//! | full | raw frames | raw frames; backfill |
-//! | full_zstd | zstd frames | zstd frames; backfill |
-//! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held |
-//! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held |
+//! | full | raw frames | raw frames; backfill of all held |
+//! | full_zstd | zstd frames | zstd frames; backfill of all held |
+//! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held; backlog backfilled gently |
+//! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held; backlog backfilled gently |
 //! | store_and_forward | nothing | nothing |
 //!
 //! Leaving store-and-forward moves the normal and bulk live cursors to the end of the
@@ -156,6 +164,8 @@ struct InFlightEntry {
     class: Priority,
     /// This record's share of its frame's encoded bytes.
     bytes: u64,
+    /// Sent from a backfill lane.
+    backfill: bool,
 }
 
 /// The core; see the module documentation.
@@ -170,6 +180,11 @@ pub struct SyncCore {
     back: [Option<Seq>; 4],
     /// Whether the backfill lane of a class may have held records.
     back_pending: [bool; 4],
+    /// Delta and summary modes backfill held records up to this mark only (the backlog of
+    /// an outage, a lost connection or a summary period); `None`: no backlog.
+    backlog_end: [Option<Seq>; 4],
+    /// Records of backfill frames in flight.
+    backfill_in_flight: usize,
     /// Read and not yet sent, per lane (see [`Lane::index`]).
     lanes: [VecDeque<(Seq, Sample)>; 6],
     drain: DrainScheduler,
@@ -196,6 +211,8 @@ impl SyncCore {
             live: [None; 4],
             back: [None; 4],
             back_pending: [false; 4],
+            backlog_end: [None; 4],
+            backfill_in_flight: 0,
             lanes: Default::default(),
             drain: DrainScheduler::new(DEFAULT_WEIGHTS, quantum),
             deadband,
@@ -224,21 +241,43 @@ impl SyncCore {
         self.in_flight.len() >= self.cfg.window
     }
 
-    /// Whether records are read and waiting to be sent.
+    /// Whether records are read and waiting to be sent as fast as the link takes them: the
+    /// sender is backlogged. The gentle backfill of delta and summary modes does not count
+    /// (it deliberately leaves the link mostly idle, so its rate proves nothing).
     pub fn has_buffered(&self) -> bool {
-        self.lanes.iter().any(|l| !l.is_empty())
+        let n = if self.full_mode() { 6 } else { 4 };
+        self.lanes[..n].iter().any(|l| !l.is_empty())
     }
 
-    /// Whether held records may be waiting for backfill.
+    /// Whether held records may be waiting for backfill in this mode.
     pub fn backfill_pending(&self) -> bool {
-        self.backfill_active()
-            && BACKFILL
-                .iter()
-                .any(|l| self.back_pending[l.class() as usize])
+        BACKFILL
+            .iter()
+            .any(|l| self.backfill_wanted(l.class() as usize))
     }
 
-    fn backfill_active(&self) -> bool {
-        self.cfg.backfill && matches!(self.mode, SyncMode::Full | SyncMode::FullZstd)
+    /// Whether the backfill lane of class `c` has something to read in this mode.
+    fn backfill_wanted(&self, c: usize) -> bool {
+        if !self.cfg.backfill {
+            return false;
+        }
+        match self.mode {
+            SyncMode::Full | SyncMode::FullZstd => self.back_pending[c],
+            SyncMode::Delta | SyncMode::Summary => self.backlog_end[c].is_some(),
+            SyncMode::StoreAndForward => false,
+        }
+    }
+
+    fn full_mode(&self) -> bool {
+        matches!(self.mode, SyncMode::Full | SyncMode::FullZstd)
+    }
+
+    /// Marks everything up to `upto` of class `c` as backlog for the reduced modes.
+    fn mark_backlog(&mut self, c: usize, upto: Option<Seq>) {
+        if upto.is_some() {
+            self.backlog_end[c] = self.backlog_end[c].max(upto);
+            self.back_pending[c] = true;
+        }
     }
 
     /// The outbox reads needed now: lanes that are empty and active in this mode.
@@ -258,10 +297,10 @@ impl SyncCore {
                 });
             }
         }
-        if self.backfill_active() {
+        {
             for lane in BACKFILL {
                 let c = lane.class() as usize;
-                if self.back_pending[c] && self.lanes[lane.index()].is_empty() {
+                if self.backfill_wanted(c) && self.lanes[lane.index()].is_empty() {
                     out.push(ScanRequest {
                         lane,
                         after: self.back[c],
@@ -306,26 +345,37 @@ impl SyncCore {
                 if req.after != self.back[c] {
                     return;
                 }
-                let live = self.live[c];
-                let Some(u) = upto else {
-                    self.back_pending[c] = false;
-                    return;
+                if !self.backfill_wanted(c) {
+                    return; // the mode changed meanwhile
+                }
+                // Only what is behind the live cursor (in delta and summary modes: behind
+                // the backlog mark too) and not in flight is held.
+                let full = self.full_mode();
+                let end = if full {
+                    self.live[c]
+                } else {
+                    self.live[c].min(self.backlog_end[c])
                 };
-                // Only what is behind the live cursor and not in flight is held.
-                let limit = live.unwrap_or(0);
+                let caught_up = match (end, upto) {
+                    (Some(end), Some(u)) => u >= end,
+                    _ => true,
+                };
                 let held: Vec<(Seq, Sample)> = records
                     .into_iter()
-                    .filter(|(s, _)| live.is_some() && *s <= limit)
+                    .filter(|(s, _)| end.is_some_and(|e| *s <= e))
                     .filter(|(s, _)| !self.in_flight.contains_key(s))
                     .collect();
-                if live.is_none() || u >= limit {
-                    // Caught up with the live cursor.
-                    self.back[c] = live;
+                if !caught_up {
+                    self.back[c] = upto;
+                } else if full {
+                    self.back[c] = end;
                     if held.is_empty() {
                         self.back_pending[c] = false;
                     }
                 } else {
-                    self.back[c] = Some(u);
+                    // The backlog is read; what the mode holds back waits for a full mode.
+                    self.backlog_end[c] = None;
+                    self.back[c] = None;
                 }
                 self.lanes[req.lane.index()].extend(held);
             }
@@ -341,9 +391,15 @@ impl SyncCore {
                 return None;
             }
             let room = (self.cfg.window - self.in_flight.len()).min(self.cfg.max_frame_samples);
+            let live_waiting = (0..4).any(|i| !self.lanes[i].is_empty());
+            // Delta and summary modes backfill one frame at a time, only when no live
+            // record waits.
+            let backfill_ok = self.full_mode() || (!live_waiting && self.backfill_in_flight == 0);
             let waiting = [0, 1, 2, 3].map(|i| {
                 !self.lanes[i].is_empty()
-                    || (i == 3 && BACKFILL.iter().any(|l| !self.lanes[l.index()].is_empty()))
+                    || (i == 3
+                        && backfill_ok
+                        && BACKFILL.iter().any(|l| !self.lanes[l.index()].is_empty()))
             });
             let p = self.drain.next(waiting)?;
             let lane = if !self.lanes[p as usize].is_empty() {
@@ -408,14 +464,22 @@ impl SyncCore {
     pub fn commit(&mut self, lane: Lane, seqs: &[Seq], bytes: usize) {
         let share = bytes as u64 / seqs.len().max(1) as u64;
         let class = lane.class();
+        let backfill = matches!(lane, Lane::Backfill(_));
         for &s in seqs {
-            self.in_flight.insert(
+            let old = self.in_flight.insert(
                 s,
                 InFlightEntry {
                     class,
                     bytes: share,
+                    backfill,
                 },
             );
+            if old.is_some_and(|e| e.backfill) {
+                self.backfill_in_flight -= 1;
+            }
+            if backfill {
+                self.backfill_in_flight += 1;
+            }
         }
     }
 
@@ -439,6 +503,9 @@ impl SyncCore {
                 .collect();
             for s in keys {
                 if let Some(e) = self.in_flight.remove(&s) {
+                    if e.backfill {
+                        self.backfill_in_flight -= 1;
+                    }
                     bytes += e.bytes;
                     out.push((e.class, s));
                 }
@@ -498,15 +565,23 @@ impl SyncCore {
                 let c = p as usize;
                 if end > self.live[c] {
                     self.live[c] = end;
-                    self.back_pending[c] = true;
                 }
+                self.mark_backlog(c, self.live[c]);
             }
         }
-        if matches!(mode, SyncMode::Full | SyncMode::FullZstd) {
-            // A fresh backfill pass from the oldest held record.
-            for lane in BACKFILL {
-                self.lanes[lane.index()].clear();
-                self.back[lane.class() as usize] = None;
+        if old == SyncMode::Summary {
+            // What the summary period held back is backlog now.
+            for p in [Priority::Normal, Priority::Bulk] {
+                self.mark_backlog(p as usize, self.live[p as usize]);
+            }
+        }
+        // A fresh backfill pass from the oldest held record.
+        for lane in BACKFILL {
+            let c = lane.class() as usize;
+            self.lanes[lane.index()].clear();
+            self.back[c] = None;
+            if self.full_mode() {
+                self.back_pending[c] = true;
             }
         }
         frames
@@ -514,8 +589,15 @@ impl SyncCore {
 
     /// The connection is gone: nothing is in flight any more; see the module documentation.
     pub fn disconnected(&mut self) {
-        for (_, e) in std::mem::take(&mut self.in_flight) {
-            self.back_pending[e.class as usize] = true;
+        let mut lost: [Option<Seq>; 4] = [None; 4];
+        for (seq, e) in std::mem::take(&mut self.in_flight) {
+            let c = e.class as usize;
+            lost[c] = lost[c].max(Some(seq));
+        }
+        self.backfill_in_flight = 0;
+        for p in [Priority::Normal, Priority::Bulk] {
+            let c = p as usize;
+            self.mark_backlog(c, lost[c]);
         }
         for p in [Priority::Control, Priority::Critical] {
             self.live[p as usize] = None;

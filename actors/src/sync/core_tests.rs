@@ -367,3 +367,54 @@ proptest! {
         prop_assert_eq!(core.in_flight(), 0);
     }
 }
+
+#[test]
+fn reduced_modes_backfill_the_outage_backlog_one_frame_at_a_time_but_not_their_own_holds() {
+    for mode in [SyncMode::Delta, SyncMode::Summary] {
+        let mut ob = Outbox::default();
+        let mut core = SyncCore::new(cfg(), SyncMode::StoreAndForward).unwrap();
+        // The backlog of an outage: 35 normal records.
+        for i in 0..35 {
+            ob.add(Priority::Normal, "t/n", i, i as f64);
+        }
+        core.set_mode(mode, ob.next);
+        assert!(core.backfill_pending(), "{mode:?}");
+        // Fresh records of a steady stream: the deadband skips them, or they are summarized.
+        for i in 0..20 {
+            ob.add(Priority::Normal, "t/n", 100 + i, 50.0);
+        }
+        let crit = ob.add(Priority::Critical, "t/c", 0, 1.0);
+        let frames = ob.round(&mut core);
+        assert_eq!(frames[0].seqs, vec![crit], "{mode:?}: live data goes first");
+        let back: Vec<&Outgoing> = frames
+            .iter()
+            .filter(|f| f.lane == Lane::Backfill(Priority::Normal))
+            .collect();
+        assert_eq!(back.len(), 1, "{mode:?}: one backfill frame in flight");
+        assert!(back[0].seqs.iter().all(|&s| s < 35));
+        assert!(
+            !core.has_buffered(),
+            "{mode:?}: gentle backfill is not a backlog"
+        );
+        let mut got = seqs(&frames);
+        ob.ack(&mut core, &frames);
+        for _ in 0..10 {
+            let f = ob.round(&mut core);
+            assert!(f.len() <= 1, "{mode:?}");
+            got.extend(seqs(&f));
+            ob.ack(&mut core, &f);
+        }
+        let backlog: BTreeSet<Seq> = (0..35).collect();
+        assert!(backlog.is_subset(&got), "{mode:?}: the backlog is all sent");
+        assert!(!core.backfill_pending(), "{mode:?}");
+        // What the mode held back itself waits for a full mode.
+        let held = ob.recs.len();
+        assert!(held >= 19, "{mode:?}: {held} held");
+        core.set_mode(SyncMode::FullZstd, ob.next);
+        for _ in 0..10 {
+            let f = ob.round(&mut core);
+            ob.ack(&mut core, &f);
+        }
+        assert!(ob.recs.is_empty(), "{mode:?}: {} left", ob.recs.len());
+    }
+}

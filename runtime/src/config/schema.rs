@@ -654,9 +654,10 @@ pub struct SyncSection {
     /// `auto` (follow the link class) or a fixed mode.
     #[serde(default)]
     pub mode: SyncModeSetting,
-    /// Whether raw samples held back by delta, summary or store-and-forward are sent (as
-    /// bulk) once the link is fiber or broadband again. Off: they stay in the outbox until
-    /// the quota evicts them.
+    /// Whether raw samples held back by delta, summary or store-and-forward are sent as
+    /// bulk when the link allows: all of them on fiber and broadband; on mobile and
+    /// satellite only the backlog of an outage or lost connection, one frame at a time.
+    /// Off: they stay in the outbox until the quota evicts them.
     #[serde(default = "d_true")]
     pub backfill: bool,
     #[serde(default)]
