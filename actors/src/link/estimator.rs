@@ -305,14 +305,20 @@ impl LinkEstimator {
             let span = now.saturating_duration_since(r.at);
             if span <= self.cfg.max_rate_span && !span.is_zero() {
                 // The sample is app-limited if any delivery after the reference was.
-                let limited = app_limited
-                    || self
-                        .acks
-                        .iter()
-                        .filter(|p| p.at > r.at)
-                        .any(|p| p.app_limited);
-                let rate = (self.delivered - r.delivered) as f64 * 8.0 / span.as_secs_f64();
-                self.rate_sample(now, rate, limited);
+                let bytes = self.delivered - r.delivered;
+                // …unless what is still in flight would take the link longer than the
+                // sample's span: then a queue stood in front of it the whole time (the link
+                // dropped below what the gateway offers) and the sample is the link's rate.
+                let queued = self.in_flight >= bytes;
+                let limited = !queued
+                    && (app_limited
+                        || self
+                            .acks
+                            .iter()
+                            .filter(|p| p.at > r.at)
+                            .any(|p| p.app_limited));
+                let rate = bytes as f64 * 8.0 / span.as_secs_f64();
+                self.rate_sample(now, rate, limited, true);
             }
         }
         self.acks.push_back(point);
@@ -339,14 +345,26 @@ impl LinkEstimator {
         }
         self.heard(now);
         let rate = bytes as f64 * 8.0 / duration.as_secs_f64();
-        self.rate_sample(now, rate, false);
+        self.rate_sample(now, rate, false, false);
     }
 
-    fn rate_sample(&mut self, now: Instant, rate: f64, app_limited: bool) {
+    fn rate_sample(&mut self, now: Instant, rate: f64, app_limited: bool, rearm: bool) {
         if !rate.is_finite() {
             return;
         }
         self.rate_max.expire(now, self.cfg.rate_window);
+        if rearm
+            && !app_limited
+            && self.rate_max.best().is_none()
+            && let Some(held) = self.rate_max.held
+            && rate < held.0
+        {
+            // The first traffic sample after a quiet spell: the held estimate stands for
+            // one more window, so a lower rate needs a whole window of samples to replace
+            // it — the same evidence as when samples never stopped. (A throughput probe
+            // is a deliberate full-pipe measurement and counts at once.)
+            self.rate_max.push(now, held, |a, b| a.0 >= b.0);
+        }
         if app_limited {
             // A lower bound only: it may raise the estimate, never lower it.
             let current = self.rate_max.best_or_held().map_or(0.0, |r| r.0);
@@ -419,9 +437,21 @@ impl LinkEstimator {
     }
 
     /// An RTT probe got no answer within [`Self::probe_timeout`] (or the caller's own).
-    pub fn on_probe_timed_out(&mut self, now: Instant) {
+    ///
+    /// `sent`: when the probe went out, if known. When the hub was heard after that (QUIC
+    /// acknowledgements keep arriving), the probe is queued behind data on a congested
+    /// link, not lost on a dead one, and does not count.
+    pub fn on_probe_timed_out(&mut self, now: Instant, sent: Option<Instant>) {
         let now = self.tick(now);
         self.sent_something(now);
+        if let (Some(sent), Some(heard)) = (sent, self.last_heard)
+            && heard >= sent
+        {
+            // The hub is answering (acknowledgements keep arriving): the ping is queued
+            // behind data on a congested link, not lost on a dead one.
+            self.probe_timeouts_in_row = 0;
+            return;
+        }
         self.probe_timeouts_in_row = self.probe_timeouts_in_row.saturating_add(1);
         if self.probe_timeouts_in_row >= self.cfg.outage_probe_timeouts
             && self.outage_since.is_none()
@@ -734,6 +764,56 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_behind_an_app_limited_sender_shows_the_drop() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        // 3.2 Mbit/s offered, all delivered: app-limited samples.
+        let mut t = t0;
+        for _ in 0..80 {
+            e.on_sent(t, 10_000, false);
+            e.on_delivered(t + ms(10), 10_000);
+            t += ms(25);
+        }
+        let est = e.estimate(t);
+        assert!(est.rate_app_limited);
+        assert!(est.rate_bps.unwrap() > 3e6, "{est:?}");
+        // The link drops to 0.4 Mbit/s; the sender keeps offering 3.2 (never backlogged
+        // by its own measure): a queue builds, and its deliveries are the link's rate.
+        for _ in 0..60 {
+            e.on_sent(t, 10_000, false);
+            e.on_delivered(t + ms(10), 1_250);
+            t += ms(25);
+        }
+        let est = e.estimate(t);
+        assert!(!est.rate_app_limited, "{est:?}");
+        let r = est.rate_bps.unwrap();
+        assert!((3.5e5..4.5e5).contains(&r), "{r}");
+    }
+
+    #[test]
+    fn a_low_sample_after_a_quiet_spell_needs_a_whole_window() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_throughput_probe(t0, 100_000, ms(200)); // 4 Mbit/s
+        // Quiet for 5 s: the estimate is held.
+        let t1 = t0 + ms(5_000);
+        assert_eq!(e.estimate(t1).rate_bps, Some(4e6));
+        // Then a backlogged trickle at 0.4 Mbit/s.
+        let mut t = t1;
+        e.on_sent(t, 1_000_000, true);
+        for _ in 0..60 {
+            t += ms(25);
+            e.on_delivered(t, 1_250);
+            let r = e.estimate(t).rate_bps.unwrap();
+            if t - t1 < ms(1_000) {
+                assert_eq!(r, 4e6, "at {:?}", t - t1);
+            }
+        }
+        let r = e.estimate(t).rate_bps.unwrap();
+        assert!((3.5e5..4.5e5).contains(&r), "{r}");
+    }
+
+    #[test]
     fn consecutive_probe_timeouts_are_an_outage() {
         let t0 = Instant::now();
         let cfg = EstimatorConfig {
@@ -743,12 +823,21 @@ mod tests {
         let mut e = LinkEstimator::new(cfg);
         e.on_probe_answered(t0, ms(20));
         e.on_probe_sent(t0 + ms(100));
-        e.on_probe_timed_out(t0 + ms(600));
+        e.on_probe_timed_out(t0 + ms(600), Some(t0 + ms(100)));
         assert!(!e.estimate(t0 + ms(600)).outage());
-        e.on_probe_timed_out(t0 + ms(1_100));
+        e.on_probe_timed_out(t0 + ms(1_100), Some(t0 + ms(600)));
         assert_eq!(e.estimate(t0 + ms(1_100)).outage_since, Some(t0 + ms(100)));
         e.on_probe_answered(t0 + ms(1_200), ms(20));
         assert!(!e.estimate(t0 + ms(1_200)).outage());
+        // Pings that time out while the hub keeps answering are queued, not lost.
+        let mut stats = PathStats::default();
+        for i in 0..10u64 {
+            let t = t0 + ms(2_000 + i * 500);
+            stats.bytes_received += 100;
+            e.on_path_stats(t, &stats);
+            e.on_probe_timed_out(t + ms(1), Some(t - ms(1_000)));
+        }
+        assert!(!e.estimate(t0 + ms(7_000)).outage());
     }
 
     #[test]

@@ -51,8 +51,8 @@ pub enum LinkEvent {
     PingSent,
     /// A ping came back.
     PingAnswered { rtt: Duration },
-    /// A ping got no answer in time ([`LinkShared::probe_timeout`]).
-    PingTimedOut,
+    /// A ping sent at `sent` got no answer in time ([`LinkHandle::probe_timeout`]).
+    PingTimedOut { sent: Instant },
     /// A throughput probe moved `bytes` in `duration` (one RTT already taken off).
     ProbeDone { bytes: u64, duration: Duration },
     /// A throughput probe reserved `bytes` and could not run (refund).
@@ -141,7 +141,7 @@ impl Monitor {
                 est.reset_in_flight();
                 est.on_probe_answered(at, handshake);
             }
-            LinkEvent::ConnectFailed => est.on_probe_timed_out(at),
+            LinkEvent::ConnectFailed => est.on_probe_timed_out(at, None),
             LinkEvent::Disconnected => {
                 self.connected = false;
                 self.probe_running = false;
@@ -157,7 +157,7 @@ impl Monitor {
             LinkEvent::Delivered { bytes } => est.on_delivered(at, bytes),
             LinkEvent::PingSent => est.on_probe_sent(at),
             LinkEvent::PingAnswered { rtt } => est.on_probe_answered(at, rtt),
-            LinkEvent::PingTimedOut => est.on_probe_timed_out(at),
+            LinkEvent::PingTimedOut { sent } => est.on_probe_timed_out(at, Some(sent)),
             LinkEvent::ProbeDone { bytes, duration } => {
                 self.probe_running = false;
                 est.on_throughput_probe(at, bytes, duration);
@@ -384,7 +384,12 @@ mod tests {
             t += ms(50);
             if (t - down_at).as_millis() % 500 < 50 {
                 m.on_event(t, LinkEvent::PingSent);
-                m.on_event(t, LinkEvent::PingTimedOut);
+                m.on_event(
+                    t,
+                    LinkEvent::PingTimedOut {
+                        sent: t - ms(1_000),
+                    },
+                );
             }
             if let Some(c) = m.tick(t) {
                 changed = Some((c, t - down_at));

@@ -31,7 +31,11 @@
 //! | full_zstd | zstd frames | zstd frames; backfill of all held |
 //! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held; backlog backfilled gently |
 //! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held; backlog backfilled gently |
-//! | store_and_forward | nothing | nothing |
+//! | store_and_forward | zstd frames while a connection is up | nothing |
+//!
+//! Store-and-forward is what an intermittent link gets: normal and bulk wait in the outbox,
+//! but whenever a connection is up between outages control and critical records still go
+//! out (an alarm does not wait for the link to be declared stable).
 //!
 //! Leaving store-and-forward moves the normal and bulk live cursors to the end of the
 //! outbox (when backfill is on): what piled up during the outage is backfilled as bulk and
@@ -283,11 +287,11 @@ impl SyncCore {
     /// The outbox reads needed now: lanes that are empty and active in this mode.
     pub fn scans(&self) -> Vec<ScanRequest> {
         let mut out = Vec::new();
-        if self.mode == SyncMode::StoreAndForward {
-            return out;
-        }
         let limit = self.cfg.max_frame_samples.max(1);
         for p in Priority::ALL {
+            if self.mode == SyncMode::StoreAndForward && applies_deadband(p) {
+                continue; // store-and-forward holds normal and bulk
+            }
             let lane = Lane::Live(p);
             if self.lanes[lane.index()].is_empty() {
                 out.push(ScanRequest {

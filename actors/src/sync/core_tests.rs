@@ -220,10 +220,16 @@ fn after_store_and_forward_fresh_data_goes_first_and_the_backlog_is_backfilled()
     for i in 0..50 {
         ob.add(Priority::Normal, "t/n", i, i as f64);
     }
-    let crit = ob.add(Priority::Critical, "t/c", 0, 0.0);
-    assert!(core.scans().is_empty(), "only probes go out");
+    let alarm = ob.add(Priority::Critical, "t/c", 0, 0.0);
+    // Store-and-forward holds normal; an alarm still goes out while a connection is up.
+    let frames = ob.round(&mut core);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].seqs, vec![alarm]);
+    assert_eq!(frames[0].frame.encoding, Encoding::Zstd);
+    ob.ack(&mut core, &frames);
     assert!(ob.round(&mut core).is_empty());
     core.set_mode(SyncMode::Full, ob.next);
+    let crit = ob.add(Priority::Critical, "t/c", 1, 1.0);
     let fresh = ob.add(Priority::Normal, "t/n", 60, 60.0);
     let frames = ob.round(&mut core);
     assert_eq!(

@@ -380,6 +380,12 @@ async fn session(
         ctx.options.ping_interval,
         heard.clone(),
     )));
+    let _path = AbortOnDrop(tokio::spawn(pinger::watch_path(
+        conn.clone(),
+        ctx.link.clone(),
+        heard.clone(),
+        crate::link::monitor::TICK,
+    )));
     let mut pings_done = false;
     let mut class_rx = ctx.link.watch_class();
     let mut stats_tick = tokio::time::interval(crate::link::monitor::TICK);
@@ -416,7 +422,6 @@ async fn session(
             _ = ctx.wake.notified() => {}
             _ = class_rx.changed() => {}
             _ = stats_tick.tick() => {
-                ctx.link.report(LinkEvent::PathStats(conn.path_stats()));
                 if ctx.link.class() == LinkClass::Intermittent && heard.silent_for() > SILENT_SESSION {
                     return Err("the link is down: nothing heard from the hub".into());
                 }

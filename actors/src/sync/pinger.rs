@@ -2,7 +2,9 @@
 //! connection (so they do not queue behind data frames): an RTT [`Ping`] every
 //! `[link] ping_interval`, and, when the link monitor asks for one, a throughput probe — a
 //! burst of padded Pings whose Pongs time how fast the padding crossed the link. Results
-//! and time-outs go to the link monitor as [`LinkEvent`]s.
+//! and time-outs go to the link monitor as [`LinkEvent`]s. [`watch_path`] reports the
+//! connection's path statistics on its own task, so a sync loop blocked on a congested
+//! send does not make a busy link look silent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,6 +52,29 @@ impl Default for Heard {
     }
 }
 
+/// Reports the connection's path statistics to the link monitor every `period`, and marks
+/// the hub heard whenever anything (QUIC acknowledgements included) arrived. Runs until
+/// aborted with the session.
+pub async fn watch_path(
+    conn: QuicConnection,
+    link: LinkHandle,
+    heard: Arc<Heard>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut received = 0u64;
+    loop {
+        tick.tick().await;
+        let stats = conn.path_stats();
+        if stats.bytes_received > received {
+            received = stats.bytes_received;
+            heard.now();
+        }
+        link.report(LinkEvent::PathStats(stats));
+    }
+}
+
 /// Nonces of throughput-probe pings have this bit set.
 const PROBE_BIT: u64 = 1 << 63;
 
@@ -88,11 +113,13 @@ pub async fn run(
                 let now = Instant::now();
                 // Time-outs first.
                 let limit = link.probe_timeout();
-                let before = outstanding.len();
-                outstanding.retain(|_, sent| now.saturating_duration_since(*sent) < limit);
-                for _ in outstanding.len()..before {
-                    link.report(LinkEvent::PingTimedOut);
-                }
+                outstanding.retain(|_, sent| {
+                    let late = now.saturating_duration_since(*sent) >= limit;
+                    if late {
+                        link.report(LinkEvent::PingTimedOut { sent: *sent });
+                    }
+                    !late
+                });
                 if let Some(p) = &probe && now >= p.deadline {
                     link.report(LinkEvent::ProbeFailed { bytes: 0 });
                     probe = None;

@@ -212,20 +212,20 @@ async fn session(conn: QuicConnection, est: Shared, tasks: &mut JoinSet<()>) {
                 tick.tick().await;
                 let now = Instant::now();
                 let timeout = lock(&est).probe_timeout();
-                let timed_out: Vec<u64> = {
+                let timed_out: Vec<_> = {
                     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
-                    let late: Vec<u64> = p
+                    let late: Vec<_> = p
                         .iter()
                         .filter(|(_, t)| now - **t >= timeout)
-                        .map(|(s, _)| *s)
+                        .map(|(s, t)| (*s, *t))
                         .collect();
-                    for s in &late {
+                    for (s, _) in &late {
                         p.remove(s);
                     }
                     late
                 };
-                for _ in timed_out {
-                    lock(&est).on_probe_timed_out(now.into_std());
+                for (_, sent) in timed_out {
+                    lock(&est).on_probe_timed_out(now.into_std(), Some(sent.into_std()));
                 }
                 seq += 1;
                 pending

@@ -42,6 +42,8 @@ pub fn encoding_for(mode: SyncMode, priority: Priority) -> Option<Encoding> {
         SyncMode::Delta => Some(Encoding::Delta),
         SyncMode::Summary if protected => Some(Encoding::Zstd),
         SyncMode::Summary => Some(Encoding::Summary),
+        // Between outages of a flapping link, alarms still go out when a connection is up.
+        SyncMode::StoreAndForward if protected => Some(Encoding::Zstd),
         SyncMode::StoreAndForward => None,
     }
 }
@@ -73,6 +75,10 @@ mod tests {
         assert!(applies_deadband(Priority::Normal));
         assert_eq!(
             encoding_for(SyncMode::StoreAndForward, Priority::Control),
+            Some(Encoding::Zstd)
+        );
+        assert_eq!(
+            encoding_for(SyncMode::StoreAndForward, Priority::Normal),
             None
         );
         assert_eq!(
