@@ -172,6 +172,8 @@ impl<T: Copy + PartialOrd> WindowedExtremum<T> {
 
 /// Most acknowledgement points kept (bounds memory whatever the caller feeds).
 const MAX_ACK_POINTS: usize = 4_096;
+/// Most answer times kept (at one per 50 ms path-statistics poll: 25 s).
+const MAX_HEARD_TIMES: usize = 512;
 /// Most path-statistics points kept for the loss window.
 const MAX_LOSS_POINTS: usize = 4_096;
 
@@ -201,6 +203,9 @@ pub struct LinkEstimator {
 
     // Outage.
     last_heard: Option<Instant>,
+    /// Recent times the hub was heard from (bounded), to tell a busy link answering
+    /// continuously from one answering in clumps.
+    heard_times: VecDeque<Instant>,
     /// First time something was sent after `last_heard`.
     unanswered_since: Option<Instant>,
     probe_timeouts_in_row: u32,
@@ -223,6 +228,7 @@ impl LinkEstimator {
             loss_points: VecDeque::new(),
             last_stats: None,
             last_heard: None,
+            heard_times: VecDeque::new(),
             unanswered_since: None,
             probe_timeouts_in_row: 0,
             outage_since: None,
@@ -246,6 +252,18 @@ impl LinkEstimator {
 
     fn heard(&mut self, now: Instant) {
         self.last_heard = Some(now);
+        if self.heard_times.back() != Some(&now) {
+            self.heard_times.push_back(now);
+        }
+        let keep = self.streaming_span() + self.cfg.outage_min;
+        while self.heard_times.len() > MAX_HEARD_TIMES
+            || self
+                .heard_times
+                .front()
+                .is_some_and(|&t| now.saturating_duration_since(t) > keep)
+        {
+            self.heard_times.pop_front();
+        }
         self.unanswered_since = None;
         self.probe_timeouts_in_row = 0;
         self.outage_since = None;
@@ -483,9 +501,44 @@ impl LinkEstimator {
     /// Silence (something outstanding, nothing received) that makes an outage:
     /// `max(outage_min, outage_rtt_factor × base RTT, windowed-minimum RTT)` — no answer
     /// can come sooner than one current RTT, but a standing queue is not multiplied.
+    ///
+    ///
+    /// While answers were streaming in — no gap over a quarter of `outage_min` for a whole
+    /// RTT (and at least `outage_min`) before the last one: a busy link, a standing queue —
+    /// the limit is `outage_min` alone: answers to what is queued keep coming whatever the
+    /// queueing delay, so their stopping is the outage.
     pub fn silence_limit(&self) -> Duration {
+        if self.streaming() {
+            return self.cfg.outage_min;
+        }
         let one_rtt = self.rtt_min.best_or_held().unwrap_or_default();
         self.limit(self.base_rtt.best_or_held()).max(one_rtt)
+    }
+
+    fn streaming_span(&self) -> Duration {
+        self.rtt_min
+            .best_or_held()
+            .unwrap_or_default()
+            .max(self.cfg.outage_min)
+    }
+
+    fn streaming(&self) -> bool {
+        let Some(&last) = self.heard_times.back() else {
+            return false;
+        };
+        let span = self.streaming_span();
+        let max_gap = self.cfg.outage_min / 4;
+        let mut next = last;
+        for &t in self.heard_times.iter().rev().skip(1) {
+            if next.saturating_duration_since(t) > max_gap {
+                return false;
+            }
+            if last.saturating_duration_since(t) >= span {
+                return true;
+            }
+            next = t;
+        }
+        false
     }
 
     fn limit(&self, rtt: Option<Duration>) -> Duration {
@@ -811,6 +864,55 @@ mod tests {
         }
         let r = e.estimate(t).rate_bps.unwrap();
         assert!((3.5e5..4.5e5).contains(&r), "{r}");
+    }
+
+    #[test]
+    fn a_busy_link_behind_a_long_queue_is_down_when_answers_stop() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let mut stats = PathStats::default();
+        let mut t = t0;
+        // Answers every 50 ms while a 1.8 s standing queue drains.
+        for _ in 0..100 {
+            t += ms(50);
+            e.on_sent(t, 1_200, true);
+            e.on_rtt_sample(t, ms(1_800));
+            stats.bytes_received += 80;
+            e.on_path_stats(t, &stats);
+        }
+        assert!(!e.estimate(t).outage());
+        // The link dies: the answers stop.
+        let dead = t;
+        for _ in 0..40 {
+            t += ms(50);
+            e.on_sent(t, 1_200, true);
+            e.on_path_stats(t, &stats);
+            if e.estimate(t).outage() {
+                break;
+            }
+        }
+        assert!(e.estimate(t).outage());
+        assert!(t - dead <= ms(1_100), "seen after {:?}", t - dead);
+
+        // A window-limited sender on a 1.8 s path hears answers in clumps, one per RTT:
+        // the silence between clumps is no outage.
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let mut stats = PathStats::default();
+        let mut t = t0;
+        for _ in 0..10 {
+            for _ in 0..4 {
+                t += ms(50);
+                e.on_sent(t, 1_200, true);
+                e.on_rtt_sample(t, ms(1_800));
+                stats.bytes_received += 80;
+                e.on_path_stats(t, &stats);
+            }
+            for _ in 0..32 {
+                t += ms(50);
+                e.on_path_stats(t, &stats);
+                assert!(!e.estimate(t).outage());
+            }
+        }
     }
 
     #[test]
