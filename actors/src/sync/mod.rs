@@ -394,12 +394,15 @@ async fn send_frame(
     // One frame, or several when the transport limits message sizes (MQTT).
     match uplink::encode_within(frame, send.max_frame_len()) {
         Ok(parts) => {
-            let mut bytes = 0;
+            let bytes: usize = parts.iter().map(Vec::len).sum();
+            // In flight before the first byte goes: if the connection fails during the
+            // send, `disconnected` knows these records were lost in flight and they are
+            // sent again. (Committed after the send, a failed send left them behind the
+            // live cursor, neither in flight nor held: never sent again.)
+            core.commit(lane, &seqs, bytes);
             for p in &parts {
                 send.send(p, &ctx.link).await?;
-                bytes += p.len();
             }
-            core.commit(lane, &seqs, bytes);
             Counters::sent(&ctx.metrics, mode, lane.label(), n, bytes);
             let backlogged = core.window_full() || core.has_buffered();
             ctx.link.report(LinkEvent::Sent {
