@@ -186,6 +186,18 @@ impl Counters {
         }
     }
 
+    /// A frame went as `parts` frames (over the transport's message size limit).
+    fn split(m: &Metrics, parts: usize) {
+        if parts > 1 {
+            m.counter(
+                "outpost_sync_frames_split",
+                "Frames split in smaller ones to fit the uplink's message size limit (MQTT max_payload)",
+                &[],
+            )
+            .inc();
+        }
+    }
+
     /// Samples and bytes sent, by mode and lane.
     fn sent(m: &Metrics, mode: SyncMode, lane: &str, samples: usize, bytes: usize) {
         let l = [("mode", mode.as_str()), ("lane", lane)];
@@ -305,6 +317,7 @@ async fn send_summary(ctx: &SyncContext, send: &mut Link, f: DataFrame) -> Resul
                 send.send(p, &ctx.link).await?;
                 bytes += p.len();
             }
+            Counters::split(&ctx.metrics, parts.len());
             Counters::sent(&ctx.metrics, SyncMode::Summary, "summary", n, bytes);
         }
         Err(e) => tracing::error!(error = %e, "summary frame cannot be encoded; dropped"),
@@ -403,6 +416,7 @@ async fn send_frame(
             for p in &parts {
                 send.send(p, &ctx.link).await?;
             }
+            Counters::split(&ctx.metrics, parts.len());
             Counters::sent(&ctx.metrics, mode, lane.label(), n, bytes);
             let backlogged = core.window_full() || core.has_buffered();
             ctx.link.report(LinkEvent::Sent {
