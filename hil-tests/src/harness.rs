@@ -52,6 +52,52 @@ enabled = false
     config::parse_hub(&text, Path::new("hub.toml"), Path::new("/")).expect("hub config")
 }
 
+/// [`hub_config`] (listening on an ephemeral port) that also takes frames from gateways
+/// using the MQTT uplink: `[mqtt_ingress]` through `broker` (`host:port`), keep-alive 2 s,
+/// reconnecting within half a second.
+pub fn mqtt_ingress_hub_config(pki: &Pki, data_dir: &Path, broker: &str) -> HubConfig {
+    let text = format!(
+        r#"
+[hub]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+ca = "{ca}"
+cert = "{cert}"
+key = {{ file = "{key}" }}
+[metrics]
+enabled = false
+[mqtt_ingress]
+broker = "{broker}"
+client_id = "outpost-hub-ingress-test"
+keep_alive = "2s"
+reconnect = {{ initial = "50ms", max = "500ms" }}
+"#,
+        data = data_dir.display(),
+        ca = pki.bundle.ca_cert.display(),
+        cert = pki.bundle.hub_cert.display(),
+        key = pki.bundle.hub_key.display(),
+    );
+    config::parse_hub(&text, Path::new("hub.toml"), Path::new("/")).expect("hub config")
+}
+
+/// The `[uplink]` section of a gateway that sends through the MQTT broker at `broker`
+/// (`host:port`, no TLS, no credentials) in messages of at most `max_payload` (a size such
+/// as `"4KiB"`), keep-alive 2 s, reconnecting within a second.
+pub fn mqtt_uplink_toml(broker: &str, max_payload: &str) -> String {
+    format!(
+        r#"
+[uplink]
+transport = "mqtt"
+reconnect = {{ initial = "50ms", max = "1s" }}
+[uplink.mqtt]
+broker = "{broker}"
+keep_alive = "2s"
+max_in_flight = 8
+max_payload = "{max_payload}"
+"#
+    )
+}
+
 /// Starts an in-process hub on an ephemeral port.
 pub async fn start_hub(pki: &Pki, data_dir: &Path) -> Hub {
     start_hub_on(pki, data_dir, "127.0.0.1:0").await

@@ -271,7 +271,19 @@ async fn small_quota_through_a_long_outage_evicts_bulk_then_oldest_normal_never_
             empty_since = None;
         }
         if Instant::now() > drain_deadline {
-            eprintln!("quota: outbox not drained 180 s after the outage: {left} records left");
+            let per: Vec<String> = ["control", "critical", "normal", "bulk"]
+                .iter()
+                .map(|c| format!("{c} {}", m.value("outpost_outbox_records", &[("class", c)])))
+                .collect();
+            eprintln!(
+                "quota: outbox not drained 180 s after the outage: {left} records left ({}); \
+                 link class {}, sync mode {}, backfill pending {}, connected {}",
+                per.join(", "),
+                m.value("outpost_link_class", &[]),
+                m.value("outpost_sync_mode", &[]),
+                m.value("outpost_sync_backfill_pending", &[]),
+                m.value("outpost_sync_connected", &[]),
+            );
             break false;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

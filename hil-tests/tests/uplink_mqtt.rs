@@ -15,7 +15,6 @@ use outpost_hil::harness::{self, Pki};
 use outpost_hil::peers::mosquitto::{Mosquitto, publish_bytes};
 use outpost_protocols::frame::{self, DataFrame, Encoding, Hello, Message};
 use outpost_protocols::uplink::mqtt::{MqttUplinkError, MqttUplinkOptions, MqttUplinkSession};
-use outpost_runtime::config;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Priority, Sample, StreamId, Value};
 
@@ -163,31 +162,6 @@ impl TestGateway {
     }
 }
 
-fn hub_config(pki: &Pki, data_dir: &Path, broker: &str) -> config::HubConfig {
-    let text = format!(
-        r#"
-[hub]
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-ca = "{ca}"
-cert = "{cert}"
-key = {{ file = "{key}" }}
-[metrics]
-enabled = false
-[mqtt_ingress]
-broker = "{broker}"
-client_id = "outpost-hub-ingress-test"
-keep_alive = "2s"
-reconnect = {{ initial = "50ms", max = "500ms" }}
-"#,
-        data = data_dir.display(),
-        ca = pki.bundle.ca_cert.display(),
-        cert = pki.bundle.hub_cert.display(),
-        key = pki.bundle.hub_key.display(),
-    );
-    config::parse_hub(&text, Path::new("hub.toml"), Path::new("/")).expect("hub config")
-}
-
 const MQTT: (&str, &str) = ("transport", "mqtt");
 
 fn subscribed(m: &Metrics) -> bool {
@@ -225,7 +199,7 @@ async fn frames_reach_the_hub_through_mosquitto_exactly_once() {
     let sink = hub_dir.join("sink");
     let metrics = Metrics::new();
     let hub = Hub::start(
-        &hub_config(&pki, &hub_dir, &broker.address()),
+        &harness::mqtt_ingress_hub_config(&pki, &hub_dir, &broker.address()),
         metrics.clone(),
     )
     .await

@@ -5,6 +5,12 @@
 //! ([`crate::link::monitor`]) publishes, or `[sync] mode` when it is pinned. After a
 //! reconnect everything not yet acknowledged is sent again (the hub de-duplicates).
 //!
+//! The frames go over the transport `[uplink] transport` names ([`uplink`]): QUIC straight
+//! to the hub, or MQTT through a broker (each frame one QoS 1 message, the hub's `Ack`s
+//! back on the gateway's down topic). The loop is the same for both; only what the link
+//! monitor can be told differs (MQTT has no pings, path statistics or throughput probes:
+//! its RTT is the broker's publish→PUBACK time).
+//!
 //! [`core::SyncCore`] is the pure bookkeeping (lanes, cursors, held records, encodings);
 //! this module does the I/O and reports what it sees on the uplink to the link monitor.
 
@@ -12,33 +18,27 @@ pub mod core;
 #[cfg(test)]
 mod core_tests;
 pub mod pinger;
+pub mod uplink;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_protocols::encoding::{Deadband, DeadbandConfig, SummaryConfig};
-use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Hello, Message};
-use outpost_protocols::uplink::quic::{self, ClientOptions, ClientTls, QuicClient, QuicConnection};
+use outpost_protocols::frame::DataFrame;
 use outpost_runtime::config::{Config, DeadbandSpec, SyncModeSetting};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{LinkClass, Priority, SyncMode, now_ns};
 use outpost_runtime::record;
 use outpost_runtime::storage::{GatewayOutbox, Seq};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use self::core::{CoreConfig, Outgoing, ScanRequest, SyncCore};
+use self::uplink::{Connection, Incoming, Link, Transport, UplinkSettings};
 use crate::link::monitor::{LinkEvent, LinkHandle};
 
-/// Timeout of a connection attempt (handshake included).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait between connection attempts while the link is intermittent.
 const OUTAGE_RETRY: Duration = Duration::from_millis(500);
-/// A session on an intermittent link that has heard nothing from the hub for this long is
-/// given up for a fresh handshake (QUIC's own retransmission timer backs off
-/// exponentially, so an old connection may stay silent long after the link is back).
-const SILENT_SESSION: Duration = Duration::from_millis(1_500);
 
 /// Tuning of the sync loop.
 #[derive(Debug, Clone)]
@@ -47,9 +47,8 @@ pub struct SyncOptions {
     pub max_frame_samples: usize,
     /// Most samples in flight (sent, unacknowledged).
     pub window: usize,
-    pub keep_alive: Duration,
     pub reconnect: BackoffPolicy,
-    /// Interval of the RTT pings.
+    /// Interval of the RTT pings (QUIC).
     pub ping_interval: Duration,
 }
 
@@ -57,9 +56,8 @@ pub struct SyncOptions {
 #[derive(Clone)]
 pub struct SyncContext {
     pub gateway_id: String,
-    pub hub: SocketAddr,
-    pub server_name: String,
-    pub tls: Arc<ClientTls>,
+    /// The transport and where it goes.
+    pub uplink: UplinkSettings,
     pub options: SyncOptions,
     pub core: CoreConfig,
     /// A pinned mode, or `Auto` (follow the link class).
@@ -70,8 +68,9 @@ pub struct SyncContext {
     pub metrics: Metrics,
 }
 
-/// Builds the sync context from the config (reads the certificates). `link` is the link
-/// monitor's handle (it outlives restarts of the sync actor).
+/// Builds the sync context from the config (reads the certificates, keys and passwords of
+/// the transport). `link` is the link monitor's handle (it outlives restarts of the sync
+/// actor).
 pub fn context_from_config(
     config: &Config,
     link: LinkHandle,
@@ -83,21 +82,7 @@ pub fn context_from_config(
         .uplink
         .as_ref()
         .ok_or_else(|| "no [uplink] section".to_string())?;
-    // Only a config with transport = "mqtt" lacks them: that transport is not wired into
-    // the sync loop yet (issue 5).
-    let need = |key: &str| {
-        let t = u.transport.as_str();
-        format!("uplink.{key} is missing: this sync loop speaks QUIC only (transport {t:?})")
-    };
-    let hub = resolve(u.hub.as_deref().ok_or_else(|| need("hub"))?)?;
-    let read = |p: &std::path::Path| quic::read_pem_file(p).map_err(|e| e.to_string());
-    let tls = ClientTls {
-        ca_pem: read(u.ca.as_deref().ok_or_else(|| need("ca"))?)?,
-        cert_pem: read(u.cert.as_deref().ok_or_else(|| need("cert"))?)?,
-        key_pem: (u.key.as_ref().ok_or_else(|| need("key"))?)
-            .resolve()
-            .map_err(|e| e.to_string())?,
-    };
+    let uplink = UplinkSettings::from_config(&config.gateway.id, u)?;
     let max_frame_samples = u.max_frame_samples.get() as usize;
     let window = (max_frame_samples * 8).max(1);
     let s = &config.sync;
@@ -129,13 +114,10 @@ pub fn context_from_config(
     SyncCore::new(core.clone(), SyncMode::Full).map_err(|e| format!("[sync]: {e}"))?;
     Ok(SyncContext {
         gateway_id: config.gateway.id.clone(),
-        hub,
-        server_name: u.server_name.clone().ok_or_else(|| need("server_name"))?,
-        tls: Arc::new(tls),
+        uplink,
         options: SyncOptions {
             max_frame_samples,
             window,
-            keep_alive: u.keep_alive.get(),
             reconnect: BackoffPolicy::new(
                 u.reconnect.initial.get(),
                 u.reconnect.max.get(),
@@ -151,14 +133,6 @@ pub fn context_from_config(
         wake,
         metrics,
     })
-}
-
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    addr.to_socket_addrs()
-        .map_err(|e| format!("cannot resolve hub address {addr:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("hub address {addr:?} resolves to nothing"))
 }
 
 struct Counters {
@@ -212,6 +186,18 @@ impl Counters {
         }
     }
 
+    /// A frame went as `parts` frames (over the transport's message size limit).
+    fn split(m: &Metrics, parts: usize) {
+        if parts > 1 {
+            m.counter(
+                "outpost_sync_frames_split",
+                "Frames split in smaller ones to fit the uplink's message size limit (MQTT max_payload)",
+                &[],
+            )
+            .inc();
+        }
+    }
+
     /// Samples and bytes sent, by mode and lane.
     fn sent(m: &Metrics, mode: SyncMode, lane: &str, samples: usize, bytes: usize) {
         let l = [("mode", mode.as_str()), ("lane", lane)];
@@ -241,18 +227,8 @@ fn wanted_mode(ctx: &SyncContext) -> SyncMode {
 /// error that a restart cannot fix (none today: connection errors are retried here).
 pub async fn run(ctx: SyncContext) -> Result<(), String> {
     let c = Counters::new(&ctx.metrics);
-    let client = QuicClient::new(
-        &ctx.tls,
-        ClientOptions {
-            keep_alive: ctx.options.keep_alive,
-            idle_timeout: (ctx.options.keep_alive * 4).max(Duration::from_secs(2)),
-            // A handshake is also the probe that ends an outage: a satellite link completes
-            // one in under 2 s; a dead one should not hold the next attempt back for long.
-            connect_timeout: CONNECT_TIMEOUT,
-            ..ClientOptions::default()
-        },
-    )
-    .map_err(|e| format!("uplink TLS setup: {e}"))?;
+    let transport = Transport::new(&ctx.uplink)?;
+    let hub = ctx.uplink.target();
     let mut backoff = Backoff::new(ctx.options.reconnect);
     let mut core =
         SyncCore::new(ctx.core.clone(), wanted_mode(&ctx)).map_err(|e| format!("[sync]: {e}"))?;
@@ -260,25 +236,22 @@ pub async fn run(ctx: SyncContext) -> Result<(), String> {
     tracing::info!(mode = core.mode().as_str(), "sync started");
     loop {
         let started = Instant::now();
-        match client.connect(ctx.hub, &ctx.server_name).await {
-            Ok(conn) => {
-                ctx.link.report(LinkEvent::Connected {
-                    handshake: started.elapsed(),
-                });
+        match transport.connect().await {
+            Ok((conn, handshake)) => {
+                ctx.link.report(LinkEvent::Connected { handshake });
                 c.connects.inc();
                 c.connected.set(1);
-                tracing::info!(hub = %ctx.hub, "connected to the hub");
-                let r = session(&ctx, &conn, &mut core, &c).await;
+                tracing::info!(%hub, "connected to the hub");
+                let r = session(&ctx, conn, &mut core, &c).await;
                 core.disconnected();
                 ctx.link.report(LinkEvent::Disconnected);
                 c.connected.set(0);
                 c.in_flight.set(0);
-                conn.close(quic::CLOSE_SHUTDOWN, b"reconnecting");
-                tracing::warn!(hub = %ctx.hub, reason = %r.err().unwrap_or_else(|| "closed".into()), "uplink session ended");
+                tracing::warn!(%hub, reason = %r.err().unwrap_or_else(|| "closed".into()), "uplink session ended");
             }
             Err(e) => {
                 ctx.link.report(LinkEvent::ConnectFailed);
-                tracing::warn!(hub = %ctx.hub, error = %e, "cannot connect to the hub");
+                tracing::warn!(%hub, error = %e, "cannot connect to the hub");
             }
         }
         let (attempt, mut delay) = backoff.next_delay(Some(started.elapsed()), fastrand::f64());
@@ -304,7 +277,7 @@ async fn switch_mode(
     ctx: &SyncContext,
     core: &mut SyncCore,
     c: &Counters,
-    send: Option<&mut quic::SendStream>,
+    send: Option<&mut Link>,
 ) -> Result<(), String> {
     let want = wanted_mode(ctx);
     if want == core.mode() {
@@ -335,58 +308,45 @@ async fn switch_mode(
     Ok(())
 }
 
-async fn send_summary(
-    ctx: &SyncContext,
-    send: &mut quic::SendStream,
-    f: DataFrame,
-) -> Result<(), String> {
+async fn send_summary(ctx: &SyncContext, send: &mut Link, f: DataFrame) -> Result<(), String> {
     let n = f.summaries.len();
-    match frame::encode(&Message::Data(f)) {
-        Ok(bytes) => {
-            quic::send_all(send, &bytes)
-                .await
-                .map_err(|e| e.to_string())?;
-            Counters::sent(&ctx.metrics, SyncMode::Summary, "summary", n, bytes.len());
+    match uplink::encode_within(f, send.max_frame_len()) {
+        Ok(parts) => {
+            let mut bytes = 0;
+            for p in &parts {
+                send.send(p, &ctx.link).await?;
+                bytes += p.len();
+            }
+            Counters::split(&ctx.metrics, parts.len());
+            Counters::sent(&ctx.metrics, SyncMode::Summary, "summary", n, bytes);
         }
         Err(e) => tracing::error!(error = %e, "summary frame cannot be encoded; dropped"),
     }
     Ok(())
 }
 
-/// One connection's life: Hello, then ship and apply acks until something fails.
+/// One connection's life: Hello, then ship and apply acks until something fails; the
+/// connection is closed when it ends.
 async fn session(
     ctx: &SyncContext,
-    conn: &QuicConnection,
+    conn: Connection,
     core: &mut SyncCore,
     c: &Counters,
 ) -> Result<(), String> {
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let hello = frame::encode(&Message::Hello(Hello {
-        gateway_id: ctx.gateway_id.clone(),
-        max_version: frame::VERSION,
-    }))
-    .map_err(|e| e.to_string())?;
-    quic::send_all(&mut send, &hello)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut link = conn
+        .open(&ctx.gateway_id, &ctx.link, ctx.options.ping_interval)
+        .await?;
+    let r = serve(ctx, &mut link, core, c).await;
+    link.close().await;
+    r
+}
 
-    // Acks are read by their own task so sending never blocks reading.
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Result<Ack, String>>(256);
-    let _reader = AbortOnDrop(tokio::spawn(read_acks(recv, ack_tx)));
-    let heard = Arc::new(pinger::Heard::new());
-    let mut pings = AbortOnDrop(tokio::spawn(pinger::run(
-        conn.clone(),
-        ctx.link.clone(),
-        ctx.options.ping_interval,
-        heard.clone(),
-    )));
-    let _path = AbortOnDrop(tokio::spawn(pinger::watch_path(
-        conn.clone(),
-        ctx.link.clone(),
-        heard.clone(),
-        crate::link::monitor::TICK,
-    )));
-    let mut pings_done = false;
+async fn serve(
+    ctx: &SyncContext,
+    send: &mut Link,
+    core: &mut SyncCore,
+    c: &Counters,
+) -> Result<(), String> {
     let mut class_rx = ctx.link.watch_class();
     let mut stats_tick = tokio::time::interval(crate::link::monitor::TICK);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -394,14 +354,14 @@ async fn session(
     summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
-        switch_mode(ctx, core, c, Some(&mut send)).await?;
+        switch_mode(ctx, core, c, Some(send)).await?;
         // Read and send until the window is full or nothing new is read (bounded, so acks
         // are applied in between).
         for _ in 0..64 {
             let read = fill(ctx, core, c).await?;
             let mut sent = 0;
             while let Some(out) = core.next_frame() {
-                send_frame(ctx, core, c, &mut send, out).await?;
+                send_frame(ctx, core, c, send, out).await?;
                 sent += 1;
             }
             if (read == 0 && sent == 0) || core.window_full() {
@@ -410,33 +370,26 @@ async fn session(
         }
         c.held.set(i64::from(core.backfill_pending()));
         tokio::select! {
-            a = ack_rx.recv() => {
-                let ack = a.ok_or_else(|| "ack reader stopped".to_string())??;
-                heard.now();
-                let (done, bytes) = core.acked(&ack);
-                ctx.link.report(LinkEvent::Delivered { bytes });
-                c.acked.inc_by(done.len() as u64);
-                c.in_flight.set(core.in_flight() as i64);
-                remove(ctx, done).await?;
-            }
+            i = send.next() => match i? {
+                Incoming::Ack(ack) => {
+                    let (done, bytes) = core.acked(&ack);
+                    ctx.link.report(LinkEvent::Delivered { bytes });
+                    c.acked.inc_by(done.len() as u64);
+                    c.in_flight.set(core.in_flight() as i64);
+                    remove(ctx, done).await?;
+                }
+                Incoming::PingsStopped(why) => {
+                    tracing::warn!(reason = %why, "RTT pings stopped; the link class now rests on data traffic only");
+                }
+            },
             _ = ctx.wake.notified() => {}
             _ = class_rx.changed() => {}
-            _ = stats_tick.tick() => {
-                if ctx.link.class() == LinkClass::Intermittent && heard.silent_for() > SILENT_SESSION {
-                    return Err("the link is down: nothing heard from the hub".into());
-                }
-            }
+            _ = stats_tick.tick() => send.observe(&ctx.link)?,
             _ = summary_tick.tick() => {
                 for f in core.poll_summaries(now_ns()) {
-                    send_summary(ctx, &mut send, f).await?;
+                    send_summary(ctx, send, f).await?;
                 }
             }
-            r = &mut pings.0, if !pings_done => {
-                pings_done = true;
-                let why = r.unwrap_or_else(|e| e.to_string());
-                tracing::warn!(reason = %why, "RTT pings stopped; the link class now rests on data traffic only");
-            }
-            e = conn.closed() => return Err(format!("connection closed: {e}")),
         }
     }
 }
@@ -445,22 +398,29 @@ async fn send_frame(
     ctx: &SyncContext,
     core: &mut SyncCore,
     c: &Counters,
-    send: &mut quic::SendStream,
+    send: &mut Link,
     out: Outgoing,
 ) -> Result<(), String> {
     let mode = core.mode();
     let Outgoing { frame, lane, seqs } = out;
     let n = seqs.len();
-    match frame::encode(&Message::Data(frame)) {
-        Ok(bytes) => {
-            quic::send_all(send, &bytes)
-                .await
-                .map_err(|e| e.to_string())?;
-            core.commit(lane, &seqs, bytes.len());
-            Counters::sent(&ctx.metrics, mode, lane.label(), n, bytes.len());
+    // One frame, or several when the transport limits message sizes (MQTT).
+    match uplink::encode_within(frame, send.max_frame_len()) {
+        Ok(parts) => {
+            let bytes: usize = parts.iter().map(Vec::len).sum();
+            // In flight before the first byte goes: if the connection fails during the
+            // send, `disconnected` knows these records were lost in flight and they are
+            // sent again. (Committed after the send, a failed send left them behind the
+            // live cursor, neither in flight nor held: never sent again.)
+            core.commit(lane, &seqs, bytes);
+            for p in &parts {
+                send.send(p, &ctx.link).await?;
+            }
+            Counters::split(&ctx.metrics, parts.len());
+            Counters::sent(&ctx.metrics, mode, lane.label(), n, bytes);
             let backlogged = core.window_full() || core.has_buffered();
             ctx.link.report(LinkEvent::Sent {
-                bytes: bytes.len() as u64,
+                bytes: bytes as u64,
                 backlogged,
             });
         }
@@ -473,50 +433,6 @@ async fn send_frame(
     }
     c.in_flight.set(core.in_flight() as i64);
     Ok(())
-}
-
-async fn read_acks(mut recv: quic::RecvStream, ack_tx: mpsc::Sender<Result<Ack, String>>) {
-    let mut buf = FrameBuffer::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        match buf.next_message() {
-            Ok(Some(Message::Ack(a))) => {
-                if ack_tx.send(Ok(a)).await.is_err() {
-                    return;
-                }
-            }
-            Ok(Some(_)) => {
-                let _ = ack_tx
-                    .send(Err("unexpected message from the hub".into()))
-                    .await;
-                return;
-            }
-            Ok(None) => match quic::read_some(&mut recv, &mut chunk).await {
-                Ok(Some(n)) => {
-                    if let Err(e) = buf.push(&chunk[..n]) {
-                        let _ = ack_tx
-                            .send(Err(format!("bad frame from the hub: {e}")))
-                            .await;
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    let _ = ack_tx.send(Err("hub closed the stream".into())).await;
-                    return;
-                }
-                Err(e) => {
-                    let _ = ack_tx.send(Err(e.to_string())).await;
-                    return;
-                }
-            },
-            Err(e) => {
-                let _ = ack_tx
-                    .send(Err(format!("bad frame from the hub: {e}")))
-                    .await;
-                return;
-            }
-        }
-    }
 }
 
 /// Reads the outbox for every lane that asks (one blocking call), decodes, and feeds the
@@ -585,11 +501,4 @@ async fn remove(ctx: &SyncContext, ids: Vec<(Priority, Seq)>) -> Result<(), Stri
         .map_err(|e| e.to_string())?
         .map(|_| ())
         .map_err(|e| format!("outbox remove: {e}"))
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -218,6 +218,8 @@ pub struct InFlight {
     queued: VecDeque<usize>,
     written: HashMap<u16, (usize, Instant)>,
     stats: MqttUplinkStats,
+    /// Smallest publish→PUBACK time since the last [`take_min_rtt`](Self::take_min_rtt).
+    recent_min_rtt: Option<Duration>,
 }
 
 impl InFlight {
@@ -248,7 +250,14 @@ impl InFlight {
             Some(old) => old.mul_f64(0.875) + rtt.mul_f64(0.125),
             None => rtt,
         });
+        self.recent_min_rtt = Some(self.recent_min_rtt.map_or(rtt, |m| m.min(rtt)));
         true
+    }
+
+    /// The smallest publish→PUBACK time since the previous call, `None` when no PUBACK
+    /// arrived in between: one RTT sample per look for a windowed-minimum filter.
+    pub fn take_min_rtt(&mut self) -> Option<Duration> {
+        self.recent_min_rtt.take()
     }
 
     /// A snapshot of the counters.
@@ -491,6 +500,10 @@ pub struct MqttUplinkSession {
     task: Option<JoinHandle<()>>,
     /// Why the session ended on our side (a bad message from the hub).
     ended: Option<String>,
+    /// The connection (TCP, TLS) and CONNECT→CONNACK.
+    connect_time: Duration,
+    /// SUBSCRIBE→SUBACK.
+    subscribe_rtt: Duration,
 }
 
 impl Drop for MqttUplinkSession {
@@ -545,6 +558,8 @@ impl MqttUplinkSession {
             what: "CONNACK",
             after,
         })??;
+        let connect_time = started.elapsed();
+        let subscribing = Instant::now();
         client
             .try_subscribe(&down_topic, QoS::AtLeastOnce)
             .map_err(|e| MqttUplinkError::Connect(e.to_string()))?;
@@ -573,6 +588,7 @@ impl MqttUplinkSession {
             what: "SUBACK",
             after,
         })??;
+        let subscribe_rtt = subscribing.elapsed();
         let early: VecDeque<_> = early
             .into_iter()
             .filter(|p| p.topic == down_topic)
@@ -597,7 +613,27 @@ impl MqttUplinkSession {
             early,
             task: Some(task),
             ended: None,
+            connect_time,
+            subscribe_rtt,
         })
+    }
+
+    /// How long the connection took: TCP (and TLS) set-up, then CONNECT→CONNACK, so two
+    /// round trips or more (three with TLS 1.3).
+    pub fn connect_time(&self) -> Duration {
+        self.connect_time
+    }
+
+    /// SUBSCRIBE→SUBACK on the new connection: one round trip to the broker, the one clean
+    /// RTT sample of the set-up.
+    pub fn subscribe_rtt(&self) -> Duration {
+        self.subscribe_rtt
+    }
+
+    /// The smallest publish→PUBACK time since the previous call, `None` when the broker
+    /// acknowledged nothing in between ([`InFlight::take_min_rtt`]).
+    pub fn take_min_rtt(&self) -> Option<Duration> {
+        self.lock().inflight.take_min_rtt()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -935,9 +971,13 @@ keep_alive = "10s"
         assert_eq!(s.min_rtt, Some(ms(40)));
         assert_eq!(s.latest_rtt, Some(ms(120)));
         assert_eq!(s.srtt, Some(ms(40).mul_f64(0.875) + ms(120).mul_f64(0.125)));
+        // The smallest RTT since the last look, once.
+        assert_eq!(f.take_min_rtt(), Some(ms(40)));
+        assert_eq!(f.take_min_rtt(), None);
         // The packet id is reused for the third publish once free.
         f.written(1, t0 + ms(200));
         assert!(f.acked(1, t0 + ms(201)));
+        assert_eq!(f.take_min_rtt(), Some(ms(1)));
         assert_eq!(f.stats().acked_bytes, 600);
         assert_eq!(f.stats().in_flight, 0);
         // A write event without a queued publish (cannot happen) changes nothing.

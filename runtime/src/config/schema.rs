@@ -648,7 +648,7 @@ impl SyncModeSetting {
 }
 
 /// `[sync]`: how data is shipped.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncSection {
     /// `auto` (follow the link class) or a fixed mode.
@@ -668,6 +668,20 @@ pub struct SyncSection {
 
 fn d_true() -> bool {
     true
+}
+
+// Written out, not derived: a config without a `[sync]` table gets this, and a derived
+// `Default` would turn backfill off (the field's serde default applies only inside the
+// table).
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            mode: SyncModeSetting::default(),
+            backfill: d_true(),
+            delta: DeltaSection::default(),
+            summary: SummarySection::default(),
+        }
+    }
 }
 
 /// A deadband: how far a number must move from the last sent value to be sent again.

@@ -648,3 +648,19 @@ fn topic_prefixes_are_checked() {
         assert!(topic_prefix_problem(bad).is_some(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_config_without_sync_section_backfills() {
+    let text = "[gateway]\nid = \"gw-1\"\ndata_dir = \"/tmp/x\"\n";
+    let c = parse_ref(text).unwrap().strict().unwrap();
+    assert!(
+        c.sync.backfill,
+        "backfill defaults to on without a [sync] table"
+    );
+    assert_eq!(c.sync.mode, SyncModeSetting::default());
+    let with = parse_ref(&format!("{text}[sync]\n"))
+        .unwrap()
+        .strict()
+        .unwrap();
+    assert!(with.sync.backfill, "and with an empty one");
+}
