@@ -1095,7 +1095,7 @@ mod tests {
             let d = p.delay(attempt, unit);
             prop_assert!(d <= base);
             prop_assert!(base <= p.max);
-            prop_assert!(d >= base.mul_f64(1.0 - jitter) - Duration::from_nanos(1));
+            prop_assert!(d >= base.mul_f64(1.0 - jitter).saturating_sub(Duration::from_nanos(1)));
             prop_assert!(p.base_delay(attempt.saturating_add(1)) >= base);
         }
     }
