@@ -35,8 +35,9 @@ pub const IDLE_AFTER: Duration = Duration::from_secs(2);
 /// What the sync actor saw on the uplink.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LinkEvent {
-    /// A connection to the hub came up after a handshake of this long.
-    Connected { handshake: Duration },
+    /// A connection to the hub came up after a handshake of this long; `probes`: the
+    /// transport can carry throughput probes (QUIC pings; not MQTT).
+    Connected { handshake: Duration, probes: bool },
     /// A connection attempt failed or timed out (a probe without answer).
     ConnectFailed,
     /// The connection went down.
@@ -111,6 +112,8 @@ pub struct Monitor {
     last_backlogged: Option<Instant>,
     probe_running: bool,
     connected: bool,
+    /// The current connection can carry throughput probes.
+    can_probe: bool,
 }
 
 impl Monitor {
@@ -122,6 +125,7 @@ impl Monitor {
             last_backlogged: None,
             probe_running: false,
             connected: false,
+            can_probe: false,
         }
     }
 
@@ -136,8 +140,9 @@ impl Monitor {
     pub fn on_event(&mut self, at: Instant, e: LinkEvent) {
         let est = &mut self.estimator;
         match e {
-            LinkEvent::Connected { handshake } => {
+            LinkEvent::Connected { handshake, probes } => {
                 self.connected = true;
+                self.can_probe = probes;
                 est.reset_in_flight();
                 est.on_probe_answered(at, handshake);
             }
@@ -177,7 +182,7 @@ impl Monitor {
 
     /// A throughput probe to start now (its byte size), if one is due and affordable.
     pub fn probe_due(&mut self, now: Instant) -> Option<u64> {
-        if self.probe_running || !self.connected {
+        if self.probe_running || !self.connected || !self.can_probe {
             return None;
         }
         let class = self.classifier.class();
@@ -362,7 +367,13 @@ mod tests {
         let cfg = LinkSection::default();
         let t0 = Instant::now();
         let mut m = Monitor::new(&cfg, LinkClass::Broadband, t0);
-        m.on_event(t0, LinkEvent::Connected { handshake: ms(30) });
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(30),
+                probes: true,
+            },
+        );
         // A working link: deliveries at ~20 Mbit/s.
         let mut t = t0;
         for _ in 0..40 {
@@ -408,7 +419,13 @@ mod tests {
         let t0 = Instant::now();
         let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
         assert_eq!(m.probe_due(t0), None, "not connected");
-        m.on_event(t0, LinkEvent::Connected { handshake: ms(60) });
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(60),
+                probes: true,
+            },
+        );
         m.on_event(
             t0,
             LinkEvent::Sent {
@@ -428,7 +445,29 @@ mod tests {
 
         cfg.probe_budget_per_hour.0 = 1_000;
         let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
-        m.on_event(t0, LinkEvent::Connected { handshake: ms(60) });
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(60),
+                probes: true,
+            },
+        );
         assert_eq!(m.probe_due(t0 + IDLE_AFTER), None, "over budget");
+
+        // A transport that cannot carry probes (MQTT) is never asked for one.
+        let cfg = LinkSection::default();
+        let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(60),
+                probes: false,
+            },
+        );
+        assert_eq!(
+            m.probe_due(t0 + IDLE_AFTER + ms(100)),
+            None,
+            "no probes over MQTT"
+        );
     }
 }

@@ -238,7 +238,8 @@ pub async fn run(ctx: SyncContext) -> Result<(), String> {
         let started = Instant::now();
         match transport.connect().await {
             Ok((conn, handshake)) => {
-                ctx.link.report(LinkEvent::Connected { handshake });
+                let probes = matches!(conn, Connection::Quic(_));
+                ctx.link.report(LinkEvent::Connected { handshake, probes });
                 c.connects.inc();
                 c.connected.set(1);
                 tracing::info!(%hub, "connected to the hub");
