@@ -47,11 +47,14 @@ fi
 # flap_storm (200 outages of 1-5 s, ~13 min, mostly waiting) runs beside the rest of the
 # suite instead of after it, so the whole run takes as long as the longest of the two.
 echo "== cargo test --workspace --no-run"
-cargo test --workspace --locked --no-run
+build_log=$(mktemp)
+cargo test --workspace --locked --no-run 2>&1 | tee "$build_log"
+# The binary the workspace build made (a `-p outpost-hil` build could unify features
+# differently and compile it again).
+flap_bin=$(sed -n 's/.*Executable tests\/flap_storm.rs (\(.*\))/\1/p' "$build_log" | tail -1)
+rm -f "$build_log"
 flap_log=$(mktemp)
 echo "== flap_storm in the background (log: $flap_log)"
-flap_bin=$(cargo test --locked -p outpost-hil --test flap_storm --no-run 2>&1 \
-  | sed -n 's/.*Executable tests\/flap_storm.rs (\(.*\))/\1/p' | tail -1)
 if [ -z "$flap_bin" ]; then
   echo "error: cannot find the flap_storm test binary" >&2
   exit 1
