@@ -31,9 +31,9 @@ impl Pki {
     }
 }
 
-/// A hub config (TOML) for a hub listening on `listen` with its state in `data_dir`.
-pub fn hub_config(pki: &Pki, data_dir: &Path, listen: &str) -> HubConfig {
-    let text = format!(
+/// The hub config text: listening on `listen`, state in `data_dir`, metrics off.
+fn hub_toml(pki: &Pki, data_dir: &Path, listen: &str) -> String {
+    format!(
         r#"
 [hub]
 listen = "{listen}"
@@ -48,7 +48,12 @@ enabled = false
         ca = pki.bundle.ca_cert.display(),
         cert = pki.bundle.hub_cert.display(),
         key = pki.bundle.hub_key.display(),
-    );
+    )
+}
+
+/// A hub config (TOML) for a hub listening on `listen` with its state in `data_dir`.
+pub fn hub_config(pki: &Pki, data_dir: &Path, listen: &str) -> HubConfig {
+    let text = hub_toml(pki, data_dir, listen);
     config::parse_hub(&text, Path::new("hub.toml"), Path::new("/")).expect("hub config")
 }
 
@@ -57,25 +62,14 @@ enabled = false
 /// reconnecting within half a second.
 pub fn mqtt_ingress_hub_config(pki: &Pki, data_dir: &Path, broker: &str) -> HubConfig {
     let text = format!(
-        r#"
-[hub]
-listen = "127.0.0.1:0"
-data_dir = "{data}"
-ca = "{ca}"
-cert = "{cert}"
-key = {{ file = "{key}" }}
-[metrics]
-enabled = false
+        r#"{base}
 [mqtt_ingress]
 broker = "{broker}"
 client_id = "outpost-hub-ingress-test"
 keep_alive = "2s"
 reconnect = {{ initial = "50ms", max = "500ms" }}
 "#,
-        data = data_dir.display(),
-        ca = pki.bundle.ca_cert.display(),
-        cert = pki.bundle.hub_cert.display(),
-        key = pki.bundle.hub_key.display(),
+        base = hub_toml(pki, data_dir, "127.0.0.1:0"),
     );
     config::parse_hub(&text, Path::new("hub.toml"), Path::new("/")).expect("hub config")
 }

@@ -297,6 +297,45 @@ pub fn ranges(v: &[i64]) -> Vec<std::ops::RangeInclusive<i64>> {
     out
 }
 
+/// Warm-up of a gateway whose MQTT devices read `(device, topic)` pairs from the broker on
+/// `broker_port`: publishes a probe reading (counter −1) on every topic until each device
+/// has stored one (its `outpost_stream_samples_total` is at least 1), so the subscriptions
+/// are in place before the first counted reading. Panics after `within`.
+pub async fn warm_up(
+    metrics: SocketAddr,
+    broker_port: u16,
+    devices: &[(String, &'static str)],
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let m = scrape(metrics).await.unwrap_or_else(|e| panic!("{e}"));
+        let ready = devices
+            .iter()
+            .all(|(d, _)| m.value("outpost_stream_samples_total", &[("device", d)]) >= 1.0);
+        if ready {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the MQTT devices did not store a probe reading within {within:?}"
+        );
+        for &(_, topic) in devices {
+            tokio::task::spawn_blocking(move || {
+                crate::peers::mosquitto::publish_bytes(
+                    broker_port,
+                    topic,
+                    1,
+                    br#"{"n":-1,"ts":1700000000000}"#,
+                )
+            })
+            .await
+            .unwrap_or_else(|e| panic!("publishing a probe reading: {e}"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use outpost_actors::gateway::Gateway;
 use outpost_hil::emulator::{Emulator, Phase, Schedule};
 use outpost_hil::harness::{self, Pki};
 use outpost_hil::observe::{self, Tally};
-use outpost_hil::peers::mosquitto::{self, Mosquitto};
+use outpost_hil::peers::mosquitto::Mosquitto;
 use outpost_hil::traffic::{PacedPublisher, reading_device_toml};
 use outpost_runtime::metrics::Metrics as Registry;
 use tokio::time::Instant;
@@ -134,30 +134,17 @@ async fn two_hundred_short_outages_lose_and_duplicate_nothing() {
 
     // Warm-up: a probe reading (counter -1) per topic until each device stored one, so the
     // subscriptions are in place before reading 0.
-    loop {
-        let m = observe::scrape(maddr)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        if STREAMS
-            .iter()
-            .all(|s| m.value("outpost_stream_samples_total", &[("device", s.device)]) >= 1.0)
-        {
-            break;
-        }
-        assert!(
-            t0.elapsed() < WARM_UP,
-            "the MQTT devices did not store a probe within the warm-up ({WARM_UP:?})"
-        );
-        for s in &STREAMS {
-            let (port, topic) = (broker.port(), s.topic);
-            tokio::task::spawn_blocking(move || {
-                mosquitto::publish_bytes(port, topic, 1, br#"{"n":-1,"ts":1700000000000}"#)
-            })
-            .await
-            .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let warm: Vec<(String, &'static str)> = STREAMS
+        .iter()
+        .map(|s| (s.device.to_string(), s.topic))
+        .collect();
+    observe::warm_up(
+        maddr,
+        broker.port(),
+        &warm,
+        WARM_UP.saturating_sub(t0.elapsed()),
+    )
+    .await;
 
     let pub_start = Instant::now();
     let publishers: Vec<PacedPublisher> = STREAMS

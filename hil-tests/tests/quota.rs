@@ -44,7 +44,7 @@ use outpost_actors::gateway::Gateway;
 use outpost_hil::emulator::{Emulator, Phase, Schedule};
 use outpost_hil::harness::{self, Pki};
 use outpost_hil::observe::{self, LogCapture, Metrics, Tally};
-use outpost_hil::peers::mosquitto::{self, Mosquitto};
+use outpost_hil::peers::mosquitto::Mosquitto;
 use outpost_hil::traffic::{PacedPublisher, reading_device_toml};
 use outpost_runtime::metrics::Metrics as Registry;
 use tokio::time::Instant;
@@ -188,33 +188,9 @@ async fn small_quota_through_a_long_outage_evicts_bulk_then_oldest_normal_never_
 
     // Warm-up: a probe reading (counter -1) on each topic until each device has stored one,
     // so the subscriptions are in place before reading 0 is published.
-    let warm_deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = scrape(maddr).await;
-        let ready = CLASSES.iter().all(|c| {
-            m.value(
-                "outpost_stream_samples_total",
-                &[("device", &device_name(c))],
-            ) >= 1.0
-        });
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < warm_deadline,
-            "the MQTT devices did not store a probe within 20 s"
-        );
-        for c in CLASSES {
-            let port = broker.port();
-            let topic = c.topic;
-            tokio::task::spawn_blocking(move || {
-                mosquitto::publish_bytes(port, topic, 1, br#"{"n":-1,"ts":1700000000000}"#)
-            })
-            .await
-            .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let warm: Vec<(String, &'static str)> =
+        CLASSES.iter().map(|c| (device_name(c), c.topic)).collect();
+    observe::warm_up(maddr, broker.port(), &warm, Duration::from_secs(20)).await;
     let lead = outage_start.saturating_duration_since(Instant::now());
     assert!(
         lead >= Duration::from_secs(6),

@@ -26,7 +26,7 @@ use outpost_actors::gateway::Gateway;
 use outpost_actors::hub::Hub;
 use outpost_hil::harness::{self, Pki};
 use outpost_hil::observe::{self, Metrics, Tally};
-use outpost_hil::peers::mosquitto::{self, Mosquitto};
+use outpost_hil::peers::mosquitto::Mosquitto;
 use outpost_hil::traffic::{PacedPublisher, reading_device_toml};
 use outpost_protocols::uplink::mqtt::{MqttUplinkOptions, MqttUplinkSession};
 use outpost_runtime::metrics::Metrics as Registry;
@@ -118,32 +118,9 @@ async fn start_gateway(
         .await
         .expect("the gateway starts with transport = \"mqtt\"");
     let maddr = gw.metrics_addr().expect("metrics endpoint enabled");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = scrape(maddr).await;
-        let ready = DEVICES.iter().all(|d| {
-            m.value(
-                "outpost_stream_samples_total",
-                &[("device", &device_name(d))],
-            ) >= 1.0
-        });
-        if ready {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the MQTT devices did not store a probe reading within 20 s"
-        );
-        for d in DEVICES {
-            let (port, topic) = (site.port(), d.topic);
-            tokio::task::spawn_blocking(move || {
-                mosquitto::publish_bytes(port, topic, 1, br#"{"n":-1,"ts":1700000000000}"#)
-            })
-            .await
-            .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let warm: Vec<(String, &'static str)> =
+        DEVICES.iter().map(|d| (device_name(d), d.topic)).collect();
+    observe::warm_up(maddr, site.port(), &warm, Duration::from_secs(20)).await;
     (gw, maddr)
 }
 
