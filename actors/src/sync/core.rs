@@ -301,16 +301,14 @@ impl SyncCore {
                 });
             }
         }
-        {
-            for lane in BACKFILL {
-                let c = lane.class() as usize;
-                if self.backfill_wanted(c) && self.lanes[lane.index()].is_empty() {
-                    out.push(ScanRequest {
-                        lane,
-                        after: self.back[c],
-                        limit,
-                    });
-                }
+        for lane in BACKFILL {
+            let c = lane.class() as usize;
+            if self.backfill_wanted(c) && self.lanes[lane.index()].is_empty() {
+                out.push(ScanRequest {
+                    lane,
+                    after: self.back[c],
+                    limit,
+                });
             }
         }
         out
