@@ -149,12 +149,17 @@ fn check(found: &Found, h: &mut History) -> Result<(), String> {
         }
     }
     // Presence: after `durable P`, batches ≤ P - WINDOW were removed durably and
-    // (P - WINDOW, P] are stored. Past P at most batch P + 1 (appended, not yet durable) and,
-    // with it, the removal of batch P + 1 - WINDOW may have survived.
+    // (P - WINDOW, P] are stored. Past P, a batch appended but killed before its durable
+    // point was printed may have survived, with the removal that went with it; the next
+    // writer resumes after the highest batch it finds, so rounds killed before printing
+    // anything may each leave one more: the highest batch allowed is one past the highest
+    // of P and every batch seen on disk before.
     let present: BTreeSet<u64> = found.keys().copied().collect();
+    let seen_top = h.batches.last().copied();
+    let top = h.printed.max(seen_top).map_or(0, |t| t + 1);
     match h.printed {
         None => {
-            if present.iter().any(|b| *b > 0) {
+            if present.iter().any(|b| *b > top) {
                 return Err(format!(
                     "nothing was durable yet, found batches {present:?}"
                 ));
@@ -162,11 +167,16 @@ fn check(found: &Found, h: &mut History) -> Result<(), String> {
         }
         Some(p) => {
             let lo = (p + 1).saturating_sub(WINDOW);
-            let allowed: BTreeSet<u64> = (lo..=p + 1).collect();
-            let mut required: BTreeSet<u64> = (lo..=p).collect();
-            if present.contains(&(p + 1)) {
-                required.remove(&lo);
-            }
+            let allowed: BTreeSet<u64> = (lo..=top).collect();
+            // Appending batch `n` removes the batches ≤ n - WINDOW: the highest batch
+            // present may have taken some of (lo, p] with it.
+            let removed_upto = present
+                .last()
+                .filter(|&&hi| hi > p)
+                .and_then(|hi| (hi + 1).checked_sub(WINDOW));
+            let required: BTreeSet<u64> = (lo..=p)
+                .filter(|b| removed_upto.is_none_or(|r| *b >= r))
+                .collect();
             let missing: Vec<_> = required.difference(&present).collect();
             if !missing.is_empty() {
                 return Err(format!(
