@@ -121,18 +121,11 @@ impl MqttIngressOptions {
         if let Some(p) = outpost_runtime::config::topic_prefix_problem(&cfg.topic_prefix) {
             return Err(p);
         }
-        let password = match &cfg.password {
-            Some(s) => Some(
-                s.resolve_string()
-                    .map_err(|e| format!("cannot read the MQTT password: {e}"))?,
-            ),
-            None => None,
-        };
-        let credentials = match (&cfg.username, password) {
-            (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
-            (None, Some(p)) => Some((String::new(), p)),
-            (None, None) => None,
-        };
+        let credentials = outpost_protocols::mqtt::source::credentials(
+            cfg.username.as_deref(),
+            cfg.password.as_ref(),
+        )
+        .map_err(|e| format!("cannot read the MQTT password: {e}"))?;
         let tls = match &cfg.tls {
             Some(t) => Some(
                 outpost_protocols::mqtt::source::tls_client_config(t, &host)

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use outpost_runtime::config::types::SecretError;
+use outpost_runtime::config::types::{Secret, SecretError};
 use outpost_runtime::config::{MqttDeviceConfig, MqttVersion, TlsClientConfig};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
 use rumqttc::v5::mqttbytes::v5 as p5;
@@ -104,6 +104,20 @@ impl std::fmt::Debug for SourceOptions {
     }
 }
 
+/// The MQTT credentials of a config section: the user name with its password read from
+/// its secret (empty when absent); a password alone goes with an empty user name.
+pub fn credentials(
+    username: Option<&str>,
+    password: Option<&Secret>,
+) -> Result<Option<(String, String)>, SecretError> {
+    let password = password.map(Secret::resolve_string).transpose()?;
+    Ok(match (username, password) {
+        (Some(u), p) => Some((u.to_owned(), p.unwrap_or_default())),
+        (None, Some(p)) => Some((String::new(), p)),
+        (None, None) => None,
+    })
+}
+
 impl SourceOptions {
     /// Resolves a device's config: default client id `outpost-<gateway>-<device>`,
     /// password and key read from their secrets, TLS built with the ring provider.
@@ -120,15 +134,8 @@ impl SourceOptions {
         if client_id.is_empty() {
             return Err(SourceError::EmptyClientId);
         }
-        let password = match &cfg.password {
-            Some(s) => Some(s.resolve_string().map_err(SourceError::Password)?),
-            None => None,
-        };
-        let credentials = match (&cfg.username, password) {
-            (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
-            (None, Some(p)) => Some((String::new(), p)),
-            (None, None) => None,
-        };
+        let credentials = credentials(cfg.username.as_deref(), cfg.password.as_ref())
+            .map_err(SourceError::Password)?;
         let tls = match &cfg.tls {
             Some(t) => Some(tls_client_config(t, &host)?),
             None => None,

@@ -349,18 +349,12 @@ impl MqttUplinkOptions {
             o.client_id = id.clone();
         }
         o.topic_prefix = cfg.topic_prefix.clone();
-        let password = match &cfg.password {
-            Some(s) => Some(s.resolve_string().map_err(|e| MqttUplinkError::Secret {
-                what: "the MQTT password",
-                detail: e.to_string(),
-            })?),
-            None => None,
-        };
-        o.credentials = match (&cfg.username, password) {
-            (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
-            (None, Some(p)) => Some((String::new(), p)),
-            (None, None) => None,
-        };
+        o.credentials =
+            crate::mqtt::source::credentials(cfg.username.as_deref(), cfg.password.as_ref())
+                .map_err(|e| MqttUplinkError::Secret {
+                    what: "the MQTT password",
+                    detail: e.to_string(),
+                })?;
         if let Some(t) = &cfg.tls {
             o.tls = Some(
                 crate::mqtt::source::tls_client_config(t, &host)
