@@ -245,14 +245,6 @@ impl SyncCore {
         self.in_flight.len() >= self.cfg.window
     }
 
-    /// Whether records are read and waiting to be sent as fast as the link takes them: the
-    /// sender is backlogged. The gentle backfill of delta and summary modes does not count
-    /// (it deliberately leaves the link mostly idle, so its rate proves nothing).
-    pub fn has_buffered(&self) -> bool {
-        let n = if self.full_mode() { 6 } else { 4 };
-        self.lanes[..n].iter().any(|l| !l.is_empty())
-    }
-
     /// Whether held records may be waiting for backfill in this mode.
     pub fn backfill_pending(&self) -> bool {
         BACKFILL
@@ -464,15 +456,18 @@ impl SyncCore {
 
     /// The frame of `lane` carrying `seqs` was sent as `bytes` bytes: they are in flight.
     pub fn commit(&mut self, lane: Lane, seqs: &[Seq], bytes: usize) {
-        let share = bytes as u64 / seqs.len().max(1) as u64;
+        // The frame's bytes spread over its samples, the remainder on the first ones, so
+        // that acknowledging all of them gives back exactly the bytes sent.
+        let n = seqs.len().max(1) as u64;
+        let (share, extra) = (bytes as u64 / n, bytes as u64 % n);
         let class = lane.class();
         let backfill = matches!(lane, Lane::Backfill(_));
-        for &s in seqs {
+        for (i, &s) in seqs.iter().enumerate() {
             let old = self.in_flight.insert(
                 s,
                 InFlightEntry {
                     class,
-                    bytes: share,
+                    bytes: share + u64::from((i as u64) < extra),
                     backfill,
                 },
             );

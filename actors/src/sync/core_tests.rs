@@ -127,6 +127,29 @@ fn the_window_bounds_what_is_in_flight() {
 }
 
 #[test]
+fn acknowledging_a_frame_gives_back_exactly_the_bytes_it_was_sent_with() {
+    // The link estimator's bytes in flight are sums of these: a remainder lost per frame
+    // would make them grow without bound.
+    let mut ob = Outbox::default();
+    for i in 0..7 {
+        ob.add(Priority::Normal, "s/a", i, i as f64);
+    }
+    let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+    for req in core.scans() {
+        let recs: Vec<(Seq, Sample)> = ob.recs.iter().map(|((_, s), x)| (*s, x.clone())).collect();
+        let upto = recs.last().map(|r| r.0);
+        core.fill(&req, recs, upto);
+    }
+    let f = core.next_frame().expect("a frame");
+    assert_eq!(f.seqs.len(), 7);
+    core.commit(f.lane, &f.seqs, 1_003);
+    let (first, b1) = core.acked(&Ack::from_seqs("gw", f.seqs[..3].iter().copied()));
+    let (rest, b2) = core.acked(&Ack::from_seqs("gw", f.seqs[3..].iter().copied()));
+    assert_eq!(first.len() + rest.len(), 7);
+    assert_eq!(b1 + b2, 1_003);
+}
+
+#[test]
 fn delta_holds_what_the_deadband_skips_and_full_mode_backfills_it() {
     let mut ob = Outbox::default();
     let mut core = SyncCore::new(cfg(), SyncMode::Delta).unwrap();
@@ -399,7 +422,7 @@ fn reduced_modes_backfill_the_outage_backlog_one_frame_at_a_time_but_not_their_o
         assert_eq!(back.len(), 1, "{mode:?}: one backfill frame in flight");
         assert!(back[0].seqs.iter().all(|&s| s < 35));
         assert!(
-            !core.has_buffered(),
+            !core.window_full(),
             "{mode:?}: gentle backfill is not a backlog"
         );
         let mut got = seqs(&frames);

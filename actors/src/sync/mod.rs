@@ -419,7 +419,9 @@ async fn send_frame(
             }
             Counters::split(&ctx.metrics, parts.len());
             Counters::sent(&ctx.metrics, mode, lane.label(), n, bytes);
-            let backlogged = core.window_full() || core.has_buffered();
+            // Backlogged: what is left waits for acknowledgements. (Frames still to come in
+            // this burst do not count: they go out at once, the link is not holding them.)
+            let backlogged = core.window_full();
             ctx.link.report(LinkEvent::Sent {
                 bytes: bytes as u64,
                 backlogged,
