@@ -334,6 +334,20 @@ impl ProbeBudget {
         self.tokens = (self.tokens + dt * self.per_hour as f64 / 3_600.0).min(self.capacity);
     }
 
+    /// Lets the bucket hold at least two probes of `bytes` (the largest the monitor asks
+    /// for, with room for the smaller one that often comes before it), as far as the hourly
+    /// budget goes: a tenth of the budget may be less than the probe that proves fiber
+    /// (SPEC §2's 100 Mbit/s for 200 ms is 3.5 MB, the default budget's tenth 2 MB), which
+    /// then could never run. Starts full.
+    pub fn holding(mut self, bytes: u64) -> Self {
+        let want = bytes.saturating_mul(2).min(self.per_hour) as f64;
+        if want > self.capacity {
+            self.capacity = want;
+            self.tokens = want;
+        }
+        self
+    }
+
     /// Bytes a probe may use now.
     pub fn available(&mut self, now: Instant) -> u64 {
         self.refill(now);
@@ -685,6 +699,32 @@ mod tests {
         }
         assert!(total <= 22_000_000, "{total}");
         assert!(total >= 19_000_000, "{total}");
+    }
+
+    #[test]
+    fn the_default_budget_affords_the_probe_that_proves_fiber() {
+        let cfg = ClassifierConfig::default();
+        let s = LinkSection::default();
+        let fiber_probe = probe_bytes(&cfg, LinkClass::Broadband, ms(200)).unwrap();
+        let t0 = Instant::now();
+        let mut plain = ProbeBudget::new(s.probe_budget_per_hour.0, t0);
+        assert!(
+            plain.try_start(t0, fiber_probe, true).is_err(),
+            "a tenth of the budget is less than the probe"
+        );
+        let mut b = ProbeBudget::new(s.probe_budget_per_hour.0, t0).holding(fiber_probe);
+        assert_eq!(b.try_start(t0, fiber_probe, true), Ok(()));
+        assert_eq!(b.try_start(t0, fiber_probe, true), Ok(()), "two of them");
+        // …then one per refill: 3.5 MB of 20 MB an hour, one every 630 s.
+        let again = t0 + Duration::from_secs(600);
+        assert!(b.try_start(again, fiber_probe, true).is_err());
+        assert_eq!(
+            b.try_start(again + Duration::from_secs(40), fiber_probe, true),
+            Ok(())
+        );
+        // A budget smaller than the probe still refuses it.
+        let mut small = ProbeBudget::new(1_000_000, t0).holding(fiber_probe);
+        assert!(small.try_start(t0, fiber_probe, true).is_err());
     }
 
     #[test]

@@ -4,9 +4,16 @@
 //!
 //! - a **windowed-maximum delivery rate**, as BBR does: each time the hub acknowledges data,
 //!   a rate sample is taken over the last `rate_span` of acknowledgements (bytes delivered
-//!   since an earlier acknowledgement / time between them), and the estimate is the maximum
-//!   of the samples of the last `rate_window`;
-//! - a **windowed-minimum RTT** over `rtt_window`, from QUIC's RTT and from RTT probes;
+//!   since an earlier acknowledgement / time between them — but never faster than those
+//!   bytes were sent, so acknowledgements released in a bunch after a stall do not read as
+//!   a fast link), and the estimate is the maximum of the samples of the last
+//!   `rate_window`. The span is longer than a typical loss-recovery stall of the data
+//!   stream, so the burst of acknowledgements that ends one averages out;
+//! - a **windowed-minimum RTT** from QUIC's RTT and from RTT probes: over `rtt_window`
+//!   while the gateway's own traffic may be standing in the bottleneck queue (a backlogged
+//!   send or a throughput probe within that window), over the shorter `quiet_rtt_window`
+//!   otherwise — with no queue of its own, every RTT sample is the path's, and an RTT
+//!   increase (a route change, a satellite hop) shows within about a second;
 //! - a **loss rate** over `loss_window`, from QUIC's sent and lost packet counters;
 //! - **outages**: something was sent and nothing at all came back for
 //!   `max(outage_min, outage_rtt_factor × base RTT, current RTT)` (the base RTT is the
@@ -26,11 +33,22 @@
 //!
 //! - when the link falls below what the gateway offers, the gateway becomes backlogged and
 //!   the drop shows in real traffic at once;
+//! - a backlogged sender is not always limited by the link: the hub may acknowledge slowly
+//!   (a slow disk), or the gateway may not produce frames as fast as the link takes them
+//!   (a small CPU compressing a backlog). Then QUIC's congestion window is not full. A
+//!   sample counts as the link's only when it is at least [`CWND_FULL`] of the rate the
+//!   congestion window allows (`cwnd / RTT`, from the path statistics and the latest ping):
+//!   a link-limited sender is window-limited, and its delivery rate is what its window
+//!   carries per RTT;
 //! - when the link falls but still carries everything offered, nothing is lost by not
 //!   knowing at once; the estimate keeps its last value until a **throughput probe** (a short
 //!   burst sent as backlogged traffic while the uplink is idle, within the hourly byte budget
 //!   of [`super::ProbeBudget`]) refreshes it. With no fresh sample the last estimate is held:
-//!   absence of evidence never down-grades a link (outages aside).
+//!   absence of evidence never down-grades a link (outages aside). The probe's answers are
+//!   deliveries like the hub's acknowledgements: while its padding queues the link is busy,
+//!   and the samples of data and padding together are the link's rate (a link that slows
+//!   down under a long probe shows at once); its last window drains like any burst (a
+//!   bubble).
 //!
 //! Every method takes the current time as an argument: no clock is read, so tests are
 //! deterministic. Time must not go backwards; an earlier `now` is treated as the latest
@@ -41,6 +59,11 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::uplink::quic::PathStats;
 
+/// A backlogged delivery-rate sample is the link's only when it reaches this fraction of
+/// the rate QUIC's congestion window allows (`cwnd / RTT`); below, the window was not full
+/// and something else (the hub, the gateway's own CPU) set the pace.
+pub const CWND_FULL: f64 = 0.5;
+
 /// Tuning of [`LinkEstimator`]. The defaults aim at SPEC §2's targets: a down-grade seen
 /// within 2 s, no flapping under ±30 % rate jitter (with the classifier's margins).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,15 +71,22 @@ pub struct EstimatorConfig {
     /// Shortest span of acknowledgements a delivery-rate sample covers.
     pub rate_span: Duration,
     /// Longest span a sample may cover; a longer gap between acknowledgements (sender idle,
-    /// outage) yields no sample.
+    /// outage) yields no sample. A shorter one does: a backlogged sender that got nothing
+    /// delivered for a second — a link that just went to a 700 ms RTT, say — has measured a
+    /// low rate.
     pub max_rate_span: Duration,
     /// Window of the delivery-rate maximum filter. A rate drop is visible after about
     /// `rate_window + rate_span`.
     pub rate_window: Duration,
-    /// Window of the RTT minimum filter. Long enough to catch a trough of the sender's own
-    /// queue (a loss-based congestion controller keeps the bottleneck buffer full), so an
-    /// RTT *increase* is seen only after this long.
+    /// Window of the RTT minimum filter while the gateway's own traffic may queue at the
+    /// bottleneck (a backlogged send or a throughput probe within this window). Long enough
+    /// to catch a trough of that queue (a loss-based congestion controller keeps the
+    /// bottleneck buffer full), so an RTT *increase* is seen only after this long.
     pub rtt_window: Duration,
+    /// Window of the RTT minimum filter when the gateway has built no queue for
+    /// `rtt_window`: every sample is then the path's own RTT, and an increase is seen after
+    /// this long.
+    pub quiet_rtt_window: Duration,
     /// Window of the base (propagation) RTT used for the outage threshold: long, so a
     /// standing queue (bufferbloat) does not stretch outage detection.
     pub base_rtt_window: Duration,
@@ -74,10 +104,11 @@ pub struct EstimatorConfig {
 impl Default for EstimatorConfig {
     fn default() -> Self {
         Self {
-            rate_span: Duration::from_millis(250),
-            max_rate_span: Duration::from_millis(1_000),
-            rate_window: Duration::from_millis(1_000),
+            rate_span: Duration::from_millis(500),
+            max_rate_span: Duration::from_millis(2_000),
+            rate_window: Duration::from_millis(750),
             rtt_window: Duration::from_millis(4_000),
+            quiet_rtt_window: Duration::from_millis(1_000),
             base_rtt_window: Duration::from_millis(30_000),
             loss_window: Duration::from_millis(2_000),
             outage_min: Duration::from_millis(1_000),
@@ -122,6 +153,22 @@ struct AckPoint {
     delivered: u64,
     /// This acknowledgement delivered bytes sent while the sender was app-limited.
     app_limited: bool,
+    /// When the last byte it delivered was sent (bytes are taken as delivered in the order
+    /// they were sent), if known.
+    sent_at: Option<Instant>,
+}
+
+/// A throughput probe in flight.
+#[derive(Debug, Clone, Copy)]
+struct ProbeState {
+    /// Bytes delivered (data included) before it started.
+    delivered_before: u64,
+    /// Padding not yet answered.
+    remaining: u64,
+    /// The last window of padding is draining: nothing queues behind it any more.
+    tail: bool,
+    /// A delivery-rate sample was taken while it lasted.
+    sampled: bool,
 }
 
 /// A windowed extremum filter over timestamped values (monotone deque). When the window
@@ -172,6 +219,8 @@ impl<T: Copy + PartialOrd> WindowedExtremum<T> {
 
 /// Most acknowledgement points kept (bounds memory whatever the caller feeds).
 const MAX_ACK_POINTS: usize = 4_096;
+/// Most send points kept.
+const MAX_SEND_POINTS: usize = 8_192;
 /// Most answer times kept (at one per 50 ms path-statistics poll: 25 s).
 const MAX_HEARD_TIMES: usize = 512;
 /// Most path-statistics points kept for the loss window.
@@ -190,12 +239,30 @@ pub struct LinkEstimator {
     /// cumulative delivered count that ends the period.
     app_limited_until: Option<u64>,
     acks: VecDeque<AckPoint>,
+    /// Bytes sent so far, counted from the same origin as `delivered` (what was in flight
+    /// at a reset is forgotten).
+    sent: u64,
+    /// (time, `sent` after it) of recent sends, to time when acknowledged bytes were sent.
+    sends: VecDeque<(Instant, u64)>,
     /// (rate, app-limited) samples; the maximum by rate.
     rate_max: WindowedExtremum<(f64, bool)>,
 
+    /// QUIC's congestion window and smoothed RTT, from the latest path statistics of the
+    /// current connection.
+    cwnd: Option<(u64, Duration)>,
+    /// The latest RTT probe answer: when, and its RTT (queueing included).
+    last_probe_rtt: Option<(Instant, Duration)>,
+    /// The throughput probe in flight, if one is.
+    probing: Option<ProbeState>,
+
     // RTT.
     rtt_min: WindowedExtremum<Duration>,
+    /// The same over `quiet_rtt_window`.
+    rtt_recent: WindowedExtremum<Duration>,
     base_rtt: WindowedExtremum<Duration>,
+    /// Last time the gateway's own traffic could stand in the bottleneck queue (a
+    /// backlogged send, a throughput probe).
+    last_queue: Option<Instant>,
 
     // Loss: (time, cumulative sent packets, cumulative lost packets).
     loss_points: VecDeque<(Instant, u64, u64)>,
@@ -222,9 +289,16 @@ impl LinkEstimator {
             in_flight: 0,
             app_limited_until: None,
             acks: VecDeque::new(),
+            sent: 0,
+            sends: VecDeque::new(),
             rate_max: WindowedExtremum::default(),
+            cwnd: None,
+            last_probe_rtt: None,
+            probing: None,
             rtt_min: WindowedExtremum::default(),
+            rtt_recent: WindowedExtremum::default(),
             base_rtt: WindowedExtremum::default(),
+            last_queue: None,
             loss_points: VecDeque::new(),
             last_stats: None,
             last_heard: None,
@@ -247,7 +321,24 @@ impl LinkEstimator {
             _ => now,
         };
         self.now = Some(now);
+        self.rtt_min.expire(now, self.cfg.rtt_window);
+        self.rtt_recent.expire(now, self.cfg.quiet_rtt_window);
         now
+    }
+
+    /// The windowed-minimum RTT in force: over `quiet_rtt_window` when the gateway's own
+    /// traffic has built no queue for `rtt_window`, else over `rtt_window`.
+    fn rtt_now(&self) -> Option<Duration> {
+        let quiet = match (self.last_queue, self.now) {
+            (None, _) => true,
+            (Some(q), Some(now)) => now.saturating_duration_since(q) > self.cfg.rtt_window,
+            (Some(_), None) => false,
+        };
+        if quiet {
+            self.rtt_recent.best_or_held()
+        } else {
+            self.rtt_min.best_or_held()
+        }
     }
 
     fn heard(&mut self, now: Instant) {
@@ -281,7 +372,12 @@ impl LinkEstimator {
     pub fn on_sent(&mut self, now: Instant, bytes: u64, backlogged: bool) {
         let now = self.tick(now);
         self.in_flight = self.in_flight.saturating_add(bytes);
-        if !backlogged {
+        self.record_send(now, bytes);
+        if backlogged {
+            self.last_queue = Some(now);
+        } else if self.probing.is_none_or(|p| p.tail) {
+            // (While a throughput probe's padding queues, the link is kept busy whatever
+            // the data does.)
             // BBR's bubble: everything delivered until what is in flight now has arrived
             // was sent without a queue behind it.
             self.app_limited_until = Some(self.delivered.saturating_add(self.in_flight).max(1));
@@ -307,10 +403,13 @@ impl LinkEstimator {
         {
             self.app_limited_until = None;
         }
+        // When the last byte delivered now was sent: the first send that reached it.
+        let i = self.sends.partition_point(|&(_, cum)| cum < self.delivered);
         let point = AckPoint {
             at: now,
             delivered: self.delivered,
             app_limited,
+            sent_at: self.sends.get(i).map(|&(t, _)| t),
         };
         // Reference: the latest earlier acknowledgement at least `rate_span` old.
         let reference = self
@@ -328,15 +427,29 @@ impl LinkEstimator {
                 // sample's span: then a queue stood in front of it the whole time (the link
                 // dropped below what the gateway offers) and the sample is the link's rate.
                 let queued = self.in_flight >= bytes;
-                let limited = !queued
-                    && (app_limited
-                        || self
-                            .acks
-                            .iter()
-                            .filter(|p| p.at > r.at)
-                            .any(|p| p.app_limited));
-                let rate = bytes as f64 * 8.0 / span.as_secs_f64();
-                self.rate_sample(now, rate, limited, true);
+                // Never faster than those bytes were sent (as BBR does): acknowledgements
+                // that arrive in a bunch — a stream stalled behind a lost packet, then
+                // released at once — must not read as a fast link.
+                let send_span = match (point.sent_at, r.sent_at) {
+                    (Some(b), Some(a)) => b.saturating_duration_since(a),
+                    _ => Duration::ZERO,
+                };
+                let rate = bytes as f64 * 8.0 / span.max(send_span).as_secs_f64();
+                // …and only if the congestion window was full (else the hub or the gateway
+                // set the pace).
+                let window_full = self.cwnd_rate(now).is_none_or(|c| rate >= CWND_FULL * c);
+                let limited = !window_full
+                    || (!queued
+                        && (app_limited
+                            || self
+                                .acks
+                                .iter()
+                                .filter(|p| p.at > r.at)
+                                .any(|p| p.app_limited)));
+                if !limited && let Some(p) = &mut self.probing {
+                    p.sampled = true;
+                }
+                self.rate_sample(now, rate, limited, Some(span));
             }
         }
         self.acks.push_back(point);
@@ -352,36 +465,127 @@ impl LinkEstimator {
         while self.acks.len() > MAX_ACK_POINTS {
             self.acks.pop_front();
         }
+        // Send points before the oldest reference's bytes are no longer needed.
+        let oldest = self.acks.front().map_or(self.delivered, |p| p.delivered);
+        while self.sends.len() > 1 && self.sends[1].1 <= oldest {
+            self.sends.pop_front();
+        }
     }
 
-    /// A delivery-rate sample measured elsewhere: a throughput probe that moved `bytes` in
-    /// `duration` with the link kept busy. Ignored if `duration` is zero.
-    pub fn on_throughput_probe(&mut self, now: Instant, bytes: u64, duration: Duration) {
-        let now = self.tick(now);
-        if duration.is_zero() {
+    fn record_send(&mut self, now: Instant, bytes: u64) {
+        if bytes == 0 {
             return;
         }
-        self.heard(now);
-        let rate = bytes as f64 * 8.0 / duration.as_secs_f64();
-        self.rate_sample(now, rate, false, false);
+        self.sent = self.sent.saturating_add(bytes);
+        self.sends.push_back((now, self.sent));
+        while self.sends.len() > MAX_SEND_POINTS {
+            self.sends.pop_front();
+        }
     }
 
-    fn rate_sample(&mut self, now: Instant, rate: f64, app_limited: bool, rearm: bool) {
+    /// The rate QUIC's congestion window allows now, bits per second: `cwnd` over the
+    /// current RTT — the larger of QUIC's smoothed RTT and the latest ping's (the smoothed
+    /// one takes seconds to catch up with a queue that builds when the link slows down;
+    /// a ping queues behind the data at once). `None` without path statistics (MQTT).
+    fn cwnd_rate(&self, now: Instant) -> Option<f64> {
+        let (cwnd, srtt) = self.cwnd?;
+        let ping = self
+            .last_probe_rtt
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= self.cfg.rate_window)
+            .map_or(Duration::ZERO, |(_, r)| r);
+        let rtt = srtt.max(ping);
+        (!rtt.is_zero()).then(|| cwnd as f64 * 8.0 / rtt.as_secs_f64())
+    }
+
+    /// A throughput probe put `bytes` of padding on the link at once: a burst of backlogged
+    /// traffic. Its answers come back through [`Self::on_probe_delivered`] like the hub's
+    /// acknowledgements, so the delivery rate is sampled while it lasts (data and padding
+    /// together: the probe keeps the link busy, and a link that slows down under a long
+    /// probe shows at once); [`Self::on_probe_finished`] ends it.
+    pub fn on_probe_started(&mut self, now: Instant, bytes: u64) {
+        let now = self.tick(now);
+        self.probing = Some(ProbeState {
+            delivered_before: self.delivered,
+            remaining: bytes,
+            tail: false,
+            sampled: false,
+        });
+        self.last_queue = Some(now);
+        self.in_flight = self.in_flight.saturating_add(bytes);
+        self.record_send(now, bytes);
+        if bytes > 0 {
+            self.sent_something(now);
+        }
+    }
+
+    /// The hub answered `bytes` of the throughput probe's padding: a delivery. When what
+    /// is left of the padding fits in one congestion window, nothing queues behind it any
+    /// more and the link drains: from there on the samples are app-limited (BBR's
+    /// "bubble"), like after any send with nothing waiting.
+    pub fn on_probe_delivered(&mut self, now: Instant, bytes: u64) {
+        self.on_delivered(now, bytes);
+        let tail_bytes = self.cwnd.map_or(0, |(c, _)| c);
+        if let Some(p) = &mut self.probing {
+            p.remaining = p.remaining.saturating_sub(bytes);
+            if !p.tail && p.remaining <= tail_bytes {
+                p.tail = true;
+                self.app_limited_until = Some(self.delivered.saturating_add(self.in_flight).max(1));
+            }
+        }
+    }
+
+    /// The throughput probe's last answer came back; the padding took `duration` to cross
+    /// the link (the elapsed time less one RTT). A short probe (on a fast link) is over
+    /// before any span of answers is long enough to sample: it is one sample, of everything
+    /// delivered since it started. A longer one was sampled while it lasted, and its
+    /// average would mix a link that changed under it.
+    pub fn on_probe_finished(&mut self, now: Instant, duration: Duration) {
+        let now = self.tick(now);
+        let Some(ProbeState {
+            delivered_before: before,
+            sampled,
+            ..
+        }) = self.probing.take()
+        else {
+            return;
+        };
+        self.last_queue = Some(now);
+        if duration.is_zero() || sampled {
+            return;
+        }
+        let rate = self.delivered.saturating_sub(before) as f64 * 8.0 / duration.as_secs_f64();
+        self.rate_sample(now, rate, false, None);
+    }
+
+    /// The throughput probe ended without a result (the connection went down, or it was
+    /// given up).
+    pub fn on_probe_ended(&mut self, now: Instant) {
+        let now = self.tick(now);
+        if self.probing.take().is_some() {
+            self.last_queue = Some(now);
+        }
+    }
+
+    /// `span`: the time the sample covers, for samples of traffic; `None` for a short
+    /// throughput probe (a deliberate full-pipe measurement).
+    fn rate_sample(&mut self, now: Instant, rate: f64, app_limited: bool, span: Option<Duration>) {
         if !rate.is_finite() {
             return;
         }
         self.rate_max.expire(now, self.cfg.rate_window);
-        if rearm
+        if let Some(span) = span
+            && span < self.cfg.rate_window
             && !app_limited
             && self.rate_max.best().is_none()
             && let Some(held) = self.rate_max.held
             && rate < held.0
         {
-            // The first traffic sample after a quiet spell: the held estimate stands for
-            // one more window, so a lower rate needs a whole window of samples to replace
-            // it — the same evidence as when samples never stopped. (A throughput probe
-            // is a deliberate full-pipe measurement and counts at once.)
-            self.rate_max.push(now, held, |a, b| a.0 >= b.0);
+            // The first traffic sample after a quiet spell: the held estimate stands until
+            // the lower rate has been seen for a whole window (the sample's own span
+            // counts) — the same evidence as when samples never stopped. (A short
+            // throughput probe counts at once.)
+            let at = now.checked_sub(span).unwrap_or(now);
+            self.rate_max.push(at, held, |a, b| a.0 >= b.0);
         }
         if app_limited {
             // A lower bound only: it may raise the estimate, never lower it.
@@ -405,6 +609,7 @@ impl LinkEstimator {
             if new_connection {
                 // Counters restarted: a new connection; its handshake proves the path.
                 self.loss_points.clear();
+                self.cwnd = None;
                 if stats.bytes_received > 0 {
                     self.heard(now);
                 }
@@ -424,6 +629,7 @@ impl LinkEstimator {
         // readings taken before anything was received.
         if stats.bytes_received > 0 && !stats.rtt.is_zero() {
             self.rtt_sample(now, stats.rtt);
+            self.cwnd = Some((stats.cwnd, stats.rtt));
         }
         self.loss_points
             .push_back((now, stats.sent_packets, stats.lost_packets));
@@ -451,6 +657,7 @@ impl LinkEstimator {
     pub fn on_probe_answered(&mut self, now: Instant, rtt: Duration) {
         let now = self.tick(now);
         self.heard(now);
+        self.last_probe_rtt = Some((now, rtt));
         self.rtt_sample(now, rtt);
     }
 
@@ -487,6 +694,8 @@ impl LinkEstimator {
     fn rtt_sample(&mut self, now: Instant, rtt: Duration) {
         self.rtt_min.expire(now, self.cfg.rtt_window);
         self.rtt_min.push(now, rtt, |a, b| a <= b);
+        self.rtt_recent.expire(now, self.cfg.quiet_rtt_window);
+        self.rtt_recent.push(now, rtt, |a, b| a <= b);
         self.base_rtt.expire(now, self.cfg.base_rtt_window);
         self.base_rtt.push(now, rtt, |a, b| a <= b);
     }
@@ -495,7 +704,7 @@ impl LinkEstimator {
     /// `max(outage_min, outage_rtt_factor × windowed-minimum RTT)` (queueing included: a
     /// ping waits in the same queue as the data).
     pub fn probe_timeout(&self) -> Duration {
-        self.limit(self.rtt_min.best_or_held())
+        self.limit(self.rtt_now())
     }
 
     /// Silence (something outstanding, nothing received) that makes an outage:
@@ -511,15 +720,12 @@ impl LinkEstimator {
         if self.streaming() {
             return self.cfg.outage_min;
         }
-        let one_rtt = self.rtt_min.best_or_held().unwrap_or_default();
+        let one_rtt = self.rtt_now().unwrap_or_default();
         self.limit(self.base_rtt.best_or_held()).max(one_rtt)
     }
 
     fn streaming_span(&self) -> Duration {
-        self.rtt_min
-            .best_or_held()
-            .unwrap_or_default()
-            .max(self.cfg.outage_min)
+        self.rtt_now().unwrap_or_default().max(self.cfg.outage_min)
     }
 
     fn streaming(&self) -> bool {
@@ -566,6 +772,8 @@ impl LinkEstimator {
         self.in_flight = 0;
         self.app_limited_until = None;
         self.acks.clear();
+        self.sent = self.delivered;
+        self.sends.clear();
     }
 
     /// The estimate at `now`.
@@ -597,7 +805,7 @@ impl LinkEstimator {
             rate_bps: best.map(|r| r.0),
             rate_app_limited: best.is_some_and(|r| r.1),
             rate_fresh: fresh.is_some(),
-            rtt_min: self.rtt_min.best_or_held(),
+            rtt_min: self.rtt_now(),
             loss,
             outage_since: self.outage_since,
         }
@@ -610,6 +818,13 @@ mod tests {
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    /// A throughput probe of `bytes` that ends at `end` after `dur`, alone on the link.
+    fn probe(e: &mut LinkEstimator, end: Instant, bytes: u64, dur: Duration) {
+        e.on_probe_started(end - dur, bytes);
+        e.on_probe_delivered(end, bytes);
+        e.on_probe_finished(end, dur);
     }
 
     /// Feeds a backlogged sender over a link of `rate_bps` for `dur`, acknowledging
@@ -682,7 +897,7 @@ mod tests {
         let mut e = LinkEstimator::new(EstimatorConfig::default());
         let t1 = drive(&mut e, t0, ms(2_000), 20e6, true);
         let t2 = t1 + ms(5_000);
-        e.on_throughput_probe(t2, 100_000, ms(400));
+        probe(&mut e, t2, 100_000, ms(400));
         let est = e.estimate(t2);
         assert!(est.rate_fresh);
         assert!((est.rate_bps.unwrap() - 2e6).abs() < 1.0);
@@ -703,6 +918,61 @@ mod tests {
     }
 
     #[test]
+    fn acknowledgements_released_in_a_bunch_are_no_faster_than_their_sending() {
+        // 0.6 Mbit/s, backlogged; then a lost packet stalls the stream for 500 ms and its
+        // retransmission releases everything behind it at once.
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let chunk = 1_200u64;
+        let gap = ms(16);
+        let mut t = t0;
+        let mut stalled = 0u64;
+        for i in 0..300 {
+            e.on_sent(t, chunk, true);
+            let in_stall = (150..181).contains(&i);
+            if i == 165 {
+                // One frame from before the loss still completes mid-stall.
+                e.on_delivered(t + ms(80), chunk);
+            } else if in_stall {
+                stalled += chunk;
+            } else {
+                e.on_delivered(t + ms(80), chunk + stalled);
+                stalled = 0;
+            }
+            let r = e.estimate(t + ms(80)).rate_bps.unwrap_or(0.0);
+            assert!(r < 0.8e6, "at {i}: {r}");
+            t += gap;
+        }
+        let r = e.estimate(t).rate_bps.unwrap();
+        assert!((r - 0.6e6).abs() / 0.6e6 < 0.1, "{r}");
+    }
+
+    #[test]
+    fn a_backlogged_sender_that_hears_nothing_for_a_second_has_measured_a_slow_link() {
+        // 0.6 Mbit/s, then the link turns into a 0.3 Mbit/s satellite hop: nothing is
+        // acknowledged for 1.2 s (the new propagation delay, a loss recovered late), then
+        // acknowledgements come at 0.3 Mbit/s.
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        let chunk = 1_200u64;
+        let t_change = drive(&mut e, t0, ms(3_000), 0.6e6, true);
+        let mut t = t_change;
+        e.on_sent(t, 200_000, true);
+        t += ms(1_200);
+        let mut seen = None;
+        while t < t_change + ms(4_000) {
+            e.on_sent(t, chunk, true);
+            e.on_delivered(t, chunk);
+            if seen.is_none() && e.estimate(t).rate_bps.unwrap() < 0.4e6 {
+                seen = Some(t - t_change);
+            }
+            t += Duration::from_secs_f64(chunk as f64 * 8.0 / 0.3e6);
+        }
+        let seen = seen.expect("the slow link is seen");
+        assert!(seen <= ms(1_600), "after {seen:?}");
+    }
+
+    #[test]
     fn a_gap_in_acks_is_not_a_rate_sample() {
         let t0 = Instant::now();
         let mut e = LinkEstimator::new(EstimatorConfig::default());
@@ -720,15 +990,163 @@ mod tests {
     fn rtt_min_is_windowed() {
         let t0 = Instant::now();
         let mut e = LinkEstimator::new(EstimatorConfig::default());
+        // A backlogged sender: its own queue may inflate samples, the long window applies.
+        e.on_sent(t0, 1_000_000, true);
         e.on_probe_answered(t0, ms(10));
         e.on_probe_answered(t0 + ms(500), ms(30));
         assert_eq!(e.estimate(t0 + ms(600)).rtt_min, Some(ms(10)));
+        e.on_sent(t0 + ms(4_000), 1_000_000, true);
         // After the window, the 10 ms sample has expired.
         e.on_probe_answered(t0 + ms(4_400), ms(700));
         assert_eq!(e.estimate(t0 + ms(4_400)).rtt_min, Some(ms(30)));
         assert_eq!(e.estimate(t0 + ms(4_600)).rtt_min, Some(ms(700)));
         // With no sample at all, the last value is held.
         assert_eq!(e.estimate(t0 + ms(60_000)).rtt_min, Some(ms(700)));
+    }
+
+    #[test]
+    fn without_a_queue_of_its_own_an_rtt_increase_shows_within_the_quiet_window() {
+        let t0 = Instant::now();
+        let cfg = EstimatorConfig::default();
+        let mut e = LinkEstimator::new(cfg);
+        // App-limited traffic and pings every 200 ms: 10 ms, then the route changes to 40.
+        let mut t = t0;
+        while t < t0 + ms(3_000) {
+            e.on_sent(t, 2_000, false);
+            e.on_probe_answered(t, ms(10));
+            t += ms(200);
+        }
+        let change = t;
+        let mut seen = None;
+        while t < change + ms(3_000) {
+            e.on_sent(t, 2_000, false);
+            e.on_probe_answered(t, ms(40));
+            if seen.is_none() && e.estimate(t).rtt_min == Some(ms(40)) {
+                seen = Some(t - change);
+            }
+            t += ms(200);
+        }
+        let seen = seen.expect("the increase is seen");
+        assert!(seen <= cfg.quiet_rtt_window + ms(200), "after {seen:?}");
+
+        // The same with a backlogged sender: its queue could be what raised the samples,
+        // so the long window applies.
+        let mut e = LinkEstimator::new(cfg);
+        let mut t = t0;
+        while t < t0 + ms(3_000) {
+            e.on_sent(t, 2_000, true);
+            e.on_probe_answered(t, ms(10));
+            t += ms(200);
+        }
+        let change = t;
+        while t < change + ms(3_000) {
+            e.on_sent(t, 2_000, true);
+            e.on_probe_answered(t, ms(40));
+            assert_eq!(e.estimate(t).rtt_min, Some(ms(10)), "at {:?}", t - change);
+            t += ms(200);
+        }
+        // A throughput probe counts as a queue of its own too.
+        let mut e = LinkEstimator::new(cfg);
+        e.on_probe_answered(t0, ms(10));
+        e.on_probe_started(t0 + ms(100), 100_000);
+        e.on_probe_answered(t0 + ms(200), ms(60));
+        e.on_probe_delivered(t0 + ms(300), 100_000);
+        e.on_probe_finished(t0 + ms(300), ms(200));
+        assert_eq!(e.estimate(t0 + ms(1_500)).rtt_min, Some(ms(10)));
+    }
+
+    #[test]
+    fn a_backlogged_sender_below_its_congestion_window_is_not_the_links_rate() {
+        // The hub acknowledges slowly: 2 Mbit/s, while QUIC's window would carry
+        // 64 KB per 10 ms (52 Mbit/s). The gateway is backlogged, the link is not the limit.
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        probe(&mut e, t0, 1_250_000, ms(500)); // 20 Mbit/s measured
+        let mut st = stats(100, 0, 100_000, 50_000, ms(10));
+        st.cwnd = 64_000;
+        e.on_path_stats(t0, &st);
+        let t = drive(&mut e, t0 + ms(100), ms(3_000), 2e6, true);
+        let est = e.estimate(t);
+        assert_eq!(
+            est.rate_bps,
+            Some(20e6),
+            "a slow hub does not lower the estimate"
+        );
+
+        // The same rate with the window full (cwnd / srtt ≈ 2.4 Mbit/s): the link's.
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        probe(&mut e, t0, 1_250_000, ms(500));
+        let mut st = stats(100, 0, 100_000, 50_000, ms(100));
+        st.cwnd = 30_000;
+        e.on_path_stats(t0, &st);
+        let t = drive(&mut e, t0 + ms(100), ms(3_000), 2e6, true);
+        let est = e.estimate(t);
+        assert!(!est.rate_app_limited, "{est:?}");
+        let r = est.rate_bps.unwrap();
+        assert!((r - 2e6).abs() / 2e6 < 0.1, "{r}");
+    }
+
+    #[test]
+    fn a_probe_measures_data_and_padding_together_and_shows_a_drop_while_it_lasts() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        // 1 Mbit/s of app-limited data on an 8 Mbit/s link: a lower bound only.
+        let step = ms(10);
+        let data = 1_250u64; // per step: 1 Mbit/s
+        let mut t = t0;
+        while t < t0 + ms(2_000) {
+            e.on_sent(t, data, false);
+            e.on_delivered(t + ms(5), data);
+            t += step;
+        }
+        let est = e.estimate(t);
+        assert!(est.rate_app_limited, "{est:?}");
+        // A 3 MB probe: its 8 KB chunks are answered as the link carries them, beside the
+        // data (7 Mbit/s of padding).
+        e.on_probe_started(t, 3_000_000);
+        let mut padding = 0u64;
+        let mut chunk = 0u64;
+        let probe_start = t;
+        while t < probe_start + ms(1_500) {
+            e.on_sent(t, data, false);
+            e.on_delivered(t + ms(5), data);
+            padding += 8_750; // per step: 7 Mbit/s
+            while padding >= 8_192 {
+                padding -= 8_192;
+                chunk += 1;
+                e.on_probe_delivered(t + ms(5), 8_192);
+            }
+            t += step;
+        }
+        let est = e.estimate(t);
+        assert!(!est.rate_app_limited, "{est:?}");
+        let r = est.rate_bps.unwrap();
+        assert!(
+            (r - 8e6).abs() / 8e6 < 0.1,
+            "the link's rate during the probe: {r}"
+        );
+        // The link drops to 2 Mbit/s under the probe (1 of data, 1 of padding): it shows
+        // within a rate window, long before the probe ends.
+        let drop = t;
+        let mut seen = None;
+        while t < drop + ms(3_000) {
+            e.on_sent(t, data, false);
+            e.on_delivered(t + ms(5), data);
+            padding += 1_250;
+            while padding >= 8_192 {
+                padding -= 8_192;
+                chunk += 1;
+                e.on_probe_delivered(t + ms(5), 8_192);
+            }
+            t += step;
+            let r = e.estimate(t).rate_bps.unwrap();
+            if seen.is_none() && r < 2.5e6 {
+                seen = Some(t - drop);
+            }
+        }
+        let seen = seen.expect("the drop is seen during the probe");
+        assert!(seen <= ms(1_600), "after {seen:?}");
+        assert!(chunk * 8_192 < 3_000_000, "still probing");
     }
 
     fn stats(sent: u64, lost: u64, tx: u64, rx: u64, rtt: Duration) -> PathStats {
@@ -847,18 +1265,19 @@ mod tests {
     fn a_low_sample_after_a_quiet_spell_needs_a_whole_window() {
         let t0 = Instant::now();
         let mut e = LinkEstimator::new(EstimatorConfig::default());
-        e.on_throughput_probe(t0, 100_000, ms(200)); // 4 Mbit/s
+        probe(&mut e, t0, 100_000, ms(200)); // 4 Mbit/s
         // Quiet for 5 s: the estimate is held.
         let t1 = t0 + ms(5_000);
         assert_eq!(e.estimate(t1).rate_bps, Some(4e6));
         // Then a backlogged trickle at 0.4 Mbit/s.
         let mut t = t1;
         e.on_sent(t, 1_000_000, true);
+        let window = e.config().rate_window;
         for _ in 0..60 {
             t += ms(25);
             e.on_delivered(t, 1_250);
             let r = e.estimate(t).rate_bps.unwrap();
-            if t - t1 < ms(1_000) {
+            if t - t1 <= window {
                 assert_eq!(r, 4e6, "at {:?}", t - t1);
             }
         }

@@ -31,6 +31,15 @@ pub const EVENT_QUEUE: usize = 4_096;
 pub const PROBE_SPAN: Duration = Duration::from_millis(200);
 /// The uplink counts as idle after this long without a backlogged send.
 pub const IDLE_AFTER: Duration = Duration::from_secs(2);
+/// Least pause after a throughput probe before the next one; it doubles after each probe
+/// while the class stays the same (a link that has shown its rate need not be asked again
+/// and again), up to [`PROBE_GAP_MAX`], and starts over when the class changes.
+pub const PROBE_GAP_MIN: Duration = Duration::from_secs(2);
+/// Longest pause between throughput probes while the class stays the same.
+pub const PROBE_GAP_MAX: Duration = Duration::from_secs(60);
+/// A throughput probe not reported done or failed after this long is given up (the pinger
+/// gives up on its own well before; this only guards against a pinger that stopped).
+pub const PROBE_GIVE_UP: Duration = Duration::from_secs(10);
 
 /// What the sync actor saw on the uplink.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,8 +63,13 @@ pub enum LinkEvent {
     PingAnswered { rtt: Duration },
     /// A ping sent at `sent` got no answer in time ([`LinkHandle::probe_timeout`]).
     PingTimedOut { sent: Instant },
-    /// A throughput probe moved `bytes` in `duration` (one RTT already taken off).
-    ProbeDone { bytes: u64, duration: Duration },
+    /// A throughput probe put `bytes` of padding on the link.
+    ProbeStarted { bytes: u64 },
+    /// The hub answered a probe ping: its `bytes` of padding crossed the link.
+    ProbeDelivered { bytes: u64 },
+    /// The probe's last answer came back: its padding took `duration` to cross the link
+    /// (the elapsed time less one RTT).
+    ProbeDone { duration: Duration },
     /// A throughput probe reserved `bytes` and could not run (refund).
     ProbeFailed { bytes: u64 },
 }
@@ -110,7 +124,14 @@ pub struct Monitor {
     classifier: Classifier,
     budget: ProbeBudget,
     last_backlogged: Option<Instant>,
-    probe_running: bool,
+    /// Since when a throughput probe is running, if one is.
+    probe_running: Option<Instant>,
+    /// No throughput probe before this.
+    probe_not_before: Option<Instant>,
+    /// The pause after the next probe.
+    probe_gap: Duration,
+    /// The class the last probe was sized from (it was to prove the one above).
+    probe_basis: LinkClass,
     connected: bool,
     /// The current connection can carry throughput probes.
     can_probe: bool,
@@ -121,9 +142,13 @@ impl Monitor {
         Monitor {
             estimator: LinkEstimator::new(EstimatorConfig::default()),
             classifier: Classifier::new(ClassifierConfig::from_section(cfg), initial, now),
-            budget: ProbeBudget::new(cfg.probe_budget_per_hour.0, now),
+            budget: ProbeBudget::new(cfg.probe_budget_per_hour.0, now)
+                .holding(largest_probe(&ClassifierConfig::from_section(cfg))),
             last_backlogged: None,
-            probe_running: false,
+            probe_running: None,
+            probe_not_before: None,
+            probe_gap: PROBE_GAP_MIN,
+            probe_basis: initial,
             connected: false,
             can_probe: false,
         }
@@ -149,7 +174,8 @@ impl Monitor {
             LinkEvent::ConnectFailed => est.on_probe_timed_out(at, None),
             LinkEvent::Disconnected => {
                 self.connected = false;
-                self.probe_running = false;
+                self.probe_running = None;
+                est.on_probe_ended(at);
                 est.reset_in_flight();
             }
             LinkEvent::PathStats(s) => est.on_path_stats(at, &s),
@@ -163,26 +189,60 @@ impl Monitor {
             LinkEvent::PingSent => est.on_probe_sent(at),
             LinkEvent::PingAnswered { rtt } => est.on_probe_answered(at, rtt),
             LinkEvent::PingTimedOut { sent } => est.on_probe_timed_out(at, Some(sent)),
-            LinkEvent::ProbeDone { bytes, duration } => {
-                self.probe_running = false;
-                est.on_throughput_probe(at, bytes, duration);
+            LinkEvent::ProbeStarted { bytes } => est.on_probe_started(at, bytes),
+            LinkEvent::ProbeDelivered { bytes } => est.on_probe_delivered(at, bytes),
+            LinkEvent::ProbeDone { duration } => {
+                self.probe_running = None;
+                est.on_probe_finished(at, duration);
+                self.probe_pause(at);
             }
             LinkEvent::ProbeFailed { bytes } => {
-                self.probe_running = false;
+                self.probe_running = None;
+                est.on_probe_ended(at);
                 self.budget.refund(bytes);
             }
         }
     }
 
+    /// After a probe: a pause, unless it showed more than it was sized to prove (then the
+    /// next, larger probe is worth sending at once).
+    fn probe_pause(&mut self, now: Instant) {
+        let est = self.estimator.estimate(now);
+        let shown = self.classifier.config().evidence(&est, true);
+        if shown.is_some_and(|c| c < self.probe_basis) {
+            self.probe_not_before = None;
+            return;
+        }
+        self.probe_not_before = Some(now + self.probe_gap);
+        self.probe_gap = (self.probe_gap * 2).min(PROBE_GAP_MAX);
+    }
+
     /// Re-classifies; returns the change, if any.
     pub fn tick(&mut self, now: Instant) -> Option<ClassChange> {
+        if self
+            .probe_running
+            .is_some_and(|t| now.saturating_duration_since(t) >= PROBE_GIVE_UP)
+        {
+            self.probe_running = None;
+            self.estimator.on_probe_ended(now);
+        }
         let est = self.estimator.estimate(now);
-        self.classifier.update(now, &est)
+        let change = self.classifier.update(now, &est);
+        if change.is_some() {
+            // A new class: what it could be up-graded to is worth asking soon.
+            self.probe_gap = PROBE_GAP_MIN;
+            self.probe_not_before = None;
+        }
+        change
     }
 
     /// A throughput probe to start now (its byte size), if one is due and affordable.
     pub fn probe_due(&mut self, now: Instant) -> Option<u64> {
-        if self.probe_running || !self.connected || !self.can_probe {
+        if self.probe_running.is_some()
+            || !self.connected
+            || !self.can_probe
+            || self.probe_not_before.is_some_and(|t| now < t)
+        {
             return None;
         }
         let class = self.classifier.class();
@@ -195,11 +255,29 @@ impl Monitor {
             // is measuring it already.
             return None;
         }
-        let bytes = probe_bytes(self.classifier.config(), class, PROBE_SPAN)?;
+        // Sized to prove the class above what is known: the current class, or what the
+        // evidence already shows if that is better (after an outage a small first probe
+        // may show a fast link; the next one is sized to prove it).
+        let basis = self
+            .classifier
+            .config()
+            .evidence(&est, true)
+            .map_or(class, |e| e.min(class));
+        let bytes = probe_bytes(self.classifier.config(), basis, PROBE_SPAN)?;
         self.budget.try_start(now, bytes, idle).ok()?;
-        self.probe_running = true;
+        self.probe_running = Some(now);
+        self.probe_basis = basis;
         Some(bytes)
     }
+}
+
+/// The largest throughput probe the monitor asks for: the one that proves fiber.
+fn largest_probe(cfg: &ClassifierConfig) -> u64 {
+    LinkClass::ALL
+        .into_iter()
+        .filter_map(|c| probe_bytes(cfg, c, PROBE_SPAN))
+        .max()
+        .unwrap_or(0)
 }
 
 struct Gauges {
@@ -411,6 +489,108 @@ mod tests {
         assert_eq!(c.to, LinkClass::Intermittent);
         assert!(after <= Duration::from_secs(2), "detected after {after:?}");
         assert_eq!(m.probe_due(t), None, "no throughput probe during an outage");
+    }
+
+    #[test]
+    fn probes_back_off_while_the_class_stays_and_start_over_when_it_changes() {
+        let cfg = LinkSection::default();
+        let t0 = Instant::now();
+        let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(60),
+                probes: true,
+            },
+        );
+        // Each probe measures a mobile link (2 Mbit/s): no up-grade, longer pauses.
+        let mut t = t0;
+        let mut starts = Vec::new();
+        let mut probe_time = Duration::ZERO;
+        while t < t0 + Duration::from_secs(60) {
+            t += ms(50);
+            assert_eq!(m.tick(t), None);
+            if let Some(bytes) = m.probe_due(t) {
+                starts.push(t - t0);
+                m.on_event(t, LinkEvent::ProbeStarted { bytes });
+                let took = Duration::from_secs_f64(bytes as f64 * 8.0 / 2e6);
+                probe_time = took + ms(60);
+                t += probe_time;
+                m.on_event(t, LinkEvent::ProbeDelivered { bytes });
+                m.on_event(t, LinkEvent::ProbeDone { duration: took });
+                assert_eq!(m.tick(t), None, "a mobile link stays mobile");
+            }
+        }
+        // Pauses from one probe's end to the next one's start.
+        let gaps: Vec<f64> = starts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64() - probe_time.as_secs_f64())
+            .collect();
+        assert!(gaps.len() >= 3, "{starts:?}");
+        for w in gaps.windows(2) {
+            assert!(w[1] > 1.8 * w[0], "each pause about doubles: {gaps:?}");
+        }
+        assert!(gaps[0] >= PROBE_GAP_MIN.as_secs_f64(), "{gaps:?}");
+        // The link goes down and comes back: a new class, probes are due again at once.
+        let mut changed = false;
+        while !changed {
+            t += ms(50);
+            m.on_event(
+                t,
+                LinkEvent::PingTimedOut {
+                    sent: t - ms(2_000),
+                },
+            );
+            changed = m.tick(t).is_some();
+        }
+        m.on_event(
+            t,
+            LinkEvent::Connected {
+                handshake: ms(60),
+                probes: true,
+            },
+        );
+        t += ms(50);
+        assert!(m.probe_due(t).is_some(), "a new class is probed at once");
+    }
+
+    #[test]
+    fn a_probe_that_shows_a_faster_link_is_followed_by_one_sized_to_prove_it() {
+        let cfg = LinkSection::default();
+        let ccfg = ClassifierConfig::from_section(&cfg);
+        let t0 = Instant::now();
+        // Back from an outage: nothing known but that the link answers.
+        let mut m = Monitor::new(&cfg, LinkClass::Intermittent, t0);
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(10),
+                probes: true,
+            },
+        );
+        let t = t0 + ms(100);
+        let first = m.probe_due(t).expect("a probe after the outage");
+        assert_eq!(
+            Some(first),
+            probe_bytes(&ccfg, LinkClass::Intermittent, PROBE_SPAN)
+        );
+        // It crossed at 50 Mbit/s: broadband shown; the next probe (at once) is sized to
+        // prove fiber.
+        m.on_event(t, LinkEvent::ProbeStarted { bytes: first });
+        let took = Duration::from_secs_f64(first as f64 * 8.0 / 50e6);
+        let t = t + took + ms(10);
+        m.on_event(t, LinkEvent::ProbeDelivered { bytes: first });
+        m.on_event(t, LinkEvent::ProbeDone { duration: took });
+        // (No probe while the fresh sample stands: the link was just measured.)
+        let t = t + m.estimator().config().rate_window + ms(50);
+        let second = m
+            .probe_due(t)
+            .expect("no pause after a probe that showed more");
+        assert_eq!(
+            Some(second),
+            probe_bytes(&ccfg, LinkClass::Broadband, PROBE_SPAN)
+        );
+        assert!(second > first);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The link monitor's active probes, carried out on their own QUIC stream of the sync
 //! connection (so they do not queue behind data frames): an RTT [`Ping`] every
 //! `[link] ping_interval`, and, when the link monitor asks for one, a throughput probe — a
-//! burst of padded Pings whose Pongs time how fast the padding crossed the link. Results
-//! and time-outs go to the link monitor as [`LinkEvent`]s. [`watch_path`] reports the
+//! burst of padded Pings, 8 KiB of padding each, written at once. Each Pong is a delivery
+//! the link monitor samples like the hub's acknowledgements (so a link that slows down
+//! under a long probe shows while it lasts); the probe lasts until its last Pong, however
+//! slow the link turned out to be. Results and time-outs go to the link monitor as
+//! [`LinkEvent`]s. [`watch_path`] reports the
 //! connection's path statistics on its own task, so a sync loop blocked on a congested
 //! send does not make a busy link look silent.
 
@@ -77,14 +80,15 @@ pub async fn watch_path(
 
 /// Nonces of throughput-probe pings have this bit set.
 const PROBE_BIT: u64 = 1 << 63;
+/// Padding per probe ping: each answer is a delivery the link monitor can time, so a long
+/// probe on a slow link is sampled while it lasts.
+const PROBE_CHUNK: u32 = 8 * 1024;
 
 /// A throughput probe in progress.
 struct Probe {
-    bytes: u64,
     started: Instant,
-    /// Nonces still unanswered.
-    waiting: usize,
-    deadline: Instant,
+    /// Padding of each probe ping still unanswered, by nonce.
+    waiting: HashMap<u64, u32>,
 }
 
 /// Runs until the stream or the connection fails; the caller aborts it with the session.
@@ -120,10 +124,6 @@ pub async fn run(
                     }
                     !late
                 });
-                if let Some(p) = &probe && now >= p.deadline {
-                    link.report(LinkEvent::ProbeFailed { bytes: 0 });
-                    probe = None;
-                }
                 nonce = nonce.wrapping_add(1) & !PROBE_BIT;
                 let ping = Ping { nonce, sent_ns: ns_since(epoch, now), pad: 0 };
                 if let Err(e) = send_ping(&mut send, ping).await {
@@ -131,9 +131,15 @@ pub async fn run(
                 }
                 outstanding.insert(nonce, now);
                 link.report(LinkEvent::PingSent);
+                // One probe at a time; it lasts until its last answer is back, however slow
+                // the link turned out to be (its padding is on the link until then).
                 if probe.is_none() && let Some(bytes) = link.take_probe() {
-                    match start_probe(&mut send, bytes, epoch, &mut nonce, min_rtt, limit).await {
-                        Ok(p) => probe = Some(p),
+                    match start_probe(&mut send, bytes, epoch, &mut nonce).await {
+                        Ok(p) => {
+                            // Reported before any answer can be read (this task reads them).
+                            link.report(LinkEvent::ProbeStarted { bytes });
+                            probe = Some(p);
+                        }
                         Err(e) => {
                             link.report(LinkEvent::ProbeFailed { bytes });
                             return e;
@@ -157,17 +163,15 @@ pub async fn run(
                             let now = Instant::now();
                             heard.now();
                             if p.nonce & PROBE_BIT != 0 {
-                                if let Some(pr) = &mut probe {
-                                    pr.waiting = pr.waiting.saturating_sub(1);
-                                    if pr.waiting == 0 {
+                                if let Some(pr) = &mut probe
+                                    && let Some(pad) = pr.waiting.remove(&p.nonce)
+                                {
+                                    link.report(LinkEvent::ProbeDelivered { bytes: u64::from(pad) });
+                                    if pr.waiting.is_empty() {
                                         // The padding took the elapsed time less one RTT.
                                         let took = now.saturating_duration_since(pr.started)
                                             .saturating_sub(min_rtt.unwrap_or_default());
-                                        if took.is_zero() {
-                                            link.report(LinkEvent::ProbeFailed { bytes: 0 });
-                                        } else {
-                                            link.report(LinkEvent::ProbeDone { bytes: pr.bytes, duration: took });
-                                        }
+                                        link.report(LinkEvent::ProbeDone { duration: took });
                                         probe = None;
                                     }
                                 }
@@ -198,20 +202,18 @@ async fn send_ping(send: &mut quic::SendStream, ping: Ping) -> Result<(), String
         .map_err(|e| format!("ping stream: {e}"))
 }
 
-/// Sends `bytes` of padded pings back to back.
+/// Sends `bytes` of padded pings back to back, [`PROBE_CHUNK`] each.
 async fn start_probe(
     send: &mut quic::SendStream,
     bytes: u64,
     epoch: Instant,
     nonce: &mut u64,
-    min_rtt: Option<Duration>,
-    timeout: Duration,
 ) -> Result<Probe, String> {
     let started = Instant::now();
     let mut left = bytes;
-    let mut waiting = 0usize;
+    let mut waiting = HashMap::new();
     while left > 0 {
-        let pad = left.min(u64::from(MAX_PING_PAD)) as u32;
+        let pad = left.min(u64::from(PROBE_CHUNK.min(MAX_PING_PAD))) as u32;
         left -= u64::from(pad);
         *nonce = nonce.wrapping_add(1) & !PROBE_BIT;
         let ping = Ping {
@@ -220,14 +222,7 @@ async fn start_probe(
             pad,
         };
         send_ping(send, ping).await?;
-        waiting += 1;
+        waiting.insert(*nonce | PROBE_BIT, pad);
     }
-    // Generous: the probe is sized to take PROBE_SPAN at the rate it must prove.
-    let deadline = started + timeout + min_rtt.unwrap_or_default() + Duration::from_secs(2);
-    Ok(Probe {
-        bytes,
-        started,
-        waiting,
-        deadline,
-    })
+    Ok(Probe { started, waiting })
 }
