@@ -2,8 +2,8 @@
 //! the userspace link emulator while the link goes
 //!
 //! ```text
-//! fiber 200 Mbit/s 10 ms → broadband 20 ±30 % 40 ms → mobile 3 ±30 % 80 ms
-//!   → satellite 0.3 @ 700 ms RTT → outage 20 s → fiber 200
+//! fiber 20 Mbit/s 10 ms → broadband 2.4 ±30 % 40 ms → mobile 0.6 ±30 % 80 ms
+//!   → satellite 0.3 @ 700 ms RTT → outage 20 s → fiber 20 → (unshaped: backfill drains)
 //! ```
 //!
 //! and the test checks that the gateway's link class (its `outpost_link_class` metric)
@@ -11,14 +11,30 @@
 //! under the ±30 % rate jitter — that the sync mode (`outpost_sync_mode`) follows the class,
 //! and that once the backfill is done the hub holds every sample exactly once.
 //!
-//! **Scaling.** Userspace forwarding on 2 shared cores cannot carry 200 Mbit/s, and the
-//! gateway, the hub and the emulator share those cores with the load. Every rate of the
-//! schedule *and* the `[link]` rate thresholds are scaled by [`SCALE`], so each phase sits in
-//! the same class relative to the thresholds as unscaled; RTTs are not scaled. The load
-//! ([`STREAMS`] × [`RATE_HZ`] samples/s ≈ 3 Mbit/s raw) keeps every phase below fiber
-//! backlogged, which is what lets the estimator see a rate drop (an app-limited sender
-//! cannot tell a slower link from a quieter one); on fiber, idle throughput probes prove
-//! the rate.
+//! **Thresholds.** Userspace forwarding on 2 shared cores, with the gateway, the hub and the
+//! load in the same debug-built process, cannot carry SPEC §2's 100 Mbit/s fiber, and a
+//! load that backlogs a 3 Mbit/s mobile link would take more CPU than there is. So the
+//! test configures its own `[link]` rate thresholds — fiber ≥ 5 Mbit/s, broadband ≥ 1.2,
+//! mobile ≥ 0.4 — and every phase sits in its class with the classifier's margins to
+//! spare, jitter included (broadband 1.7–3.1 Mbit/s, mobile 0.42–0.78). The RTT thresholds
+//! are SPEC §2's (fiber < 20 ms, satellite ≥ 500 ms). The slow phases run at real rates
+//! (0.3 Mbit/s satellite, as in the issue's example), so packet-level behaviour — one
+//! packet's serialisation time, queueing delay, QUIC loss recovery — is what a real link
+//! of that class shows. (An earlier version scaled every rate by 0.02 instead: a 6 kbit/s
+//! "satellite" link takes 1.6 s per packet and reads as an outage, and a 16-packet queue
+//! at 60 kbit/s is 2.6 s of RTT that reads as satellite.) The mobile phase's bottleneck
+//! holds 12 KB (two bandwidth-delay products, at least 8 packets), as a mobile network
+//! with queue management does; the emulator's default 16 packets would be 320 ms of
+//! queue at 0.6 Mbit/s.
+//!
+//! **What the gateway sees.** The load ([`STREAMS`] × [`RATE_HZ`] samples/s of 24-bit
+//! vibration readings, which no encoding compresses much) is app-limited on fiber and
+//! broadband: the drop from fiber to broadband is the RTT rising from 10 to 40 ms, which
+//! the estimator sees within its 1 s quiet RTT window; throughput probes in the idle gaps
+//! prove fiber and measure broadband. Mobile and satellite are slower than the load in
+//! the mode of the class before them, so real traffic backs up and its delivery rate is
+//! the link's; the satellite RTT confirms it. The outage is seen by unanswered pings;
+//! after it a probe on the new connection measures the link.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -30,8 +46,9 @@ use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{LinkClass, Priority, Sample, StreamId, SyncMode, Value};
 use tokio::time::Instant;
 
-const SCALE: f64 = 0.02;
-const STREAMS: usize = 40;
+/// Vibration channels.
+const STREAMS: usize = 100;
+/// Samples per second of each.
 const RATE_HZ: u64 = 100;
 
 fn ms(v: u64) -> Duration {
@@ -53,8 +70,15 @@ fn gauge(text: &str, name: &str) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The sum of a counter's series whose labels contain `label`.
+fn counter_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 5 open: down-grades 2.2 s, up-grades 5.5 s, but 4 flaps: after the 10x drop into a 16-packet queue QUIC loss recovery stalls acks for ~1 s (broadband read as satellite); the 2.6 s standing queue of the scaled 60 kbit/s phase reads as a satellite RTT; 1.6 s per packet at 6 kbit/s reads as an outage; the debug-build hub caps the backfill ack rate; run with --ignored"]
 async fn the_class_follows_the_link_and_the_hub_ends_up_with_every_sample() {
     if let Ok(level) = std::env::var("OUTPOST_TEST_LOG") {
         outpost_runtime::logging::init(outpost_runtime::logging::LogFormat::Text, &level);
@@ -65,14 +89,16 @@ async fn the_class_follows_the_link_and_the_hub_ends_up_with_every_sample() {
     let hub = harness::start_hub(&pki, &hub_dir).await;
     let sink = hub_dir.join("sink");
 
-    let mbps = |v: f64| Some(v * 1e6 * SCALE);
+    let mbps = |v: f64| Some(v * 1e6);
     let phases = vec![
-        Phase::symmetric("fiber", ms(14_000), mbps(200.0), ms(10)),
-        Phase::symmetric("broadband", ms(12_000), mbps(20.0), ms(40)).with_rate_jitter(0.3),
-        Phase::symmetric("mobile", ms(12_000), mbps(3.0), ms(80)).with_rate_jitter(0.3),
+        Phase::symmetric("fiber", ms(14_000), mbps(20.0), ms(10)),
+        Phase::symmetric("broadband", ms(12_000), mbps(2.4), ms(40)).with_rate_jitter(0.3),
+        Phase::symmetric("mobile", ms(12_000), mbps(0.6), ms(80))
+            .with_rate_jitter(0.3)
+            .with_queue_bytes(12_000),
         Phase::symmetric("satellite", ms(12_000), mbps(0.3), ms(700)),
         Phase::outage("outage", ms(20_000)),
-        Phase::symmetric("fiber again", ms(14_000), mbps(200.0), ms(10)),
+        Phase::symmetric("fiber again", ms(14_000), mbps(20.0), ms(10)),
         // Unshaped: the backfill drains.
         Phase::symmetric("drain", ms(120_000), None, ms(2)),
     ];
@@ -87,72 +113,69 @@ async fn the_class_follows_the_link_and_the_hub_ends_up_with_every_sample() {
     let schedule = Schedule::new(phases.clone());
     let emu = Emulator::start(hub.addr, schedule, 7).await.unwrap();
 
-    let body = format!(
-        r#"
+    let body = r#"
 [link]
-fiber_min_mbps = {f}
-broadband_min_mbps = {b}
-mobile_min_mbps = {m}
+fiber_min_mbps = 5.0
+broadband_min_mbps = 1.2
+mobile_min_mbps = 0.4
 probe_budget_per_hour = "2GB"
-
-[sync.delta]
-default = {{ absolute = 0.05 }}
 
 [sync.summary]
 window = "2s"
 lateness = "500ms"
-"#,
-        f = 100.0 * SCALE,
-        b = 10.0 * SCALE,
-        m = 1.0 * SCALE,
-    );
+"#;
     let uplink = harness::uplink_toml(&pki, "gw-link", &emu.local_addr().to_string());
-    let cfg = harness::gateway_config("gw-link", &dir.path().join("gw"), &body, Some(&uplink));
+    let cfg = harness::gateway_config("gw-link", &dir.path().join("gw"), body, Some(&uplink));
     let metrics = Metrics::new();
     let gw = Gateway::start(&cfg, metrics.clone()).await.unwrap();
     let start = Instant::now();
 
-    // The load: STREAMS noisy, quantized sensors at RATE_HZ, and a critical alarm at 1 Hz.
+    // The load: STREAMS vibration channels at RATE_HZ (a 24-bit ADC count scaled to mm/s
+    // by 1e-5, white noise over a slow swing: every sample differs from the last in most
+    // of its mantissa bits), and a critical alarm at 1 Hz.
     let streams: Vec<StreamId> = (0..STREAMS)
-        .map(|i| StreamId::intern(&format!("plant/s{i:02}")).unwrap())
+        .map(|i| StreamId::intern(&format!("plant/vib{i:03}")).unwrap())
         .collect();
     let alarm = StreamId::intern("plant/alarm").unwrap();
     let load_end = start + phases[..6].iter().map(|p| p.duration).sum::<Duration>();
     let ingest = gw.ingest().clone();
     let producer = tokio::spawn(async move {
         let mut produced = 0u64;
-        let mut values: Vec<f64> = (0..STREAMS).map(|i| 20.0 + i as f64).collect();
         let mut rng = fastrand::Rng::with_seed(3);
         let mut tick = tokio::time::interval(ms(1_000 / RATE_HZ));
         let mut k: i64 = 0;
+        let mut pending = std::collections::VecDeque::new();
         while Instant::now() < load_end {
             tick.tick().await;
             k += 1;
             let ts = 1_700_000_000_000_000_000 + k * 10_000_000;
+            let swing = (k as f64 / 50.0).sin();
             let batch: Vec<Sample> = streams
                 .iter()
-                .zip(values.iter_mut())
-                .map(|(s, v)| {
-                    *v += (rng.f64() - 0.5) * 0.2;
-                    let q = (*v * 100.0).round() / 100.0;
-                    Sample::new(*s, ts, Value::F64(q))
+                .enumerate()
+                .map(|(i, s)| {
+                    let v = 20.0 * swing + (i as f64) * 0.5 + (rng.f64() - 0.5) * 8.0;
+                    let count = (v * 1e5).round();
+                    Sample::new(*s, ts, Value::F64(count * 1e-5))
                 })
                 .collect();
             produced += batch.len() as u64;
-            ingest
-                .submit_durable(Priority::Normal, batch)
-                .await
-                .unwrap();
+            // As a polling device driver does: the next poll does not wait for the last
+            // one's durability (a bounded number of batches in the air).
+            pending.push_back(ingest.submit(Priority::Normal, batch).await.unwrap());
             if k % i64::try_from(RATE_HZ).unwrap() == 0 {
-                ingest
-                    .submit_durable(
-                        Priority::Critical,
-                        vec![Sample::new(alarm, ts, Value::Bool(k % 3 == 0))],
-                    )
-                    .await
-                    .unwrap();
+                let a = vec![Sample::new(alarm, ts, Value::Bool(k % 3 == 0))];
+                pending.push_back(ingest.submit(Priority::Critical, a).await.unwrap());
                 produced += 1;
             }
+            while pending.len() > 64 {
+                if let Some(d) = pending.pop_front() {
+                    d.wait().await.unwrap();
+                }
+            }
+        }
+        for d in pending {
+            d.wait().await.unwrap();
         }
         produced
     });
@@ -162,6 +185,7 @@ lateness = "500ms"
     let mut mode_mismatch_since: Option<Instant> = None;
     let mut worst_mode_lag = Duration::ZERO;
     let watch_end = load_end;
+    let mut next_trace = Duration::ZERO;
     while Instant::now() < watch_end {
         tokio::time::sleep(ms(100)).await;
         let text = metrics.encode();
@@ -172,6 +196,20 @@ lateness = "500ms"
             continue;
         };
         let at = start.elapsed();
+        // What the estimate rests on, twice a second (shown when the test fails).
+        if at >= next_trace {
+            next_trace += ms(500);
+            let g = |n: &str| gauge(&text, n).unwrap_or(-1);
+            eprintln!(
+                "link_schedule: {:7.2} s  rate {:6.3} Mbit/s  rtt {:4} ms  loss {:3}‰  in flight {:6}  sent {:7.0}",
+                at.as_secs_f64(),
+                g("outpost_link_rate_bps") as f64 / 1e6,
+                g("outpost_link_rtt_us") / 1000,
+                g("outpost_link_loss_permille"),
+                g("outpost_sync_in_flight"),
+                counter_sum(&text, "outpost_sync_samples_sent_total", ""),
+            );
+        }
         if changes.last().map(|x| x.1) != Some(c) {
             eprintln!(
                 "link_schedule: {:7.2} s  class {}",
@@ -271,17 +309,33 @@ lateness = "500ms"
     let distinct: HashSet<(String, i64)> =
         lines.iter().map(|l| (l.stream.clone(), l.ts_ns)).collect();
     assert_eq!(distinct.len() as u64, produced, "every sample, each once");
+    let text = metrics.encode();
     let sent = |mode: SyncMode| {
-        metrics
-            .encode()
-            .lines()
-            .filter(|l| {
-                l.starts_with("outpost_sync_samples_sent_total")
-                    && l.contains(&format!("mode=\"{}\"", mode.as_str()))
-            })
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .sum::<f64>()
+        counter_sum(
+            &text,
+            "outpost_sync_samples_sent_total",
+            &format!("mode=\"{}\"", mode.as_str()),
+        )
     };
+    for m in [
+        SyncMode::Full,
+        SyncMode::FullZstd,
+        SyncMode::Delta,
+        SyncMode::Summary,
+    ] {
+        let bytes = counter_sum(
+            &text,
+            "outpost_sync_bytes_sent_total",
+            &format!("mode=\"{}\"", m.as_str()),
+        );
+        eprintln!(
+            "link_schedule: {:>10}: {:9.0} samples sent, {:5.2} B/sample",
+            m.as_str(),
+            sent(m),
+            bytes / sent(m).max(1.0)
+        );
+    }
+    eprintln!("link_schedule: emulator {:?}", emu.stats());
     for m in [
         SyncMode::Full,
         SyncMode::FullZstd,
