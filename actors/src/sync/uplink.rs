@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Hello, Message};
+use outpost_protocols::frame::{self, Ack, DataFrame, EncodeError, FrameBuffer, Hello, Message};
 use outpost_protocols::uplink::mqtt::{MqttUplinkOptions, MqttUplinkSession};
 use outpost_protocols::uplink::quic::{self, ClientOptions, ClientTls, QuicClient, QuicConnection};
 use outpost_runtime::config::{UplinkConfig, UplinkTransport};
@@ -469,21 +469,30 @@ pub enum SplitError {
     Indivisible { len: usize, max: usize },
 }
 
-/// Encodes `f` as one frame, or, when that is over `max` bytes, as several frames carrying
-/// its samples (or summaries) in halves, recursively, in order: the hub acknowledges each
-/// frame's own sequences, so splitting changes nothing else. A frame the codec refuses is
-/// not split (over [`frame::MAX_FRAME_LEN`], the codec's own limit, it is an error as
-/// before).
+/// Encodes `f` as one frame, or, when that is over `max` bytes or over one of the codec's
+/// own limits ([`frame::MAX_FRAME_LEN`], streams or samples per frame), as several frames
+/// carrying its samples (or summaries) in halves, recursively, in order: the hub
+/// acknowledges each frame's own sequences, so splitting changes nothing else. Only a frame
+/// of one sample or summary that still does not fit is an error.
 pub fn encode_within(f: DataFrame, max: usize) -> Result<Vec<Vec<u8>>, SplitError> {
     let mut out = Vec::new();
     let mut todo = vec![f];
     while let Some(f) = todo.pop() {
         let msg = Message::Data(f);
-        let bytes = frame::encode(&msg)?;
-        if bytes.len() <= max {
-            out.push(bytes);
-            continue;
-        }
+        let refused = match frame::encode(&msg) {
+            Ok(bytes) if bytes.len() <= max => {
+                out.push(bytes);
+                continue;
+            }
+            Ok(bytes) => SplitError::Indivisible {
+                len: bytes.len(),
+                max,
+            },
+            Err(e @ (EncodeError::TooLong { .. } | EncodeError::LimitExceeded { .. })) => {
+                SplitError::Encode(e)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let Message::Data(f) = msg else {
             continue; // never: built as Data above
         };
@@ -493,12 +502,7 @@ pub fn encode_within(f: DataFrame, max: usize) -> Result<Vec<Vec<u8>>, SplitErro
                 todo.push(b);
                 todo.push(a);
             }
-            None => {
-                return Err(SplitError::Indivisible {
-                    len: bytes.len(),
-                    max,
-                });
-            }
+            None => return Err(refused),
         }
     }
     Ok(out)
@@ -767,6 +771,58 @@ mod tests {
                 assert_eq!(ack.count(), d.samples.len() as u128);
             }
         }
+    }
+
+    #[test]
+    fn a_frame_over_the_codecs_own_limits_is_split_not_lost() {
+        // Over 1 MiB: 6,000 samples of 250-byte strings (a frame of max_frame_samples =
+        // 6000 from a text source).
+        let id = StreamId::intern("split/text").unwrap();
+        let text: String = "x".repeat(250);
+        let samples: Vec<(u64, Sample)> = (0..6_000u64)
+            .map(|i| {
+                let v = Value::text(&format!("{i:06}{text}"));
+                (i, Sample::new(id, 1_700_000_000_000_000_000 + i as i64, v))
+            })
+            .collect();
+        let f = DataFrame::from_samples(
+            "gw-split",
+            Priority::Normal,
+            Encoding::Raw,
+            samples.iter().map(|(q, s)| (*q, s)),
+        );
+        assert!(frame::encode(&Message::Data(f.clone())).is_err());
+        let parts = encode_within(f.clone(), frame::MAX_FRAME_LEN).unwrap();
+        assert!(parts.len() >= 2);
+        let decoded: Vec<DataFrame> = parts.iter().map(|p| decode(p)).collect();
+        assert_eq!(flat(&decoded), flat(std::slice::from_ref(&f)));
+
+        // More distinct streams than a frame's table holds.
+        let n = frame::MAX_STREAMS_PER_FRAME as u64 + 500;
+        let samples: Vec<(u64, Sample)> = (0..n)
+            .map(|i| {
+                let id = StreamId::intern(&format!("split/many/{i:05}")).unwrap();
+                (
+                    i,
+                    Sample::new(id, 1_700_000_000_000_000_000, Value::F64(i as f64)),
+                )
+            })
+            .collect();
+        let f = DataFrame::from_samples(
+            "gw-split",
+            Priority::Normal,
+            Encoding::Zstd,
+            samples.iter().map(|(q, s)| (*q, s)),
+        );
+        assert!(frame::encode(&Message::Data(f.clone())).is_err());
+        let parts = encode_within(f.clone(), frame::MAX_FRAME_LEN).unwrap();
+        let decoded: Vec<DataFrame> = parts.iter().map(|p| decode(p)).collect();
+        assert!(
+            decoded
+                .iter()
+                .all(|d| d.streams.len() <= frame::MAX_STREAMS_PER_FRAME)
+        );
+        assert_eq!(flat(&decoded), flat(std::slice::from_ref(&f)));
     }
 
     #[test]
