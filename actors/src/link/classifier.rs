@@ -6,8 +6,9 @@
 //! - **evidence**: outage, or loss ≥ `intermittent_loss` with no fresh delivery sample →
 //!   intermittent; RTT ≥
 //!   `satellite_min_rtt` or rate < `mobile_min` → satellite; rate < `broadband_min` →
-//!   mobile; rate < `fiber_min` or RTT ≥ `fiber_max_rtt` → broadband; else fiber. An unknown
-//!   rate or RTT gives no evidence either way.
+//!   mobile; rate < `fiber_min` or RTT ≥ `fiber_max_rtt` → broadband (a busy link's base
+//!   RTT: its own standing queue is not distance); else fiber. An unknown rate or RTT gives
+//!   no evidence either way.
 //! - **down-grade** as soon as the evidence (plain thresholds) is worse than the current
 //!   class: the estimator's windowed maximum already needs a whole window of low samples.
 //! - **up-grade** only when the evidence with *margins* (rates ×(1 + `up_margin`), RTTs
@@ -117,10 +118,13 @@ impl ClassifierConfig {
                 LinkClass::Fiber
             }
         });
+        // Against fiber's RTT limit, a busy link's base RTT: its own standing queue is not
+        // distance (see `Estimate::rtt_base`).
         let by_rtt = est.rtt_min.map(|rtt| {
+            let path = est.rtt_base.map_or(rtt, |b| b.min(rtt));
             if rtt >= self.satellite_min_rtt.mul_f64(rtt_k) {
                 LinkClass::Satellite
-            } else if rtt >= self.fiber_max_rtt.mul_f64(rtt_k) {
+            } else if path >= self.fiber_max_rtt.mul_f64(rtt_k) {
                 LinkClass::Broadband
             } else {
                 LinkClass::Fiber
@@ -423,9 +427,36 @@ mod tests {
             rate_fresh: true,
             rate_app_limited: false,
             rtt_min: Some(ms(rtt_ms)),
+            rtt_base: None,
             loss: 0.0,
             outage_since: None,
         }
+    }
+
+    #[test]
+    fn a_busy_fiber_links_own_queue_is_not_distance() {
+        let c = cfg();
+        // 200 Mbit/s, 10 ms path, 15 ms of its own standing queue.
+        let busy = Estimate {
+            rtt_min: Some(ms(25)),
+            rtt_base: Some(ms(10)),
+            ..est(200.0, 25)
+        };
+        assert_eq!(c.evidence(&busy, false), Some(LinkClass::Fiber));
+        // A path that is 40 ms long is broadband, busy or not.
+        let far = Estimate {
+            rtt_min: Some(ms(60)),
+            rtt_base: Some(ms(40)),
+            ..est(200.0, 60)
+        };
+        assert_eq!(c.evidence(&far, false), Some(LinkClass::Broadband));
+        // A satellite hop is judged by the current window, not the long one.
+        let hop = Estimate {
+            rtt_min: Some(ms(700)),
+            rtt_base: Some(ms(80)),
+            ..est(20.0, 700)
+        };
+        assert_eq!(c.evidence(&hop, false), Some(LinkClass::Satellite));
     }
 
     #[test]
@@ -455,6 +486,7 @@ mod tests {
             rate_fresh: false,
             rate_app_limited: false,
             rtt_min: Some(ms(5)),
+            rtt_base: None,
             loss: 0.0,
             outage_since: None,
         };
@@ -599,6 +631,7 @@ mod tests {
             rate_fresh: false,
             rate_app_limited: false,
             rtt_min: None,
+            rtt_base: None,
             loss: 0.0,
             outage_since: None,
         };
@@ -616,6 +649,7 @@ mod tests {
             rate_fresh: false,
             rate_app_limited: false,
             rtt_min: Some(ms(30)),
+            rtt_base: None,
             loss: 0.0,
             outage_since: None,
         };
@@ -645,6 +679,7 @@ mod tests {
         assert_eq!(k.update(t1, &outage).unwrap().to, LinkClass::Intermittent);
         let far = Estimate {
             rtt_min: Some(ms(700)),
+            rtt_base: None,
             ..silent
         };
         assert_eq!(k.update(t1 + ms(1_000), &far), None);
@@ -747,6 +782,7 @@ mod tests {
                 rate_fresh: rate.is_some(),
                 rate_app_limited: false,
                 rtt_min: rtt.map(Duration::from_millis),
+                rtt_base: None,
                 loss,
                 outage_since: outage.then(Instant::now),
             })

@@ -132,6 +132,12 @@ pub struct Estimate {
     pub rate_app_limited: bool,
     /// Windowed-minimum RTT; the last known value when no fresh sample exists.
     pub rtt_min: Option<Duration>,
+    /// While the gateway's own traffic may stand in the bottleneck queue, the minimum RTT
+    /// over the long `base_rtt_window`: on a fast link a standing queue of its own is tens
+    /// of milliseconds, which is not distance (judging the path's RTT against fiber's
+    /// 20 ms by `rtt_min` would down-grade every busy fiber link). `None` otherwise (then
+    /// `rtt_min` is the path's RTT).
+    pub rtt_base: Option<Duration>,
     /// Lost over sent packets within the loss window (0 when nothing was sent).
     pub loss: f64,
     /// Since when the link is believed down, if it is.
@@ -326,15 +332,19 @@ impl LinkEstimator {
         now
     }
 
-    /// The windowed-minimum RTT in force: over `quiet_rtt_window` when the gateway's own
-    /// traffic has built no queue for `rtt_window`, else over `rtt_window`.
-    fn rtt_now(&self) -> Option<Duration> {
-        let quiet = match (self.last_queue, self.now) {
+    /// True when the gateway's own traffic has queued nothing for `rtt_window`.
+    fn quiet(&self) -> bool {
+        match (self.last_queue, self.now) {
             (None, _) => true,
             (Some(q), Some(now)) => now.saturating_duration_since(q) > self.cfg.rtt_window,
             (Some(_), None) => false,
-        };
-        if quiet {
+        }
+    }
+
+    /// The windowed-minimum RTT in force: over `quiet_rtt_window` when the gateway's own
+    /// traffic has built no queue for `rtt_window`, else over `rtt_window`.
+    fn rtt_now(&self) -> Option<Duration> {
+        if self.quiet() {
             self.rtt_recent.best_or_held()
         } else {
             self.rtt_min.best_or_held()
@@ -806,6 +816,11 @@ impl LinkEstimator {
             rate_app_limited: best.is_some_and(|r| r.1),
             rate_fresh: fresh.is_some(),
             rtt_min: self.rtt_now(),
+            rtt_base: if self.quiet() {
+                None
+            } else {
+                self.base_rtt.best_or_held()
+            },
             loss,
             outage_since: self.outage_since,
         }
@@ -1053,6 +1068,31 @@ mod tests {
         e.on_probe_delivered(t0 + ms(300), 100_000);
         e.on_probe_finished(t0 + ms(300), ms(200));
         assert_eq!(e.estimate(t0 + ms(1_500)).rtt_min, Some(ms(10)));
+    }
+
+    #[test]
+    fn a_busy_link_reports_its_base_rtt_beside_the_windowed_one() {
+        let t0 = Instant::now();
+        let mut e = LinkEstimator::new(EstimatorConfig::default());
+        e.on_probe_answered(t0, ms(10));
+        // Backlogged for 10 s: its own queue keeps every later sample at 25-30 ms.
+        let mut t = t0;
+        let mut i = 0u64;
+        while t < t0 + ms(10_000) {
+            e.on_sent(t, 10_000, true);
+            e.on_probe_answered(t, ms(25 + i % 6));
+            t += ms(200);
+            i += 1;
+        }
+        let est = e.estimate(t);
+        assert_eq!(est.rtt_min, Some(ms(25)));
+        assert_eq!(est.rtt_base, Some(ms(10)));
+        // Quiet again: the path's RTT is the recent one, no base beside it.
+        let t = t + ms(5_000);
+        e.on_probe_answered(t, ms(11));
+        let est = e.estimate(t);
+        assert_eq!(est.rtt_min, Some(ms(11)));
+        assert_eq!(est.rtt_base, None);
     }
 
     #[test]

@@ -338,6 +338,7 @@ async fn bench(forced_scale: Option<f64>) -> Result<Json, String> {
                 rate_fresh: true,
                 rate_app_limited: false,
                 rtt_min: Some(p.up.delay * 2),
+                rtt_base: None,
                 loss: 0.0,
                 outage_since: None,
             };
