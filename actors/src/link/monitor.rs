@@ -440,18 +440,24 @@ mod tests {
         Duration::from_millis(v)
     }
 
+    /// A monitor in `class` whose uplink connected at `t0` after a `handshake`.
+    fn connected(cfg: &LinkSection, class: LinkClass, t0: Instant, handshake: u64) -> Monitor {
+        let mut m = Monitor::new(cfg, class, t0);
+        m.on_event(
+            t0,
+            LinkEvent::Connected {
+                handshake: ms(handshake),
+                probes: true,
+            },
+        );
+        m
+    }
+
     #[test]
     fn pings_that_time_out_make_the_link_intermittent_and_an_answer_ends_it() {
         let cfg = LinkSection::default();
         let t0 = Instant::now();
-        let mut m = Monitor::new(&cfg, LinkClass::Broadband, t0);
-        m.on_event(
-            t0,
-            LinkEvent::Connected {
-                handshake: ms(30),
-                probes: true,
-            },
-        );
+        let mut m = connected(&cfg, LinkClass::Broadband, t0, 30);
         // A working link: deliveries at ~20 Mbit/s.
         let mut t = t0;
         for _ in 0..40 {
@@ -495,14 +501,7 @@ mod tests {
     fn probes_back_off_while_the_class_stays_and_start_over_when_it_changes() {
         let cfg = LinkSection::default();
         let t0 = Instant::now();
-        let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
-        m.on_event(
-            t0,
-            LinkEvent::Connected {
-                handshake: ms(60),
-                probes: true,
-            },
-        );
+        let mut m = connected(&cfg, LinkClass::Mobile, t0, 60);
         // Each probe measures a mobile link (2 Mbit/s): no up-grade, longer pauses.
         let mut t = t0;
         let mut starts = Vec::new();
@@ -560,14 +559,7 @@ mod tests {
         let ccfg = ClassifierConfig::from_section(&cfg);
         let t0 = Instant::now();
         // Back from an outage: nothing known but that the link answers.
-        let mut m = Monitor::new(&cfg, LinkClass::Intermittent, t0);
-        m.on_event(
-            t0,
-            LinkEvent::Connected {
-                handshake: ms(10),
-                probes: true,
-            },
-        );
+        let mut m = connected(&cfg, LinkClass::Intermittent, t0, 10);
         let t = t0 + ms(100);
         let first = m.probe_due(t).expect("a probe after the outage");
         assert_eq!(
@@ -624,14 +616,7 @@ mod tests {
         assert!(m.probe_due(t).is_some(), "refunded");
 
         cfg.probe_budget_per_hour.0 = 1_000;
-        let mut m = Monitor::new(&cfg, LinkClass::Mobile, t0);
-        m.on_event(
-            t0,
-            LinkEvent::Connected {
-                handshake: ms(60),
-                probes: true,
-            },
-        );
+        let mut m = connected(&cfg, LinkClass::Mobile, t0, 60);
         assert_eq!(m.probe_due(t0 + IDLE_AFTER), None, "over budget");
 
         // A transport that cannot carry probes (MQTT) is never asked for one.
