@@ -37,8 +37,10 @@ pub const IDLE_AFTER: Duration = Duration::from_secs(2);
 pub const PROBE_GAP_MIN: Duration = Duration::from_secs(2);
 /// Longest pause between throughput probes while the class stays the same.
 pub const PROBE_GAP_MAX: Duration = Duration::from_secs(60);
-/// A throughput probe not reported done or failed after this long is given up (the pinger
-/// gives up on its own well before; this only guards against a pinger that stopped).
+/// A throughput probe not reported done or failed after this long is given up: the
+/// pinger waits for its last Pong however slow the link turned out to be, and reports
+/// nothing if it stopped meanwhile. (A probe is sized to take 200 ms at the rate it must
+/// prove; one that takes 10 s has shown a link far slower, through its deliveries.)
 pub const PROBE_GIVE_UP: Duration = Duration::from_secs(10);
 
 /// What the sync actor saw on the uplink.
@@ -225,6 +227,7 @@ impl Monitor {
         {
             self.probe_running = None;
             self.estimator.on_probe_ended(now);
+            self.probe_pause(now);
         }
         let est = self.estimator.estimate(now);
         let change = self.classifier.update(now, &est);
