@@ -513,19 +513,13 @@ impl LinkEstimator {
     /// together: the probe keeps the link busy, and a link that slows down under a long
     /// probe shows at once); [`Self::on_probe_finished`] ends it.
     pub fn on_probe_started(&mut self, now: Instant, bytes: u64) {
-        let now = self.tick(now);
         self.probing = Some(ProbeState {
             delivered_before: self.delivered,
             remaining: bytes,
             tail: false,
             sampled: false,
         });
-        self.last_queue = Some(now);
-        self.in_flight = self.in_flight.saturating_add(bytes);
-        self.record_send(now, bytes);
-        if bytes > 0 {
-            self.sent_something(now);
-        }
+        self.on_sent(now, bytes, true);
     }
 
     /// The hub answered `bytes` of the throughput probe's padding: a delivery. When what
