@@ -1,9 +1,12 @@
 //! The ingest path: every sample the gateway produces (devices, fusion, alarms) enters the
 //! outbox here. Producers submit batches through a bounded queue (so a full disk or a
-//! stalled outbox slows them down instead of growing memory); one writer task groups them
-//! into durable batches (group commit: up to `max_batch` samples or `commit_interval`,
-//! whichever comes first) and tells each producer when its samples are durable — only then
-//! may a producer acknowledge them to anyone (an MQTT broker, for instance).
+//! stalled outbox slows them down instead of growing memory); one writer task appends what
+//! has queued as one outbox segment per class (up to `max_batch` samples) and hands it to a
+//! flusher task, which makes it durable and tells each producer — only then may a producer
+//! acknowledge its samples to anyone (an MQTT broker, for instance). Appending and flushing
+//! overlap, and there is no fixed wait: a batch is whatever queued while the previous one
+//! was written (group commit), so it is small when traffic is light (low latency) and large
+//! under load (little work per sample).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 use outpost_runtime::storage::receipts::Receipts;
-use outpost_runtime::storage::{GatewayOutbox, StorageError};
+use outpost_runtime::storage::{GatewayOutbox, SegmentBuf, StorageError};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -35,7 +38,8 @@ pub enum IngestError {
 pub struct IngestConfig {
     /// Most samples in one durable batch.
     pub max_batch: usize,
-    /// Longest a submission waits for companions before its batch is written.
+    /// How long a batch waits for more submissions before it is appended. Zero: none —
+    /// a batch is whatever queued while the previous one was written.
     pub commit_interval: Duration,
     /// Submissions queued before producers wait.
     pub queue: usize,
@@ -47,7 +51,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             max_batch: 2_000,
-            commit_interval: Duration::from_millis(20),
+            commit_interval: Duration::ZERO,
             queue: 1_024,
             backpressure_retry: Duration::from_millis(250),
         }
@@ -207,6 +211,21 @@ impl Ingest {
     }
 }
 
+/// A batch appended to the outbox, waiting for the flush that makes it durable.
+struct Appended {
+    /// (class, samples) per submission, for the counters.
+    counts: Vec<(Priority, usize)>,
+    done: Vec<oneshot::Sender<Result<(), IngestError>>>,
+}
+
+/// Batches appended and waiting for their flush, most; then the writer waits (and with it,
+/// the producers).
+const FLUSH_QUEUE: usize = 16;
+
+/// The writer: appends each group of queued submissions as soon as it can and hands it to
+/// the flusher. Group commit without a fixed wait: while one flush runs, submissions queue
+/// up and go in the next batch, so batches are small (low latency) when traffic is light
+/// and large when it is heavy.
 async fn writer(
     outbox: Arc<GatewayOutbox>,
     config: IngestConfig,
@@ -216,39 +235,109 @@ async fn writer(
     receipts: Arc<RwLock<Receipts>>,
 ) {
     let max_batch = config.max_batch.max(1);
+    let (flush_tx, flush_rx) = mpsc::channel::<Appended>(FLUSH_QUEUE);
+    let flusher = tokio::spawn(flusher(
+        outbox.clone(),
+        flush_rx,
+        wake,
+        c.ingested.clone(),
+        c.batches.clone(),
+    ));
+    let mut seg = [(); 4].map(|_| SegmentBuf::new());
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut count = batch[0].samples.len();
-        let deadline = tokio::time::Instant::now() + config.commit_interval;
+        // Whatever queued meanwhile joins this batch.
         while count < max_batch {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => { count += m.samples.len(); batch.push(m); }
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(deadline) => break,
+            match rx.try_recv() {
+                Ok(m) => {
+                    count += m.samples.len();
+                    batch.push(m);
+                }
+                Err(_) => break,
             }
         }
-        let result = write_batch(&outbox, &config, &batch, &c, &receipts).await;
-        if result.is_ok() {
-            c.batches.inc();
-            for s in &batch {
-                c.ingested[s.priority as usize].inc_by(s.samples.len() as u64);
+        if !config.commit_interval.is_zero() && count < max_batch {
+            let deadline = tokio::time::Instant::now() + config.commit_interval;
+            while count < max_batch {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => { count += m.samples.len(); batch.push(m); }
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
             }
-            wake.notify_one();
-        } else if let Err(e) = &result {
-            tracing::error!(error = %e, samples = count, "ingest: cannot make samples durable");
         }
+        let result = write_batch(&outbox, &config, &batch, &c, &receipts, &mut seg).await;
+        let mut appended = Appended {
+            counts: Vec::with_capacity(batch.len()),
+            done: Vec::with_capacity(batch.len()),
+        };
         for s in batch {
+            appended.counts.push((s.priority, s.samples.len()));
             if let Some(d) = s.done {
+                appended.done.push(d);
+            }
+        }
+        match result {
+            Ok(()) => {
+                if flush_tx.send(appended).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, samples = count, "ingest: cannot make samples durable");
+                for d in appended.done {
+                    let _ = d.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+    drop(flush_tx);
+    let _ = flusher.await;
+    tracing::debug!("ingest writer stopped: all producers are gone");
+}
+
+/// Makes appended batches durable: one flush covers every batch appended before it began
+/// (the outbox flushes everything applied so far), then their producers are told.
+async fn flusher(
+    outbox: Arc<GatewayOutbox>,
+    mut rx: mpsc::Receiver<Appended>,
+    wake: Arc<Notify>,
+    ingested: [Counter; 4],
+    batches: Counter,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while let Ok(a) = rx.try_recv() {
+            group.push(a);
+        }
+        let result = outbox
+            .durable()
+            .await
+            .map_err(|e| IngestError::Storage(e.to_string()));
+        match &result {
+            Ok(()) => {
+                batches.inc_by(group.len() as u64);
+                for a in &group {
+                    for (p, n) in &a.counts {
+                        ingested[*p as usize].inc_by(*n as u64);
+                    }
+                }
+                wake.notify_one();
+            }
+            Err(e) => tracing::error!(error = %e, "ingest: cannot make samples durable"),
+        }
+        for a in group {
+            for d in a.done {
                 let _ = d.send(result.clone());
             }
         }
     }
-    tracing::debug!("ingest writer stopped: all producers are gone");
 }
 
-/// Appends one group of submissions and makes it durable. Bulk samples the quota has no
+/// Appends one group of submissions, one segment per class. Bulk samples the quota has no
 /// room for are dropped (and counted); anything else waits for room (back-pressure).
 async fn write_batch(
     outbox: &Arc<GatewayOutbox>,
@@ -256,37 +345,42 @@ async fn write_batch(
     batch: &[Submission],
     c: &Counters,
     receipts: &RwLock<Receipts>,
+    seg: &mut [SegmentBuf; 4],
 ) -> Result<(), IngestError> {
-    // Encode once; write per class so a refusal of one class does not hold the others.
-    for p in Priority::ALL {
-        let mut encoded: Vec<Vec<u8>> = Vec::new();
-        let mut fps: HashMap<u64, Vec<u64>> = HashMap::new();
-        for s in batch.iter().filter(|s| s.priority == p) {
-            if let Some((ns, v)) = &s.receipts {
-                fps.entry(*ns).or_default().extend_from_slice(v);
-            }
-            encoded.extend(s.samples.iter().map(record::encode));
+    // Encode once, straight into each class's segment; write per class so a refusal of one
+    // class does not hold the others.
+    let mut fps: [HashMap<u64, Vec<u64>>; 4] = Default::default();
+    for s in batch {
+        let i = s.priority as usize;
+        if let Some((ns, v)) = &s.receipts {
+            fps[i].entry(*ns).or_default().extend_from_slice(v);
         }
-        if encoded.is_empty() {
+        for x in &s.samples {
+            seg[i].push_with(|b| record::encode_into(x, b));
+        }
+    }
+    for p in Priority::ALL {
+        let i = p as usize;
+        if seg[i].is_empty() {
             continue;
         }
-        let aux: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
+        let samples = seg[i].len();
+        let value = Arc::new(seg[i].finish());
+        let fps = std::mem::take(&mut fps[i]);
+        let aux: Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>> = {
             let r = receipts.read().unwrap_or_else(|e| e.into_inner());
-            fps.iter().flat_map(|(ns, v)| r.ops(*ns, v)).collect()
+            Arc::new(fps.iter().flat_map(|(ns, v)| r.ops(*ns, v)).collect())
         };
         let mut warned = false;
         loop {
             let ob = outbox.clone();
-            let enc = std::mem::take(&mut encoded);
-            let aux2 = aux.clone();
-            let (enc, res) = tokio::task::spawn_blocking(move || {
-                let items: Vec<(Priority, &[u8])> = enc.iter().map(|r| (p, r.as_slice())).collect();
-                let res = ob.append_with(&items, &aux2).map(|_| ());
-                (enc, res)
+            let (v, a) = (value.clone(), aux.clone());
+            let res = tokio::task::spawn_blocking(move || {
+                ob.append_segments_with(&[(p, v.as_slice())], &a)
+                    .map(|_| ())
             })
             .await
             .map_err(|e| IngestError::Storage(format!("append task failed: {e}")))?;
-            encoded = enc;
             match res {
                 Ok(()) => {
                     let mut r = receipts.write().unwrap_or_else(|e| e.into_inner());
@@ -296,8 +390,8 @@ async fn write_batch(
                     break;
                 }
                 Err(StorageError::Backpressure { .. }) if p == Priority::Bulk => {
-                    c.dropped_bulk.inc_by(encoded.len() as u64);
-                    tracing::warn!(samples = encoded.len(), "outbox full: bulk samples dropped");
+                    c.dropped_bulk.inc_by(samples as u64);
+                    tracing::warn!(samples, "outbox full: bulk samples dropped");
                     break;
                 }
                 Err(StorageError::Backpressure {
@@ -323,10 +417,7 @@ async fn write_batch(
             }
         }
     }
-    outbox
-        .durable()
-        .await
-        .map_err(|e| IngestError::Storage(e.to_string()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -381,7 +472,9 @@ mod tests {
     #[tokio::test]
     async fn bulk_is_dropped_when_the_quota_is_full_of_critical() {
         let dir = tempfile::tempdir().unwrap();
-        let ob = open(dir.path(), 4_000);
+        // 80 critical samples take one segment of 2,339 bytes; 50 bulk ones would need 1,469
+        // more.
+        let ob = open(dir.path(), 3_000);
         let m = Metrics::new();
         let (ingest, _task) = Ingest::start(
             ob.clone(),

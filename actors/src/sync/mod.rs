@@ -438,8 +438,9 @@ async fn send_frame(
     Ok(())
 }
 
-/// Reads the outbox for every lane that asks (one blocking call), decodes, and feeds the
-/// core; undecodable records are dropped from the outbox and counted.
+/// Reads the outbox for every lane that asks (one blocking call), decoding records straight
+/// from the stored segments, and feeds the core; undecodable records and unreadable
+/// segments are dropped from the outbox and counted.
 async fn fill(ctx: &SyncContext, core: &mut SyncCore, c: &Counters) -> Result<usize, String> {
     let reqs = core.scans();
     if reqs.is_empty() {
@@ -447,30 +448,36 @@ async fn fill(ctx: &SyncContext, core: &mut SyncCore, c: &Counters) -> Result<us
     }
     let ob = ctx.outbox.clone();
     let reqs2 = reqs.clone();
-    type Batch = (
-        Vec<(Seq, outpost_runtime::model::Sample)>,
-        Option<Seq>,
-        Vec<(Priority, Seq)>,
-    );
-    let batches: Vec<Batch> = tokio::task::spawn_blocking(move || {
+    struct Read {
+        ok: Vec<(Seq, outpost_runtime::model::Sample)>,
+        upto: Option<Seq>,
+        bad: Vec<(Priority, Seq)>,
+        torn: Vec<Seq>,
+        visited: usize,
+    }
+    let batches: Vec<Read> = tokio::task::spawn_blocking(move || {
         reqs2
             .iter()
             .map(|r: &ScanRequest| {
                 let p = r.lane.class();
-                let recs = ob.scan(p, r.after, r.limit, 512 * 1024)?;
-                let upto = recs.last().map(|r| r.seq);
-                let mut ok = Vec::with_capacity(recs.len());
+                let mut ok = Vec::with_capacity(r.limit.min(4096));
                 let mut bad = Vec::new();
-                for rec in recs {
-                    match record::decode(&rec.value) {
-                        Ok(s) => ok.push((rec.seq, s)),
+                let end = ob.scan_each(p, r.after, r.limit, 512 * 1024, &mut |seq, v| {
+                    match record::decode(v) {
+                        Ok(s) => ok.push((seq, s)),
                         Err(e) => {
-                            tracing::error!(seq = rec.seq, error = %e, "undecodable outbox record dropped");
-                            bad.push((p, rec.seq));
+                            tracing::error!(seq, error = %e, "undecodable outbox record dropped");
+                            bad.push((p, seq));
                         }
                     }
-                }
-                Ok((ok, upto, bad))
+                })?;
+                Ok(Read {
+                    ok,
+                    upto: end.last,
+                    bad,
+                    torn: end.corrupt,
+                    visited: end.records,
+                })
             })
             .collect::<Result<Vec<_>, outpost_runtime::storage::StorageError>>()
     })
@@ -479,10 +486,20 @@ async fn fill(ctx: &SyncContext, core: &mut SyncCore, c: &Counters) -> Result<us
     .map_err(|e| format!("outbox scan: {e}"))?;
     let mut corrupt = Vec::new();
     let mut read = 0;
-    for (req, (ok, upto, bad)) in reqs.iter().zip(batches) {
-        read += ok.len() + bad.len();
-        core.fill(req, ok, upto);
-        corrupt.extend(bad);
+    for (req, r) in reqs.iter().zip(batches) {
+        read += r.visited.max(usize::from(r.upto.is_some()));
+        core.fill(req, r.ok, r.upto);
+        corrupt.extend(r.bad);
+        if !r.torn.is_empty() {
+            let ob = ctx.outbox.clone();
+            let p = req.lane.class();
+            let n = tokio::task::spawn_blocking(move || ob.drop_segments(p, &r.torn))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("outbox drop: {e}"))?;
+            c.corrupt.inc_by(n);
+            read += 1;
+        }
     }
     if !corrupt.is_empty() {
         c.corrupt.inc_by(corrupt.len() as u64);

@@ -109,9 +109,10 @@ pub struct StorageSection {
     /// oldest-first; control and critical never (intake is slowed and an alarm raised).
     #[serde(default = "default_quota")]
     pub quota: ByteSize,
-    /// Longest time a sample may wait in memory before its batch is made durable.
+    /// How long a batch waits for more samples before it is written. 0 (the default): no
+    /// wait — a batch is whatever queued while the previous one was being made durable.
     #[serde(default = "default_commit")]
-    pub commit_interval: Dur<1, 10_000>,
+    pub commit_interval: Dur<0, 10_000>,
     /// Most samples in one durable batch.
     #[serde(default = "default_batch")]
     pub max_batch: Bounded<1, 100_000>,
@@ -120,8 +121,8 @@ pub struct StorageSection {
 fn default_quota() -> ByteSize {
     ByteSize(1 << 30)
 }
-fn default_commit() -> Dur<1, 10_000> {
-    Dur::from_millis(20)
+fn default_commit() -> Dur<0, 10_000> {
+    Dur::from_millis(0)
 }
 fn default_batch() -> Bounded<1, 100_000> {
     Bounded(2_000)

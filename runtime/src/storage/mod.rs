@@ -13,9 +13,11 @@ use crate::model::Priority;
 pub mod outbox;
 pub mod quota;
 pub mod receipts;
+pub mod segment;
 pub mod sled_engine;
 
-pub use outbox::{Outbox, OutboxConfig, OutboxStats, Record, Seq};
+pub use outbox::{Outbox, OutboxConfig, OutboxStats, Record, ScanEnd, Seq};
+pub use segment::SegmentBuf;
 pub use sled_engine::{SledEngine, SledOptions};
 
 /// Errors of the storage layer.
