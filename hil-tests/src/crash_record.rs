@@ -12,6 +12,11 @@ use outpost_runtime::Priority;
 /// `b - WINDOW` (the ack path).
 pub const WINDOW: u64 = 20;
 
+/// Half-way through the window the writer acknowledges the even-indexed records of a
+/// batch (a partial acknowledgement of its segments): after appending batch `b` it removes
+/// the even records of every batch up to `b - HALF_ACK`.
+pub const HALF_ACK: u64 = WINDOW / 2;
+
 const HEADER: usize = 16;
 const TRAILER: usize = 8;
 

@@ -4,8 +4,12 @@
 //! directory, and after each kill reopen the outbox ourselves and check that
 //! - every batch whose durable point was printed is present, intact and in order (minus
 //!   the batches the writer acknowledged and removed before that durable point);
-//! - no batch is half there: a batch is all or nothing, across priority classes;
-//! - sequence numbers are strictly increasing in append order and never reused;
+//! - no batch is half there: a batch is all or nothing, across priority classes (one
+//!   segment per class, one atomic append) — or, once the writer acknowledged its
+//!   even-indexed records, exactly its odd-indexed ones, also after the restart (partial
+//!   acknowledgements of a segment are durable too);
+//! - sequence numbers increase in append order (within a class, in index order) and are
+//!   never reused;
 //! - the outbox's persisted counters and sequence mark agree with a full scan.
 //!
 //! If sled corrupts data this test fails loudly: that is the signal to move the outbox to
@@ -18,7 +22,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use outpost_hil::crash_record::{WINDOW, batch_len, class_of, decode};
+use outpost_hil::crash_record::{HALF_ACK, WINDOW, batch_len, class_of, decode};
 use outpost_runtime::Priority;
 use outpost_runtime::storage::{Outbox, OutboxConfig, Seq, SledEngine, SledOptions};
 
@@ -33,6 +37,8 @@ struct History {
     seen: BTreeMap<Seq, (u64, u32)>,
     /// Batches observed so far.
     batches: BTreeSet<u64>,
+    /// Half-acknowledged batches found on disk, over all rounds.
+    halved: usize,
 }
 
 /// One batch as found on disk: its records' (seq, class, index).
@@ -96,19 +102,36 @@ fn read_back(dir: &Path) -> Result<Found, String> {
 }
 
 fn check(found: &Found, h: &mut History) -> Result<(), String> {
-    // All or nothing, contiguous seqs in index order.
+    // Whole, or exactly its odd-indexed records (its even ones acknowledged): nothing else.
+    // Within a class, seqs follow index order (one segment per class and append); a whole
+    // batch holds one contiguous seq range.
+    let mut halved: BTreeSet<u64> = BTreeSet::new();
     for (b, recs) in found {
         let n = batch_len(*b);
-        if recs.len() != n as usize {
+        let whole = recs.len() == n as usize;
+        let odd_only = recs.len() == (n / 2) as usize && recs.iter().all(|r| r.2 % 2 == 1);
+        if !whole && !odd_only {
             return Err(format!(
                 "batch {b} is half there: {} of {n} records ({recs:?})",
                 recs.len()
             ));
         }
-        for (k, (seq, _, i)) in recs.iter().enumerate() {
-            if *i != k as u32 || *seq != recs[0].0 + k as u64 {
-                return Err(format!("batch {b} records out of order: {recs:?}"));
+        if !whole {
+            halved.insert(*b);
+            h.halved += 1;
+        }
+        for p in Priority::ALL {
+            let mine: Vec<&(Seq, Priority, u32)> = recs.iter().filter(|r| r.1 == p).collect();
+            for w in mine.windows(2) {
+                if w[1].2 <= w[0].2 || (whole && w[1].0 != w[0].0 + 1) {
+                    return Err(format!(
+                        "batch {b} class {p:?} records out of order: {mine:?}"
+                    ));
+                }
             }
+        }
+        if whole && recs[recs.len() - 1].0 - recs[0].0 + 1 != u64::from(n) {
+            return Err(format!("batch {b} seqs not contiguous: {recs:?}"));
         }
     }
     // Batches in order: later batch numbers have higher seqs.
@@ -174,13 +197,27 @@ fn check(found: &Found, h: &mut History) -> Result<(), String> {
                 .last()
                 .filter(|&&hi| hi > p)
                 .and_then(|hi| (hi + 1).checked_sub(WINDOW));
+            // A batch with no odd-indexed record is gone once its even ones are (by the
+            // removal that went with the highest batch present, durable or not).
+            let present_top = present.last().copied().unwrap_or(p).max(p);
             let required: BTreeSet<u64> = (lo..=p)
                 .filter(|b| removed_upto.is_none_or(|r| *b >= r))
+                .filter(|b| batch_len(*b) / 2 > 0 || b + HALF_ACK > present_top)
                 .collect();
             let missing: Vec<_> = required.difference(&present).collect();
             if !missing.is_empty() {
                 return Err(format!(
                     "durable batches lost: {missing:?} (last durable point {p}, present {present:?})"
+                ));
+            }
+            // Partial acknowledgements made before the durable point stay made.
+            if let Some(b) = present
+                .iter()
+                .find(|b| *b + HALF_ACK <= p && !halved.contains(b))
+            {
+                return Err(format!(
+                    "batch {b} is whole, but its even records were acknowledged before durable \
+                     point {p}: a partial acknowledgement was lost"
                 ));
             }
             let extra: Vec<_> = present.difference(&allowed).collect();
@@ -191,6 +228,14 @@ fn check(found: &Found, h: &mut History) -> Result<(), String> {
                 ));
             }
         }
+    }
+    // Nothing is acknowledged before the writer got that far.
+    let reach = present.last().copied().max(top.checked_sub(1)).unwrap_or(0);
+    if let Some(b) = halved.iter().find(|b| *b + HALF_ACK > reach + 1) {
+        return Err(format!(
+            "batch {b} lost its even records although the writer cannot have reached batch {}",
+            b + HALF_ACK
+        ));
     }
     for (b, recs) in found {
         h.batches.insert(*b);
@@ -302,11 +347,18 @@ fn outbox_survives_random_sigkills() {
     }
     eprintln!(
         "outbox_crash: {KILLS} kills, {rounds_with_progress} rounds made progress, last durable \
-         batch {:?}, {undurable_seen} times a not-yet-durable batch survived, {} seqs checked",
+         batch {:?}, {undurable_seen} times a not-yet-durable batch survived, {} seqs checked, \
+         {} half-acknowledged batches found",
         h.printed,
-        h.seen.len()
+        h.seen.len(),
+        h.halved
     );
-    // The test must actually have exercised the writer, including the removal window.
+    // The test must actually have exercised the writer, including the removal window and
+    // partial acknowledgements found after a restart.
+    assert!(
+        h.halved > 0,
+        "no half-acknowledged batch was ever found on disk"
+    );
     assert!(
         rounds_with_progress >= KILLS / 2,
         "writer made too little progress"

@@ -12,13 +12,15 @@
 //!
 //! # The arithmetic (see `outpost_runtime::storage::{outbox, quota}`)
 //!
-//! The quota counts key + value bytes of each record, one record per sample: the key is
-//! `KEY_LEN` = 9 bytes; the value (`outpost_runtime::record`) is 3 header bytes + 8
-//! timestamp bytes + 1 name-length byte + the stream name + 8 value bytes (the counter, an
-//! integer or a float). The three streams have names of 160 bytes (long, as plant tag paths
-//! are, so that a modest message rate fills the smallest quota the config accepts, 1 MiB),
-//! so every record costs **s = 9 + 12 + 160 + 8 = 189 bytes**. (Sled's on-disk size is not
-//! what is counted.)
+//! The quota counts key + value bytes of each outbox segment (one per class and durable
+//! batch, a few readings each at these rates). A segment costs `KEY_LEN` = 9 key bytes and
+//! a 10-byte header; each reading in it a 2-byte length and its record
+//! (`outpost_runtime::record`: 3 header bytes + 8 timestamp bytes + 1 name-length byte +
+//! the stream name + 8 value bytes, the counter). The three streams have names of 160 bytes
+//! (long, as plant tag paths are, so that a modest message rate fills the smallest quota
+//! the config accepts, 1 MiB), so every reading costs **s = 2 + 12 + 160 + 8 = 182 bytes**
+//! plus its share of a 19-byte segment overhead: about 189 bytes at these rates, the figure
+//! used below. (Sled's on-disk size is not what is counted.)
 //!
 //! Rates: critical 20/s, normal 150/s, bulk 150/s; quota Q = 1 MiB = 1 048 576 bytes;
 //! readings enter the outbox during W = 59 s of the outage.
@@ -56,8 +58,12 @@ const OUTAGE: Duration = Duration::from_secs(60);
 /// The publishers stop this long before the link comes back.
 const STOP_EARLY: Duration = Duration::from_secs(1);
 const QUOTA: u64 = 1 << 20;
-/// Bytes of quota one reading costs (see the module documentation).
-const RECORD_BYTES: u64 = 189;
+/// Quota bytes of one reading in its segment, without the segment's overhead.
+const READING_BYTES: u64 = 182;
+/// Quota bytes of a segment beyond its readings (key and header).
+const SEGMENT_OVERHEAD: u64 = 19;
+/// Most readings in one segment at these rates (a durable batch of one class), with room.
+const MAX_SEGMENT_READINGS: u64 = 64;
 /// Length of every stream name (see the module documentation).
 const STREAM_NAME_LEN: usize = 160;
 
@@ -115,6 +121,7 @@ struct Sample {
     t: f64,
     evicted: BTreeMap<&'static str, f64>,
     bytes: BTreeMap<&'static str, f64>,
+    records: BTreeMap<&'static str, f64>,
 }
 
 async fn scrape(addr: SocketAddr) -> Metrics {
@@ -134,6 +141,7 @@ fn sample(m: &Metrics, t: f64) -> Sample {
         t,
         evicted: per("outpost_outbox_evicted_total"),
         bytes: per("outpost_outbox_bytes"),
+        records: per("outpost_outbox_records"),
     }
 }
 
@@ -370,21 +378,28 @@ async fn small_quota_through_a_long_outage_evicts_bulk_then_oldest_normal_never_
         *runs[0].end() < n_norm - 1,
         "the newest normal readings did not survive: lost {runs:?} of 0..{n_norm}"
     );
-    // At the end of the outage the outbox was full to the last record (every record costs
-    // RECORD_BYTES of quota), and its normal part is exactly the readings the hub got after
-    // the lost run: the quota counts what the module documentation says.
+    // At the end of the outage the outbox was full to the last segment (whole segments are
+    // evicted), and its normal part is exactly the readings the hub got after the lost run:
+    // the quota counts what the module documentation says.
     let norm_kept = norm.seen.range(runs[0].end() + 1..).count() as u64;
     let held: f64 = end_of_outage.bytes.values().sum();
+    let max_segment = SEGMENT_OVERHEAD + MAX_SEGMENT_READINGS * READING_BYTES;
     assert!(
-        held <= QUOTA as f64 && held > (QUOTA - RECORD_BYTES) as f64,
-        "the outbox held {held} bytes at the end of the outage, not the quota's last \
-         {RECORD_BYTES}-byte record: {end_of_outage:?}"
+        held <= QUOTA as f64 && held > (QUOTA - max_segment) as f64,
+        "the outbox held {held} bytes at the end of the outage, not within its last \
+         segment ({max_segment} bytes at most) of the quota: {end_of_outage:?}"
     );
     assert_eq!(
-        end_of_outage.bytes["normal"],
-        (norm_kept * RECORD_BYTES) as f64,
-        "normal bytes held at the end of the outage are not the {norm_kept} normal readings \
+        end_of_outage.records["normal"], norm_kept as f64,
+        "normal records held at the end of the outage are not the {norm_kept} normal readings \
          the hub got after the lost run"
+    );
+    let norm_bytes = end_of_outage.bytes["normal"];
+    assert!(
+        norm_bytes >= (norm_kept * READING_BYTES) as f64
+            && norm_bytes <= (norm_kept * (READING_BYTES + SEGMENT_OVERHEAD)) as f64,
+        "normal bytes held at the end of the outage ({norm_bytes}) are not those of \
+         {norm_kept} readings of {READING_BYTES} bytes in their segments"
     );
     assert!(
         lost_bulk.len() >= lost_norm.len(),
