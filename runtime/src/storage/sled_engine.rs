@@ -35,7 +35,10 @@ pub struct SledOptions {
 impl Default for SledOptions {
     fn default() -> SledOptions {
         SledOptions {
-            cache_capacity: 64 * 1024 * 1024,
+            // Segments are written, read back by the sync loop within moments, and
+            // deleted: a small cache holds that working set. sled's own memory use (nodes in
+            // use, its write buffers) comes on top.
+            cache_capacity: 16 * 1024 * 1024,
             flush_every_ms: Some(500),
             tree: "outbox".to_owned(),
             fdatasync: true,
