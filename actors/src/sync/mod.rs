@@ -137,6 +137,7 @@ pub fn context_from_config(
 
 struct Counters {
     acked: prometheus_client::metrics::counter::Counter,
+    resent: prometheus_client::metrics::counter::Counter,
     connects: prometheus_client::metrics::counter::Counter,
     corrupt: prometheus_client::metrics::counter::Counter,
     connected: prometheus_client::metrics::gauge::Gauge,
@@ -151,6 +152,11 @@ impl Counters {
             acked: m.counter(
                 "outpost_sync_samples_acked",
                 "Samples acknowledged by the hub and deleted from the outbox",
+                &[],
+            ),
+            resent: m.counter(
+                "outpost_sync_samples_resent",
+                "Samples sent again that were sent before without an acknowledgement: in flight on a connection that dropped (the hub may have them and drops them as duplicates), or still in flight",
                 &[],
             ),
             connects: m.counter(
@@ -280,6 +286,8 @@ async fn switch_mode(
     c: &Counters,
     send: Option<&mut Link>,
 ) -> Result<(), String> {
+    // A pinned delta or summary mode backfills what it held once the link is fast.
+    core.set_link(ctx.link.class());
     let want = wanted_mode(ctx);
     if want == core.mode() {
         return Ok(());
@@ -413,7 +421,9 @@ async fn send_frame(
             // send, `disconnected` knows these records were lost in flight and they are
             // sent again. (Committed after the send, a failed send left them behind the
             // live cursor, neither in flight nor held: never sent again.)
+            let resent = core.stats().resent;
             core.commit(lane, &seqs, bytes);
+            c.resent.inc_by(core.stats().resent - resent);
             for p in &parts {
                 send.send(p, &ctx.link).await?;
             }
