@@ -50,6 +50,9 @@ pub struct SyncOptions {
     pub reconnect: BackoffPolicy,
     /// Interval of the RTT pings (QUIC).
     pub ping_interval: Duration,
+    /// A send that makes no progress for this long ends the session (`[uplink]
+    /// send_timeout`).
+    pub send_timeout: Duration,
 }
 
 /// Everything the sync loop needs.
@@ -125,6 +128,7 @@ pub fn context_from_config(
                 0.2,
             ),
             ping_interval: config.link.ping_interval.get(),
+            send_timeout: u.send_timeout.get(),
         },
         core,
         mode: s.mode,
@@ -343,7 +347,12 @@ async fn session(
     c: &Counters,
 ) -> Result<(), String> {
     let mut link = conn
-        .open(&ctx.gateway_id, &ctx.link, ctx.options.ping_interval)
+        .open(
+            &ctx.gateway_id,
+            &ctx.link,
+            ctx.options.ping_interval,
+            ctx.options.send_timeout,
+        )
         .await?;
     let r = serve(ctx, &mut link, core, c).await;
     link.close().await;
