@@ -133,9 +133,11 @@ async fn after_an_outage_the_hub_sees_no_duplicates_beyond_what_was_in_flight_at
         tokio::spawn(async move {
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
+                // The time first: a reading stamped after the cut was taken after it.
+                let at = t0.elapsed();
                 let (in_flight, connected) = gauges(&m);
                 out.push(Reading {
-                    at: t0.elapsed(),
+                    at,
                     in_flight,
                     connected,
                 });
