@@ -7,20 +7,26 @@
 //! # Lanes and cursors
 //!
 //! Each priority class has a *live* lane, read from the outbox in sequence order behind the
-//! class's live cursor. Normal and bulk also have a *backfill* lane: records at or behind the
-//! live cursor that are neither in flight nor acknowledged are *held* — the deadband skipped
-//! them (delta), they were summarized (summary), they were left behind when
-//! store-and-forward ended, or the connection that carried them dropped. Backfill reads them
-//! again from the oldest (when `[sync] backfill` is on):
+//! class's live cursor. Normal and bulk also have a *backfill* lane: records the live lane
+//! has dealt with — at or behind its cursor and no longer waiting in its buffer — that are
+//! neither in flight nor acknowledged are *held*: the deadband skipped them (delta), they
+//! were summarized (summary), they were left behind when store-and-forward ended, or the
+//! connection that carried them dropped. (Records read into the live buffer and not sent
+//! yet are not held: the live lane sends them. Counting them as held sent them twice.)
+//! Backfill reads held records again from the oldest (when `[sync] backfill` is on). What
+//! it reads depends on the mode and on the link class ([`SyncCore::set_link`]; with
+//! `[sync] mode = "auto"` the class picks the mode, a pinned mode may meet any class):
 //!
-//! - in full and full + zstd modes, everything held, through the bulk share of the weighted
-//!   drain ([`DrainScheduler`]): fresh data keeps its priority, held data goes as bulk;
-//! - in delta and summary modes, only the *backlog*: what an outage, a lost connection or
-//!   an earlier summary period left behind (up to a mark moved by [`SyncCore::set_mode`]
-//!   and [`SyncCore::disconnected`]), and gently — one frame in flight at a time, only while
-//!   no live record waits — so alarms and live data keep the link. What the current mode
-//!   itself holds back (deadband skips, summarized samples) waits for a full mode: a mobile
-//!   or satellite link is not asked to carry the raw stream after all;
+//! - in full and full + zstd modes, and in delta and summary modes on a fiber or broadband
+//!   link, everything held, through the bulk share of the weighted drain
+//!   ([`DrainScheduler`]): fresh data keeps its priority, held data goes as bulk;
+//! - in delta and summary modes on a mobile, satellite or intermittent link, only the
+//!   *backlog*: what an outage, a lost connection or an earlier summary period left behind
+//!   (up to a mark moved by [`SyncCore::set_mode`] and [`SyncCore::disconnected`]), and
+//!   gently — one frame in flight at a time, only while no live record waits — so alarms
+//!   and live data keep the link. What the current mode itself holds back (deadband skips,
+//!   summarized samples) waits for a fiber or broadband link: a mobile or satellite link is
+//!   not asked to carry the raw stream after all;
 //! - in store-and-forward, nothing.
 //!
 //! # Modes
@@ -29,8 +35,8 @@
 //! |------|-------------------|--------------|
 //! | full | raw frames | raw frames; backfill of all held |
 //! | full_zstd | zstd frames | zstd frames; backfill of all held |
-//! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held; backlog backfilled gently |
-//! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held; backlog backfilled gently |
+//! | delta | delta frames, unfiltered | deadband, then delta frames; skipped records held; backlog backfilled gently (fiber, broadband: all held) |
+//! | summary | zstd frames (alarms pass through) | aggregated per window; summary frames; all held; backlog backfilled gently (fiber, broadband: all held) |
 //! | store_and_forward | zstd frames while a connection is up | nothing |
 //!
 //! Store-and-forward is what an intermittent link gets: normal and bulk wait in the outbox,
@@ -47,11 +53,13 @@
 //! - A record leaves the outbox only when the hub acknowledges it ([`SyncCore::acked`]):
 //!   held, summarized or lost-in-flight records are still there and will be sent.
 //! - Summary frames acknowledge nothing and are never resent.
+//! - A record is sent again only when the connection that carried it dropped before the hub
+//!   acknowledged it; such resends are counted ([`CoreStats::resent`]).
 //! - After [`SyncCore::disconnected`] nothing is in flight, the deadband forgets what it
 //!   sent (frames since the last acknowledgement may be lost), control and critical are
 //!   read again from their oldest record and normal and bulk records in flight become held.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use outpost_protocols::encoding::deadband::DeadbandError;
 use outpost_protocols::encoding::summary::SummaryConfigError;
@@ -60,10 +68,21 @@ use outpost_protocols::encoding::{
     applies_deadband, encoding_for,
 };
 use outpost_protocols::frame::{Ack, DataFrame, Encoding};
-use outpost_runtime::model::{Priority, Sample, SyncMode};
+use outpost_runtime::model::{LinkClass, Priority, Sample, SyncMode};
 use outpost_runtime::storage::Seq;
 
 use crate::drain::{DEFAULT_WEIGHTS, DrainScheduler};
+
+/// The link class whose sync mode is `mode` (the core's link until it is told).
+fn class_of(mode: SyncMode) -> LinkClass {
+    match mode {
+        SyncMode::Full => LinkClass::Fiber,
+        SyncMode::FullZstd => LinkClass::Broadband,
+        SyncMode::Delta => LinkClass::Mobile,
+        SyncMode::Summary => LinkClass::Satellite,
+        SyncMode::StoreAndForward => LinkClass::Intermittent,
+    }
+}
 
 /// Most summaries per summary frame.
 pub const SUMMARIES_PER_FRAME: usize = 1_000;
@@ -100,6 +119,18 @@ impl Lane {
             Lane::Backfill(_) => "backfill",
         }
     }
+}
+
+/// What the backfill lanes read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backfill {
+    /// Everything held, through the bulk share of the drain.
+    All,
+    /// Only the backlog (up to the backlog mark), one frame at a time while no live record
+    /// waits.
+    Backlog,
+    /// Nothing.
+    Off,
 }
 
 const BACKFILL: [Lane; 2] = [
@@ -161,6 +192,10 @@ pub struct CoreStats {
     pub summaries: u64,
     /// Records sent from the backfill lanes.
     pub backfilled: u64,
+    /// Records sent again that were sent before: in flight on this connection, or in
+    /// flight on an earlier one when it dropped (as far as the core remembers; see
+    /// [`SyncCore::commit`]).
+    pub resent: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -177,7 +212,13 @@ struct InFlightEntry {
 pub struct SyncCore {
     cfg: CoreConfig,
     mode: SyncMode,
+    /// The link class, as the link monitor last said.
+    link: LinkClass,
     in_flight: BTreeMap<Seq, InFlightEntry>,
+    /// Sequences that were in flight when a connection dropped and have not been sent
+    /// since (the hub may have them): sending one again is a resend. At most
+    /// [`SyncCore::lost_limit`], the oldest forgotten first.
+    lost: BTreeSet<Seq>,
     /// Live cursor per class: the highest sequence read for live sending.
     live: [Option<Seq>; 4],
     /// Backfill cursor of normal (index 2) and bulk (3).
@@ -201,7 +242,8 @@ pub struct SyncCore {
 }
 
 impl SyncCore {
-    /// A core in `mode` with nothing read yet.
+    /// A core in `mode` with nothing read yet, on the link class of `mode` until
+    /// [`SyncCore::set_link`] says otherwise.
     pub fn new(cfg: CoreConfig, mode: SyncMode) -> Result<SyncCore, CoreConfigError> {
         let deadband = DeadbandFilter::new(&cfg.deadband)?;
         let summary = [
@@ -211,7 +253,9 @@ impl SyncCore {
         let quantum = (cfg.max_frame_samples / 4).max(1) as u32;
         Ok(SyncCore {
             mode,
+            link: class_of(mode),
             in_flight: BTreeMap::new(),
+            lost: BTreeSet::new(),
             live: [None; 4],
             back: [None; 4],
             back_pending: [false; 4],
@@ -252,20 +296,67 @@ impl SyncCore {
             .any(|l| self.backfill_wanted(l.class() as usize))
     }
 
-    /// Whether the backfill lane of class `c` has something to read in this mode.
+    /// Whether the backfill lane of class `c` has something to read now.
     fn backfill_wanted(&self, c: usize) -> bool {
-        if !self.cfg.backfill {
-            return false;
-        }
-        match self.mode {
-            SyncMode::Full | SyncMode::FullZstd => self.back_pending[c],
-            SyncMode::Delta | SyncMode::Summary => self.backlog_end[c].is_some(),
-            SyncMode::StoreAndForward => false,
+        match self.backfill_policy() {
+            Backfill::All => self.back_pending[c],
+            Backfill::Backlog => self.backlog_end[c].is_some(),
+            Backfill::Off => false,
         }
     }
 
-    fn full_mode(&self) -> bool {
-        matches!(self.mode, SyncMode::Full | SyncMode::FullZstd)
+    /// What the backfill lanes read in this mode on this link: see the module
+    /// documentation. Full modes send everything anyway; delta and summary on a link with
+    /// room to spare (fiber, broadband: pinned there, or not yet re-classified) send what
+    /// they held back too; on a slow one only the backlog.
+    fn backfill_policy(&self) -> Backfill {
+        if !self.cfg.backfill {
+            return Backfill::Off;
+        }
+        match self.mode {
+            SyncMode::Full | SyncMode::FullZstd => Backfill::All,
+            SyncMode::Delta | SyncMode::Summary => match self.link {
+                LinkClass::Fiber | LinkClass::Broadband => Backfill::All,
+                LinkClass::Mobile | LinkClass::Satellite | LinkClass::Intermittent => {
+                    Backfill::Backlog
+                }
+            },
+            SyncMode::StoreAndForward => Backfill::Off,
+        }
+    }
+
+    /// The link class now (from the link monitor): with a pinned mode it decides what
+    /// delta and summary modes backfill.
+    pub fn set_link(&mut self, class: LinkClass) {
+        let before = self.backfill_policy();
+        self.link = class;
+        if self.backfill_policy() != before {
+            self.restart_backfill();
+        }
+    }
+
+    /// A fresh backfill pass from the oldest held record.
+    fn restart_backfill(&mut self) {
+        let all = self.backfill_policy() == Backfill::All;
+        for lane in BACKFILL {
+            let c = lane.class() as usize;
+            self.lanes[lane.index()].clear();
+            self.back[c] = None;
+            if all {
+                self.back_pending[c] = true;
+            }
+        }
+    }
+
+    /// The highest sequence of class `c` the live lane has dealt with: sent, skipped by
+    /// the deadband or summarized. Its cursor is the highest sequence *read*; what still
+    /// waits in its buffer is not held (the live lane sends it), so backfill must stop
+    /// before it.
+    fn live_decided(&self, c: usize) -> Option<Seq> {
+        match self.lanes[c].front() {
+            Some((first, _)) => first.checked_sub(1).min(self.live[c]),
+            None => self.live[c],
+        }
     }
 
     /// Marks everything up to `upto` of class `c` as backlog for the reduced modes.
@@ -342,13 +433,14 @@ impl SyncCore {
                 if !self.backfill_wanted(c) {
                     return; // the mode changed meanwhile
                 }
-                // Only what is behind the live cursor (in delta and summary modes: behind
-                // the backlog mark too) and not in flight is held.
-                let full = self.full_mode();
+                // Only what the live lane has dealt with (sent, skipped or summarized: not
+                // what still waits in its buffer), in delta and summary modes behind the
+                // backlog mark too, and not in flight is held.
+                let full = self.backfill_policy() == Backfill::All;
                 let end = if full {
-                    self.live[c]
+                    self.live_decided(c)
                 } else {
-                    self.live[c].min(self.backlog_end[c])
+                    self.live_decided(c).min(self.backlog_end[c])
                 };
                 let caught_up = match (end, upto) {
                     (Some(end), Some(u)) => u >= end,
@@ -386,9 +478,10 @@ impl SyncCore {
             }
             let room = (self.cfg.window - self.in_flight.len()).min(self.cfg.max_frame_samples);
             let live_waiting = (0..4).any(|i| !self.lanes[i].is_empty());
-            // Delta and summary modes backfill one frame at a time, only when no live
-            // record waits.
-            let backfill_ok = self.full_mode() || (!live_waiting && self.backfill_in_flight == 0);
+            // The backlog alone is backfilled one frame at a time, only when no live record
+            // waits.
+            let backfill_ok = self.backfill_policy() == Backfill::All
+                || (!live_waiting && self.backfill_in_flight == 0);
             let waiting = [0, 1, 2, 3].map(|i| {
                 !self.lanes[i].is_empty()
                     || (i == 3
@@ -455,6 +548,9 @@ impl SyncCore {
     }
 
     /// The frame of `lane` carrying `seqs` was sent as `bytes` bytes: they are in flight.
+    /// Call it before the next [`SyncCore::fill`]. A sequence already in flight, or in
+    /// flight when an earlier connection dropped (the last [`SyncCore::lost_limit`] of
+    /// those), counts as resent ([`CoreStats::resent`]).
     pub fn commit(&mut self, lane: Lane, seqs: &[Seq], bytes: usize) {
         // The frame's bytes spread over its samples, the remainder on the first ones, so
         // that acknowledging all of them gives back exactly the bytes sent.
@@ -473,6 +569,10 @@ impl SyncCore {
             );
             if old.is_some_and(|e| e.backfill) {
                 self.backfill_in_flight -= 1;
+            }
+            let was_lost = self.lost.remove(&s);
+            if old.is_some() || was_lost {
+                self.stats.resent += 1;
             }
             if backfill {
                 self.backfill_in_flight += 1;
@@ -572,16 +672,15 @@ impl SyncCore {
                 self.mark_backlog(p as usize, self.live[p as usize]);
             }
         }
-        // A fresh backfill pass from the oldest held record.
-        for lane in BACKFILL {
-            let c = lane.class() as usize;
-            self.lanes[lane.index()].clear();
-            self.back[c] = None;
-            if self.full_mode() {
-                self.back_pending[c] = true;
-            }
-        }
+        self.restart_backfill();
         frames
+    }
+
+    /// How many sequences lost in flight the core remembers to count resends: four
+    /// windows (enough for the connections that drop before the backlog is sent again;
+    /// records evicted meanwhile are never resent and are forgotten oldest first).
+    fn lost_limit(&self) -> usize {
+        self.cfg.window.saturating_mul(4).max(1)
     }
 
     /// The connection is gone: nothing is in flight any more; see the module documentation.
@@ -590,6 +689,10 @@ impl SyncCore {
         for (seq, e) in std::mem::take(&mut self.in_flight) {
             let c = e.class as usize;
             lost[c] = lost[c].max(Some(seq));
+            self.lost.insert(seq);
+        }
+        while self.lost.len() > self.lost_limit() {
+            self.lost.pop_first();
         }
         self.backfill_in_flight = 0;
         for p in [Priority::Normal, Priority::Bulk] {

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_protocols::encoding::{Deadband, DeadbandConfig, SummaryConfig};
 use outpost_protocols::frame::{Ack, Encoding};
-use outpost_runtime::model::{Priority, Sample, StreamId, SyncMode, Value};
+use outpost_runtime::model::{LinkClass, Priority, Sample, StreamId, SyncMode, Value};
 use outpost_runtime::storage::Seq;
 use proptest::prelude::*;
 
@@ -319,6 +319,7 @@ enum Op {
     AckHalf,
     Disconnect,
     Mode(u8),
+    Link(u8),
     Poll,
 }
 
@@ -330,6 +331,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::AckHalf),
         1 => Just(Op::Disconnect),
         1 => (0u8..5).prop_map(Op::Mode),
+        1 => (0u8..5).prop_map(Op::Link),
         1 => Just(Op::Poll),
     ]
 }
@@ -375,6 +377,7 @@ proptest! {
                 Op::Mode(m) => {
                     core.set_mode(MODES[m as usize], ob.next);
                 }
+                Op::Link(l) => core.set_link(LinkClass::ALL[l as usize]),
                 Op::Poll => {
                     for f in core.poll_summaries(t * 1_000_000) {
                         prop_assert!(f.samples.is_empty());
@@ -445,5 +448,185 @@ fn reduced_modes_backfill_the_outage_backlog_one_frame_at_a_time_but_not_their_o
             ob.ack(&mut core, &f);
         }
         assert!(ob.recs.is_empty(), "{mode:?}: {} left", ob.recs.len());
+    }
+}
+
+#[test]
+fn after_a_lost_connection_the_backlog_is_sent_once_not_by_both_lanes() {
+    // In full mode the live lane resumes where it stopped and carries the outage's backlog,
+    // while the backfill lane resends what was in flight when the connection dropped. The
+    // backfill lane must stop before what the live lane has read but not yet sent.
+    let mut ob = Outbox::default();
+    let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+    for i in 0..20 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+    }
+    let first = ob.round(&mut core);
+    let lost = seqs(&first);
+    assert_eq!(lost.len(), 20);
+    core.disconnected();
+    // The backlog of the outage.
+    for i in 20..400 {
+        ob.add(Priority::Normal, "t/n", i, i as f64);
+    }
+    let mut times: BTreeMap<Seq, usize> = BTreeMap::new();
+    for _ in 0..100 {
+        let frames = ob.round(&mut core);
+        for s in frames.iter().flat_map(|f| f.seqs.iter()) {
+            *times.entry(*s).or_default() += 1;
+        }
+        ob.ack(&mut core, &frames);
+        if ob.recs.is_empty() {
+            break;
+        }
+    }
+    assert!(ob.recs.is_empty(), "{} left", ob.recs.len());
+    let twice: Vec<Seq> = times
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "sent twice after the reconnect: {twice:?}"
+    );
+    assert_eq!(times.len(), 400);
+    // The 20 lost in flight were sent again: resends, and only those.
+    assert_eq!(core.stats().resent, 20);
+}
+
+proptest! {
+    /// Whatever happens, a record is sent again only when the connection that carried it
+    /// dropped before the hub acknowledged it, and the core counts exactly those resends.
+    #[test]
+    fn nothing_is_sent_twice_but_what_a_lost_connection_lost(
+        ops in proptest::collection::vec(op(), 1..200),
+    ) {
+        let mut ob = Outbox::default();
+        let mut core = SyncCore::new(cfg(), SyncMode::Full).unwrap();
+        let mut pending: Vec<Outgoing> = Vec::new();
+        // Sent on this connection and not acknowledged; in flight when a connection
+        // dropped and not sent since.
+        let mut outstanding: BTreeSet<Seq> = BTreeSet::new();
+        let mut lost: BTreeSet<Seq> = BTreeSet::new();
+        let mut acked: BTreeSet<Seq> = BTreeSet::new();
+        let mut resent = 0u64;
+        let mut t = 0i64;
+        let mut sent = |frames: &[Outgoing],
+                        outstanding: &mut BTreeSet<Seq>,
+                        lost: &mut BTreeSet<Seq>,
+                        acked: &BTreeSet<Seq>|
+         -> Result<(), TestCaseError> {
+            for &s in frames.iter().flat_map(|f| f.seqs.iter()) {
+                prop_assert!(!outstanding.contains(&s), "{} sent twice on one connection", s);
+                prop_assert!(!acked.contains(&s), "{} sent after its acknowledgement", s);
+                if lost.remove(&s) {
+                    resent += 1;
+                }
+                outstanding.insert(s);
+            }
+            Ok(())
+        };
+        // Then: what is in flight is acknowledged, on a good link.
+        let ops = ops.into_iter().chain([Op::AckAll, Op::Mode(0)]);
+        for o in ops {
+            match o {
+                Op::Add(p, s, v) => {
+                    t += 7;
+                    let p = Priority::from_u8(p).unwrap();
+                    ob.add(p, &format!("s/{s}"), t, f64::from(v) / 100.0);
+                }
+                Op::Round => {
+                    let f = ob.round(&mut core);
+                    sent(&f, &mut outstanding, &mut lost, &acked)?;
+                    pending.extend(f);
+                }
+                Op::AckAll | Op::AckHalf => {
+                    let n = if matches!(o, Op::AckAll) { pending.len() } else { pending.len() / 2 };
+                    let done: Vec<Outgoing> = pending.drain(..n).collect();
+                    for &s in done.iter().flat_map(|f| f.seqs.iter()) {
+                        outstanding.remove(&s);
+                        acked.insert(s);
+                    }
+                    ob.ack(&mut core, &done);
+                }
+                Op::Disconnect => {
+                    core.disconnected();
+                    pending.clear();
+                    lost.append(&mut outstanding);
+                }
+                Op::Mode(m) => {
+                    core.set_mode(MODES[m as usize], ob.next);
+                }
+                Op::Link(l) => core.set_link(LinkClass::ALL[l as usize]),
+                Op::Poll => {
+                    core.poll_summaries(t * 1_000_000);
+                }
+            }
+        }
+        // Drain on a good link: the same holds.
+        for _ in 0..200 {
+            let f = ob.round(&mut core);
+            sent(&f, &mut outstanding, &mut lost, &acked)?;
+            for &s in f.iter().flat_map(|f| f.seqs.iter()) {
+                outstanding.remove(&s);
+                acked.insert(s);
+            }
+            ob.ack(&mut core, &f);
+            if ob.recs.is_empty() {
+                break;
+            }
+        }
+        prop_assert!(ob.recs.is_empty());
+        prop_assert_eq!(core.stats().resent, resent);
+    }
+}
+
+#[test]
+fn a_pinned_reduced_mode_backfills_what_it_held_once_the_link_is_fast() {
+    for mode in [SyncMode::Delta, SyncMode::Summary] {
+        let mut ob = Outbox::default();
+        let mut core = SyncCore::new(cfg(), mode).unwrap();
+        let drain = |ob: &mut Outbox, core: &mut SyncCore| {
+            let mut back = 0;
+            for _ in 0..20 {
+                let f = ob.round(core);
+                back += f
+                    .iter()
+                    .filter(|f| matches!(f.lane, Lane::Backfill(_)))
+                    .map(|f| f.seqs.len())
+                    .sum::<usize>();
+                ob.ack(core, &f);
+            }
+            back
+        };
+        // A flat signal: the deadband sends its first sample, or it is summarized.
+        core.set_link(LinkClass::Mobile);
+        for i in 0..30 {
+            ob.add(Priority::Normal, "t/flat", i, 1.0);
+        }
+        assert_eq!(drain(&mut ob, &mut core), 0, "{mode:?}");
+        assert!(ob.recs.len() >= 29, "{mode:?}: held on a mobile link");
+        assert!(!core.backfill_pending(), "{mode:?}");
+        // The same pinned mode on a fiber link: what it held goes out (as bulk).
+        core.set_link(LinkClass::Fiber);
+        assert_eq!(core.mode(), mode);
+        assert!(core.backfill_pending(), "{mode:?}");
+        assert!(drain(&mut ob, &mut core) >= 29, "{mode:?}");
+        assert!(ob.recs.is_empty(), "{mode:?}: {} left", ob.recs.len());
+        // New holds on a broadband link go out too.
+        core.set_link(LinkClass::Broadband);
+        for i in 30..60 {
+            ob.add(Priority::Normal, "t/flat", i, 1.0);
+        }
+        drain(&mut ob, &mut core);
+        assert!(ob.recs.is_empty(), "{mode:?}: {} left", ob.recs.len());
+        // Satellite again: held back again.
+        core.set_link(LinkClass::Satellite);
+        for i in 60..90 {
+            ob.add(Priority::Normal, "t/flat", i, 1.0);
+        }
+        assert_eq!(drain(&mut ob, &mut core), 0, "{mode:?}");
+        assert!(ob.recs.len() >= 29, "{mode:?}");
     }
 }

@@ -50,6 +50,9 @@ pub struct SyncOptions {
     pub reconnect: BackoffPolicy,
     /// Interval of the RTT pings (QUIC).
     pub ping_interval: Duration,
+    /// A send that makes no progress for this long ends the session (`[uplink]
+    /// send_timeout`).
+    pub send_timeout: Duration,
 }
 
 /// Everything the sync loop needs.
@@ -125,6 +128,7 @@ pub fn context_from_config(
                 0.2,
             ),
             ping_interval: config.link.ping_interval.get(),
+            send_timeout: u.send_timeout.get(),
         },
         core,
         mode: s.mode,
@@ -137,6 +141,7 @@ pub fn context_from_config(
 
 struct Counters {
     acked: prometheus_client::metrics::counter::Counter,
+    resent: prometheus_client::metrics::counter::Counter,
     connects: prometheus_client::metrics::counter::Counter,
     corrupt: prometheus_client::metrics::counter::Counter,
     connected: prometheus_client::metrics::gauge::Gauge,
@@ -151,6 +156,11 @@ impl Counters {
             acked: m.counter(
                 "outpost_sync_samples_acked",
                 "Samples acknowledged by the hub and deleted from the outbox",
+                &[],
+            ),
+            resent: m.counter(
+                "outpost_sync_samples_resent",
+                "Samples sent again that were sent before without an acknowledgement: in flight on a connection that dropped (the hub may have them and drops them as duplicates), or still in flight",
                 &[],
             ),
             connects: m.counter(
@@ -280,6 +290,8 @@ async fn switch_mode(
     c: &Counters,
     send: Option<&mut Link>,
 ) -> Result<(), String> {
+    // A pinned delta or summary mode backfills what it held once the link is fast.
+    core.set_link(ctx.link.class());
     let want = wanted_mode(ctx);
     if want == core.mode() {
         return Ok(());
@@ -335,7 +347,12 @@ async fn session(
     c: &Counters,
 ) -> Result<(), String> {
     let mut link = conn
-        .open(&ctx.gateway_id, &ctx.link, ctx.options.ping_interval)
+        .open(
+            &ctx.gateway_id,
+            &ctx.link,
+            ctx.options.ping_interval,
+            ctx.options.send_timeout,
+        )
         .await?;
     let r = serve(ctx, &mut link, core, c).await;
     link.close().await;
@@ -413,7 +430,9 @@ async fn send_frame(
             // send, `disconnected` knows these records were lost in flight and they are
             // sent again. (Committed after the send, a failed send left them behind the
             // live cursor, neither in flight nor held: never sent again.)
+            let resent = core.stats().resent;
             core.commit(lane, &seqs, bytes);
+            c.resent.inc_by(core.stats().resent - resent);
             for p in &parts {
                 send.send(p, &ctx.link).await?;
             }

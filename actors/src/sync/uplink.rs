@@ -220,12 +220,15 @@ pub enum Connection {
 
 impl Connection {
     /// Starts the session: sends the Hello; over QUIC also starts the ack reader and the
-    /// pings. On failure the connection is closed.
+    /// pings. On failure the connection is closed. Every send of the session, the Hello
+    /// included, fails once it makes no progress for `send_timeout`
+    /// ([`Link::send`]).
     pub async fn open(
         self,
         gateway_id: &str,
         link: &LinkHandle,
         ping_interval: Duration,
+        send_timeout: Duration,
     ) -> Result<Link, String> {
         let hello = frame::encode(&Message::Hello(Hello {
             gateway_id: gateway_id.to_owned(),
@@ -236,9 +239,7 @@ impl Connection {
             Connection::Quic(conn) => {
                 let opened = async {
                     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                    quic::send_all(&mut send, &hello)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    write_within(&mut send, &hello, send_timeout).await?;
                     Ok::<_, String>((send, recv))
                 };
                 let (send, recv) = match opened.await {
@@ -274,20 +275,26 @@ impl Connection {
                     _path: path,
                     pings: Some(pings),
                     heard,
+                    send_timeout,
                 }))
             }
             Connection::Mqtt {
                 mut session,
                 max_payload,
             } => {
-                if let Err(e) = session.send(&hello).await {
+                let sent = match tokio::time::timeout(send_timeout, session.send(&hello)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(no_room(send_timeout)),
+                };
+                if let Err(e) = sent {
                     close_mqtt(session).await;
-                    return Err(e.to_string());
+                    return Err(e);
                 }
                 Ok(Link::Mqtt(MqttLink {
                     session,
                     max_payload,
                     waiting_since: None,
+                    send_timeout,
                 }))
             }
         }
@@ -317,6 +324,8 @@ pub struct QuicLink {
     _path: AbortOnDrop<()>,
     pings: Option<AbortOnDrop<String>>,
     heard: Arc<Heard>,
+    /// A send taking no byte for this long fails.
+    send_timeout: Duration,
 }
 
 /// An MQTT session (a clean session on the broker).
@@ -325,6 +334,8 @@ pub struct MqttLink {
     max_payload: usize,
     /// Since when publishes have waited for the broker without hearing from it.
     waiting_since: Option<Instant>,
+    /// A send waiting this long for room fails.
+    send_timeout: Duration,
 }
 
 impl Link {
@@ -336,15 +347,18 @@ impl Link {
         }
     }
 
-    /// Sends one encoded frame (waits while the transport's window is full). Over MQTT,
-    /// a wait for the broker's PUBACKs longer than [`SILENT_SESSION`] while the link is
-    /// intermittent gives the session up (the loop cannot [`observe`](Self::observe)
-    /// meanwhile, and MQTT's keep-alive takes up to 1.5 × `keep_alive` to notice).
+    /// Sends one encoded frame (waits while the transport's window is full). A send that
+    /// makes no progress for `[uplink] send_timeout` fails, and the loop ends the session:
+    /// over QUIC, the hub taking no byte (a hub alive at the QUIC level that stopped
+    /// reading the stream would otherwise hold the loop for ever: no acks, no mode
+    /// switches, no summaries); over MQTT, the broker acknowledging nothing to make room.
+    /// Over MQTT, a wait for the broker's PUBACKs longer than [`SILENT_SESSION`] while the
+    /// link is intermittent gives the session up sooner (the loop cannot
+    /// [`observe`](Self::observe) meanwhile, and MQTT's keep-alive takes up to
+    /// 1.5 × `keep_alive` to notice).
     pub async fn send(&mut self, bytes: &[u8], link: &LinkHandle) -> Result<(), String> {
         match self {
-            Link::Quic(q) => quic::send_all(&mut q.send, bytes)
-                .await
-                .map_err(|e| e.to_string()),
+            Link::Quic(q) => write_within(&mut q.send, bytes, q.send_timeout).await,
             Link::Mqtt(m) => {
                 let started = Instant::now();
                 let send = m.session.send(bytes);
@@ -354,12 +368,15 @@ impl Link {
                     tokio::select! {
                         r = &mut send => return r.map_err(|e| e.to_string()),
                         _ = check.tick() => {
+                            // Dropping the send leaves the session's accounting unusable;
+                            // it is closed right after.
                             if link.class() == LinkClass::Intermittent
                                 && started.elapsed() > SILENT_SESSION
                             {
-                                // Dropping the send leaves the session's accounting
-                                // unusable; it is closed right after.
                                 return Err("the link is down: the broker acknowledges nothing".into());
+                            }
+                            if started.elapsed() > m.send_timeout {
+                                return Err(no_room(m.send_timeout));
                             }
                         }
                     }
@@ -449,6 +466,35 @@ impl Link {
             Link::Mqtt(m) => close_mqtt(m.session).await,
         }
     }
+}
+
+/// Writes all of `bytes` to a QUIC stream; an error when the stream takes no byte for
+/// `stall` (flow control: the hub reads nothing, or the link delivers nothing).
+async fn write_within(
+    stream: &mut quic::SendStream,
+    bytes: &[u8],
+    stall: Duration,
+) -> Result<(), String> {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match tokio::time::timeout(stall, stream.write(rest)).await {
+            Ok(Ok(n)) => rest = &rest[n..],
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "the hub took no data for {stall:?} ([uplink] send_timeout): it stopped reading or the link delivers nothing"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error of an MQTT send that waited `after` for room.
+fn no_room(after: Duration) -> String {
+    format!(
+        "the broker acknowledged nothing for {after:?} ([uplink] send_timeout): no room to send"
+    )
 }
 
 async fn close_mqtt(session: Box<MqttUplinkSession>) {

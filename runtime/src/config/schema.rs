@@ -435,6 +435,11 @@ pub struct UplinkConfig {
     /// QUIC keep-alive interval.
     #[serde(default = "default_uplink_keep_alive")]
     pub keep_alive: Dur<100, 600_000>,
+    /// Both transports: a frame whose send makes no progress for this long (QUIC: the hub
+    /// takes no byte of it; MQTT: the broker acknowledges nothing to make room for it) ends
+    /// the session; the gateway reconnects and sends again what was not acknowledged.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Dur<100, 600_000>,
     /// Most samples per frame.
     #[serde(default = "default_frame_samples")]
     pub max_frame_samples: Bounded<1, 65_535>,
@@ -506,6 +511,9 @@ fn default_mqtt_max_payload() -> ByteSize {
 
 fn default_uplink_keep_alive() -> Dur<100, 600_000> {
     Dur::from_millis(5_000)
+}
+fn default_send_timeout() -> Dur<100, 600_000> {
+    Dur::from_millis(30_000)
 }
 fn default_frame_samples() -> Bounded<1, 65_535> {
     Bounded(1_000)

@@ -39,6 +39,11 @@ fn reference_and_demo_configs_are_valid() {
     );
     let u = c.uplink.as_ref().unwrap();
     assert_eq!(u.ca.as_deref(), Some(Path::new("/base/certs/ca.pem")));
+    assert_eq!(u.send_timeout.get(), std::time::Duration::from_secs(30));
+    // The documented default is the default.
+    let bare = parse_ref(&REFERENCE.replace("send_timeout = \"30s\"\n", "")).unwrap();
+    let bare = bare.config.uplink.unwrap();
+    assert_eq!(bare.send_timeout.get(), std::time::Duration::from_secs(30));
     // The certificates and the password variable are not on this machine: environment
     // problems, not config errors.
     let keys: Vec<&str> = loaded.environment.iter().map(|e| e.key.as_str()).collect();
