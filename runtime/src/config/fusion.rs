@@ -94,6 +94,12 @@ pub struct AlignerStreamConfig {
     /// Silence after which the stream is marked bad, ms (default 5000, > 0).
     #[serde(default = "default_stale_ms")]
     pub stale_after_ms: u64,
+    /// Longest gap between two samples that interpolation bridges, ms (default: the
+    /// stream's `stale_after_ms`; 1 to `stale_after_ms`). Ticks inside a longer gap are
+    /// treated as after a silent stream's newest sample: held (uncertain, marked held) for
+    /// up to `stale_after_ms`, then missing.
+    #[serde(default)]
+    pub max_gap_ms: Option<u64>,
     /// Map source timestamps to the arrival clock with the estimated offset and drift
     /// (default false; the estimate is kept either way).
     #[serde(default)]
@@ -131,6 +137,11 @@ pub struct AlignerConfig {
     /// rejected, ms (default 60000; 0 disables the check).
     #[serde(default = "default_max_future_ms")]
     pub max_future_ms: u64,
+    /// When no sample has been accepted for this long (arrival clock), the watermark moves
+    /// on with the arrival clock, so silent streams go stale and their ticks are emitted,
+    /// ms (default: the largest `stale_after_ms` of the streams; 1 to 86400000).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
     /// The streams (1–64, distinct).
     pub streams: Vec<AlignerStreamConfig>,
 }
@@ -177,6 +188,14 @@ impl AlignerConfig {
                 "allowed_lateness_ms must be at most one day".into(),
             );
         }
+        if let Some(ms) = self.idle_timeout_ms
+            && !(1..=86_400_000).contains(&ms)
+        {
+            return bad(
+                "idle_timeout_ms",
+                format!("idle_timeout_ms = {ms} must be in 1-86400000"),
+            );
+        }
         for (i, s) in self.streams.iter().enumerate() {
             if s.stale_after_ms == 0 || s.stale_after_ms > 86_400_000 {
                 return bad(
@@ -184,6 +203,17 @@ impl AlignerConfig {
                     format!(
                         "stream {:?}: stale_after_ms must be in 1-86400000",
                         s.stream
+                    ),
+                );
+            }
+            if let Some(gap) = s.max_gap_ms
+                && !(1..=s.stale_after_ms).contains(&gap)
+            {
+                return bad(
+                    "max_gap_ms",
+                    format!(
+                        "stream {:?}: max_gap_ms = {gap} must be in 1-{} (its stale_after_ms)",
+                        s.stream, s.stale_after_ms
                     ),
                 );
             }
@@ -603,6 +633,11 @@ pub struct FusionGroupConfig {
     /// Kalman filter with several axes: one position per axis).
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Kalman only: streams for the standard deviation of each fused position (one per
+    /// axis, same unit), so the filter's uncertainty is visible downstream (it grows during
+    /// predict-only steps). Optional.
+    #[serde(default)]
+    pub std_outputs: Vec<String>,
     /// Voting only: stream of the critical alarm samples raised when a sensor is flagged
     /// faulty (value: the faulty input's stream name). Default `<name>/alarm`.
     pub alarm: Option<String>,
@@ -615,6 +650,12 @@ pub struct FusionGroupConfig {
     /// A stream silent longer than this is marked bad until it speaks again.
     #[serde(default = "default_stale")]
     pub stale_after: Dur<1, 86_400_000>,
+    /// Longest gap between two samples of an input that interpolation bridges (default
+    /// `stale_after`, at most `stale_after`).
+    pub max_gap: Option<Dur<1, 86_400_000>>,
+    /// With no input sample for this long, the group's time moves on with the gateway's
+    /// clock (default `stale_after`).
+    pub idle_timeout: Option<Dur<1, 86_400_000>>,
     #[serde(default)]
     pub interpolation: Interpolation,
     /// Correct each input's timestamps by its estimated clock offset and drift.
@@ -771,6 +812,7 @@ impl FusionGroupConfig {
             clock_bucket_ms: default_clock_bucket_ms(),
             max_pending_ticks: default_max_pending(),
             max_future_ms: default_max_future_ms(),
+            idle_timeout_ms: self.idle_timeout.map(|d| ms(d.get())),
             streams: self
                 .inputs
                 .iter()
@@ -778,6 +820,7 @@ impl FusionGroupConfig {
                     stream: s.clone(),
                     interpolation,
                     stale_after_ms: ms(self.stale_after.get()),
+                    max_gap_ms: self.max_gap.map(|d| ms(d.get())),
                     correct_clock: self.correct_clock,
                 })
                 .collect(),

@@ -355,11 +355,19 @@ fn a_group_needs_exactly_one_method() {
 
 #[test]
 fn input_and_output_counts_must_match_the_method() {
-    // Two axes need two position inputs and two outputs.
+    // Two axes need two position inputs, two outputs and two std outputs.
     let text = REFERENCE.replacen("axes = 1\n", "axes = 2\n", 1);
     let errs = parse_ref(&text).unwrap_err().0;
     let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys, ["fusion[0].inputs", "fusion[0].output"], "{errs:?}");
+    assert_eq!(
+        keys,
+        [
+            "fusion[0].inputs",
+            "fusion[0].output",
+            "fusion[0].std_outputs"
+        ],
+        "{errs:?}"
+    );
     assert!(errs[0].message.contains("needs 2 inputs"), "{}", errs[0]);
     // gps_imu: positions then accelerations.
     let text = REFERENCE.replacen("model = \"constant_velocity\"", "model = \"gps_imu\"", 1);
@@ -663,4 +671,47 @@ fn a_config_without_sync_section_backfills() {
         .strict()
         .unwrap();
     assert!(with.sync.backfill, "and with an empty one");
+}
+
+#[test]
+fn gap_and_idle_keys_reach_the_aligner_and_are_checked() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let a = c.fusion[0].aligner_config();
+    assert_eq!(a.streams[0].max_gap_ms, Some(3_000));
+    assert_eq!(a.idle_timeout_ms, Some(10_000));
+    assert_eq!(c.fusion[0].std_outputs, ["boiler/temperature_kf_std"]);
+    // Left out: the aligner's defaults (stale_after).
+    let a = c.fusion[1].aligner_config();
+    assert_eq!((a.streams[0].max_gap_ms, a.idle_timeout_ms), (None, None));
+    a.validate().unwrap();
+
+    let text = REFERENCE.replace("max_gap = \"3s\"", "max_gap = \"11s\"");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].max_gap");
+    assert_eq!(e.line, Some(line_of(&text, "max_gap = \"11s\"")));
+    assert!(e.message.contains("longer than stale_after"), "{e}");
+
+    let text = REFERENCE.replace(
+        "std_outputs = [\"boiler/temperature_kf_std\"]",
+        "std_outputs = [\"a\", \"b\"]",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].std_outputs");
+    assert!(e.message.contains("needs 1 streams"), "{e}");
+
+    let text = with_group(
+        "[[fusion]]\nname = \"sd\"\ninputs = [\"boiler/pressure\"]\noutput = \"p2\"\n\
+         std_outputs = [\"p2_std\"]\ntick = \"1s\"\n[fusion.weighted_average]\nvariances = [1.0]\n",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].std_outputs");
+    assert!(e.message.contains("only for groups with a `kalman`"), "{e}");
+
+    // A std output is a stream like any other: names stay unique.
+    let text = REFERENCE.replace(
+        "std_outputs = [\"boiler/temperature_kf_std\"]",
+        "std_outputs = [\"boiler/temperature_avg\"]",
+    );
+    let e = one_error(&text);
+    assert!(e.message.contains("already produced"), "{e}");
 }

@@ -648,6 +648,22 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
             known.insert(name.clone());
             produced.push((name, at.clone().key(out_key)));
         }
+        check_std_outputs(g, &at, p);
+        for name in &g.std_outputs {
+            known.insert(name.clone());
+            produced.push((name.clone(), at.clone().key("std_outputs")));
+        }
+        if let Some(gap) = g.max_gap
+            && gap.get() > g.stale_after.get()
+        {
+            p.push((
+                at.clone().key("max_gap"),
+                format!(
+                    "max_gap ({:?}) is longer than stale_after ({:?}): a gap that long makes the input stale, it cannot be bridged",
+                    gap, g.stale_after
+                ),
+            ));
+        }
         match (&g.alarm, g.alarm_stream()) {
             (Some(_), None) => p.push((
                 at.clone().key("alarm"),
@@ -666,6 +682,29 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
     }
     for (name, at) in produced {
         add_stream(p, streams, &name, at);
+    }
+}
+
+/// `std_outputs`: Kalman groups only, one stream per axis.
+fn check_std_outputs(g: &FusionGroupConfig, at: &KeyPath, p: &mut Problems) {
+    if g.std_outputs.is_empty() {
+        return;
+    }
+    let at = at.clone().key("std_outputs");
+    match (&g.kalman, g.methods().len()) {
+        (Some(k), 1) if k.axes != g.std_outputs.len() => p.push((
+            at,
+            format!(
+                "std_outputs needs {} streams, the standard deviation of each axis' position; the group has {}",
+                k.axes,
+                g.std_outputs.len()
+            ),
+        )),
+        (Some(_), _) => {}
+        (None, _) => p.push((
+            at,
+            "`std_outputs` is only for groups with a `kalman` section".into(),
+        )),
     }
 }
 
