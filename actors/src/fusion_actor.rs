@@ -30,7 +30,9 @@
 //!   axis. Gate rejections are counted.
 //! - `complementary`, `madgwick`: gyro x, y, z (rad/s), accel x, y, z; frames missing any of
 //!   them, or holding any of them past its last sample, are skipped; a gap longer than
-//!   `max_dt_s` restarts the filter. Outputs: roll and pitch in **degrees**.
+//!   `max_dt_s` restarts the filter. Outputs: roll and pitch in **degrees**. Accelerometer
+//!   corrections the complementary filter skips (magnitude off 1 g by more than
+//!   `accel_rejection`) count as rejections; a long streak of them is logged once.
 //! - `weighted_average`: the fused value; outlier exclusions are counted as rejections.
 //! - `voting`: the voted value (majority: an integer; the inputs are held, not interpolated).
 //!   A sensor flagged faulty produces one sample on the group's alarm stream
@@ -93,7 +95,8 @@ const BUS_CAPACITY: usize = 4_096;
 pub struct GroupStats {
     /// Frames fused (new frames and corrections).
     pub frames: u64,
-    /// Kalman gate rejections and weighted-average outlier exclusions.
+    /// Kalman gate rejections, weighted-average outlier exclusions, complementary
+    /// accelerometer corrections skipped.
     pub rejections: u64,
     /// Frames the method could not fuse.
     pub errors: u64,
@@ -239,7 +242,19 @@ impl AttitudeFilter {
             AttitudeFilter::Madgwick(f) => f.update(g, a, dt),
         }
     }
+
+    /// Accelerometer corrections skipped so far, and in a row (complementary only).
+    fn accel_rejections(&self) -> (u64, u64) {
+        match self {
+            AttitudeFilter::Complementary(f) => (f.accel_rejections(), f.rejection_streak()),
+            AttitudeFilter::Madgwick(_) => (0, 0),
+        }
+    }
 }
+
+/// Accelerometer corrections skipped in a row after which the group warns (once per streak)
+/// that `gravity` may not be 1 g in the accelerometer's unit.
+const REJECTION_STREAK_WARN: u64 = 1_000;
 
 #[derive(Debug, Clone)]
 enum MethodState {
@@ -257,6 +272,8 @@ enum MethodState {
         fresh: AttitudeFilter,
         max_dt_s: f64,
         last: Option<TimestampNs>,
+        /// The current streak of skipped corrections was logged.
+        warned: bool,
     },
     Wavg(WeightedAverage),
     Voting {
@@ -370,6 +387,7 @@ impl FusionGroup {
                     filter: f,
                     max_dt_s,
                     last: None,
+                    warned: false,
                 }
             }
             FusionMethod::Madgwick(c) => {
@@ -380,6 +398,7 @@ impl FusionGroup {
                     filter: f,
                     max_dt_s,
                     last: None,
+                    warned: false,
                 }
             }
             FusionMethod::WeightedAverage(c) => {
@@ -521,6 +540,7 @@ impl FusionGroup {
                 fresh,
                 max_dt_s,
                 last,
+                warned,
             } => {
                 let Some(v) = measured.iter().copied().collect::<Option<Vec<f64>>>() else {
                     return;
@@ -538,7 +558,24 @@ impl FusionGroup {
                         "attitude filter restarted after a gap longer than max_dt_s"
                     );
                 }
-                match filter.update(&g, &a, dt) {
+                let (skipped_before, _) = filter.accel_rejections();
+                let res = filter.update(&g, &a, dt);
+                let (skipped, streak) = filter.accel_rejections();
+                self.stats.rejections += skipped.saturating_sub(skipped_before);
+                if streak == 0 {
+                    *warned = false;
+                } else if streak >= REJECTION_STREAK_WARN && !*warned {
+                    *warned = true;
+                    tracing::warn!(
+                        group = %self.name,
+                        frames = streak,
+                        accel_magnitude = a.norm(),
+                        "accelerometer corrections skipped {streak} frames in a row: its magnitude is \
+                         far from `gravity` (1 g in the accelerometer's unit: 9.80665 for m/s², \
+                         1.0 for g); the attitude follows the gyroscope alone"
+                    );
+                }
+                match res {
                     Ok(Some(att)) => {
                         *last = Some(f.ts_ns);
                         emit(
@@ -666,7 +703,7 @@ impl GroupMetrics {
             frames: m.counter("outpost_fusion_frames", "Aligned frames fused by a fusion group", &l),
             rejections: m.counter(
                 "outpost_fusion_rejections",
-                "Inputs a fusion group rejected: Kalman gate rejections, weighted-average outlier exclusions",
+                "Inputs a fusion group rejected: Kalman gate rejections, weighted-average outlier exclusions, complementary accelerometer corrections skipped",
                 &l,
             ),
             errors: m.counter(

@@ -574,3 +574,39 @@ fn attitude_skips_frames_with_held_inputs() {
     let last = rolls.last().unwrap().value.as_f64().unwrap();
     assert!(last.abs() < 1.0, "roll {last}°");
 }
+
+/// Accelerometer corrections the complementary filter skips are counted as the group's
+/// rejections (outpost_fusion_rejections), measured against 1 g in the configured unit.
+#[test]
+fn skipped_accelerometer_corrections_are_counted() {
+    for (gravity, unit) in [(None, 9.80665), (Some(1.0), 1.0)] {
+        let mut c = json!({ "accel_rejection": 0.1 });
+        if let Some(g) = gravity {
+            c["gravity"] = json!(g);
+        }
+        let mut g = FusionGroup::new(&group(json!({
+            "name": "unit-att-rej",
+            "inputs": ["fa/ar/gx", "fa/ar/gy", "fa/ar/gz", "fa/ar/ax", "fa/ar/ay", "fa/ar/az"],
+            "outputs": ["fa/ar/roll", "fa/ar/pitch"],
+            "tick": "10ms",
+            "allowed_lateness": "0ms",
+            "complementary": c,
+        })))
+        .unwrap();
+        let ids = g.inputs().to_vec();
+        let t0 = base();
+        // Level; a 1.5 g bump on 20 of 100 frames (not the first).
+        let mut bumps = 0;
+        for k in 0..100 {
+            let t = t0 + k * 10 * MS;
+            let az = if k % 5 == 1 { 1.5 * unit } else { unit };
+            bumps += u64::from(k % 5 == 1);
+            for (i, v) in [0.0, 0.0, 0.0, 0.0, 0.0, az].iter().enumerate() {
+                g.push(&Sample::new(ids[i], t, Value::F64(*v)), t);
+            }
+        }
+        g.poll(t0 + 99 * 10 * MS);
+        assert_eq!(bumps, 20);
+        assert_eq!(g.stats().rejections, bumps, "gravity {gravity:?}");
+    }
+}

@@ -277,6 +277,7 @@ fn attitude_beside_imufusion() {
     let mut comp = Complementary::new(ComplementaryConfig {
         time_constant_s: 1.0,
         accel_rejection: 0.0,
+        gravity: 9.80665,
         max_dt_s: 1.0,
     })
     .unwrap();

@@ -352,6 +352,11 @@ fn default_attitude_max_dt() -> f64 {
 fn default_beta() -> f64 {
     0.1
 }
+/// Standard gravity, m/s².
+pub const STANDARD_GRAVITY: f64 = 9.80665;
+fn default_gravity() -> f64 {
+    STANDARD_GRAVITY
+}
 
 /// Complementary filter settings (a `[fusion.complementary]` table).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -361,10 +366,14 @@ pub struct ComplementaryConfig {
     /// blend is the same whatever the sample rate. Longer trusts the gyroscope more.
     #[serde(default = "one")]
     pub time_constant_s: f64,
-    /// Skip the accelerometer correction when `| |a| / g₀ − 1 |` exceeds this fraction, where
-    /// g₀ is the first reading's magnitude (linear acceleration present). 0 disables (default).
+    /// Skip the accelerometer correction when `| |a| / gravity − 1 |` exceeds this fraction
+    /// (linear acceleration present). 0 disables (default).
     #[serde(default)]
     pub accel_rejection: f64,
+    /// Magnitude of 1 g in the accelerometer's unit, the reference of `accel_rejection`
+    /// (default 9.80665, m/s²; 1.0 for an accelerometer that reports g). > 0.
+    #[serde(default = "default_gravity")]
+    pub gravity: f64,
     /// Longest accepted time step, seconds (default 1).
     #[serde(default = "default_attitude_max_dt")]
     pub max_dt_s: f64,
@@ -384,6 +393,9 @@ impl ComplementaryConfig {
                 "accel_rejection",
                 format!("accel_rejection = {} must be >= 0", self.accel_rejection),
             );
+        }
+        if !(self.gravity.is_finite() && self.gravity > 0.0) {
+            return bad("gravity", format!("gravity = {} must be > 0", self.gravity));
         }
         if !(self.max_dt_s.is_finite() && self.max_dt_s > 0.0) {
             return bad(

@@ -715,3 +715,17 @@ fn gap_and_idle_keys_reach_the_aligner_and_are_checked() {
     let e = one_error(&text);
     assert!(e.message.contains("already produced"), "{e}");
 }
+
+#[test]
+fn complementary_gravity_is_read_and_checked() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    assert_eq!(c.fusion[3].complementary.as_ref().unwrap().gravity, 9.80665);
+    let text = REFERENCE.replace("gravity = 9.80665", "gravity = 0.0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[3].complementary.gravity");
+    assert!(e.message.contains("must be > 0"), "{e}");
+    // Left out: standard gravity.
+    let text = REFERENCE.replace("gravity = 9.80665\n", "");
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(c.fusion[3].complementary.as_ref().unwrap().gravity, 9.80665);
+}
