@@ -729,3 +729,43 @@ fn complementary_gravity_is_read_and_checked() {
     let c = parse_ref(&text).unwrap().config;
     assert_eq!(c.fusion[3].complementary.as_ref().unwrap().gravity, 9.80665);
 }
+
+/// An MQTT device whose streams are named from the topic (`tank/{1}` from `plant/tank/+`).
+const TANKS: &str = r#"
+[[devices]]
+name = "tanks"
+[devices.mqtt]
+broker = "127.0.0.1:1883"
+[[devices.mqtt.subscriptions]]
+topic = "plant/tank/+"
+format = "number"
+stream = "tank/{1}"
+"#;
+
+#[test]
+fn fusion_inputs_may_come_from_templated_mqtt_streams() {
+    let group = |inputs: &str, output: &str| {
+        format!(
+            "{TANKS}\n[[fusion]]\nname = \"tanks\"\ninputs = {inputs}\noutput = \"{output}\"\n\
+             tick = \"1s\"\n[fusion.weighted_average]\nvariances = [1.0]\n"
+        )
+    };
+    let text = with_group(&group(
+        "[\"tank/a\", \"tank/b\", \"line1/press/temp\"]",
+        "tanks/level",
+    ));
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(c.fusion[4].inputs[0], "tank/a");
+
+    // A name the template cannot produce: a `+` is one level, never two.
+    let text = with_group(&group("[\"tank/a\", \"tank/a/b\"]", "tanks/level"));
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].inputs");
+    assert!(e.message.contains("\"tank/a/b\" is not produced"), "{e}");
+
+    // A group output the template could also produce: two producers of one stream.
+    let text = with_group(&group("[\"tank/a\", \"tank/b\"]", "tank/avg"));
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].output");
+    assert!(e.message.contains("tank/{1}"), "{e}");
+}
