@@ -33,9 +33,12 @@
 //!   `max_dt_s` restarts the filter. Outputs: roll and pitch in **degrees**. Accelerometer
 //!   corrections the complementary filter skips (magnitude off 1 g by more than
 //!   `accel_rejection`) count as rejections; a long streak of them is logged once.
-//! - `weighted_average`: the fused value; outlier exclusions are counted as rejections.
+//! - `weighted_average`: the fused value; outlier exclusions are counted as rejections. A
+//!   sensor excluded in most of its last `fault_window` frames is flagged faulty, with the
+//!   same alarm as voting (below), and used again only after `recover_frames` agreeing frames.
 //! - `voting`: the voted value (majority: an integer; the inputs are held, not interpolated).
-//!   A sensor flagged faulty produces one sample on the group's alarm stream
+//!   A sensor flagged faulty (by voting or by the weighted average) produces an `ALARM:` log
+//!   line and one sample on the group's alarm stream
 //!   (`<group>/alarm` unless `alarm` names another) whose value is the faulty input's
 //!   stream name, submitted with [`Priority::Critical`].
 //!
@@ -65,7 +68,7 @@ use tokio::sync::mpsc;
 use crate::aligner::{Aligner, AlignerError, Frame};
 use crate::fusion::complementary::{Attitude, AttitudeError, Complementary, Madgwick};
 use crate::fusion::kalman::{KalmanError, KinematicConfig, KinematicFilter, UpdateOutcome};
-use crate::fusion::voting::{VoteError, Voter};
+use crate::fusion::voting::{FaultAlarm, VoteError, Voter};
 use crate::fusion::wavg::{WavgError, WeightedAverage};
 use crate::ingest::Ingest;
 
@@ -485,6 +488,8 @@ impl FusionGroup {
                 },
             });
         };
+        // The weighted average fuses a correction again with what it knows now (without
+        // learning from it twice); the others cannot step back in time.
         let stateful = !matches!(self.method, MethodState::Wavg(_));
         if f.correction && stateful {
             return;
@@ -598,22 +603,59 @@ impl FusionGroup {
                     }
                 }
             }
-            MethodState::Wavg(w) => match w.fuse(&vals) {
-                Ok(r) => {
-                    self.stats.rejections += r.excluded.len() as u64;
-                    let good = r
-                        .weights
-                        .iter()
-                        .zip(&f.values)
-                        .all(|(w, v)| *w == 0.0 || v.quality == Quality::Good);
-                    emit(out, self.outputs[0], Value::F64(r.value), good);
+            MethodState::Wavg(w) => {
+                let res = if f.correction {
+                    w.fuse_again(&vals)
+                } else {
+                    w.fuse(&vals)
+                };
+                match res {
+                    Ok(r) => {
+                        if !f.correction {
+                            self.stats.rejections += r.excluded.len() as u64;
+                        }
+                        let good = r
+                            .weights
+                            .iter()
+                            .zip(&f.values)
+                            .all(|(w, v)| *w == 0.0 || v.quality == Quality::Good);
+                        emit(out, self.outputs[0], Value::F64(r.value), good);
+                        for a in r.alarms {
+                            let msg = format!(
+                                "excluded as an outlier in {} of its last {} frames",
+                                a.frames,
+                                w.fault_window()
+                            );
+                            raise_alarm(
+                                &self.name,
+                                &self.inputs,
+                                self.alarm,
+                                f.ts_ns,
+                                a,
+                                &msg,
+                                out,
+                            );
+                        }
+                        for i in r.recovered {
+                            let stream = self.inputs.get(i).map(|s| s.name());
+                            tracing::warn!(
+                                group = %self.name,
+                                sensor = i,
+                                stream = stream.as_deref().unwrap_or("?"),
+                                frames = w.recover_frames(),
+                                "sensor agreed with the others {} frames in a row: no longer faulty, used again",
+                                w.recover_frames()
+                            );
+                        }
+                    }
+                    Err(WavgError::NoReadings) => {}
+                    Err(e) => {
+                        self.stats.errors += 1;
+                        tracing::debug!(group = %self.name, error = %e, "weighted average failed");
+                    }
                 }
-                Err(WavgError::NoReadings) => {}
-                Err(e) => {
-                    self.stats.errors += 1;
-                    tracing::debug!(group = %self.name, error = %e, "weighted average failed");
-                }
-            },
+                self.stats.faulty = w.faulty().iter().filter(|f| **f).count() as u64;
+            }
             MethodState::Voting { voter, discrete } => {
                 let res = if *discrete {
                     let ints: Vec<Option<i64>> = vals
@@ -633,19 +675,16 @@ impl FusionGroup {
                     Ok((value, alarms)) => {
                         emit(out, self.outputs[0], value, all_good);
                         for a in alarms {
-                            let faulty = self.inputs.get(a.sensor).map(|s| s.name());
-                            tracing::warn!(
-                                group = %self.name,
-                                sensor = a.sensor,
-                                stream = faulty.as_deref().unwrap_or("?"),
-                                frames = a.frames,
-                                "ALARM: sensor out-voted {} frames in a row, flagged faulty and excluded",
-                                a.frames
+                            let msg = format!("out-voted {} frames in a row", a.frames);
+                            raise_alarm(
+                                &self.name,
+                                &self.inputs,
+                                self.alarm,
+                                f.ts_ns,
+                                a,
+                                &msg,
+                                out,
                             );
-                            if let (Some(alarm), Some(faulty)) = (self.alarm, faulty) {
-                                out.alarms
-                                    .push(Sample::new(alarm, f.ts_ns, Value::text(&faulty)));
-                            }
                         }
                     }
                     Err(e @ (VoteError::TooFewSensors { .. } | VoteError::NoAgreement)) => {
@@ -660,6 +699,31 @@ impl FusionGroup {
                 self.stats.faulty = voter.faulty().iter().filter(|f| **f).count() as u64;
             }
         }
+    }
+}
+
+/// A sensor flagged faulty (`why`: what the method saw): the log line, and one critical
+/// sample on the group's alarm stream whose value is the faulty input's stream name.
+fn raise_alarm(
+    group: &str,
+    inputs: &[StreamId],
+    alarm: Option<StreamId>,
+    ts_ns: TimestampNs,
+    a: FaultAlarm,
+    why: &str,
+    out: &mut GroupOutput,
+) {
+    let faulty = inputs.get(a.sensor).map(|s| s.name());
+    tracing::warn!(
+        group = %group,
+        sensor = a.sensor,
+        stream = faulty.as_deref().unwrap_or("?"),
+        frames = a.frames,
+        "ALARM: sensor {why}, flagged faulty and excluded"
+    );
+    if let (Some(alarm), Some(faulty)) = (alarm, faulty) {
+        out.alarms
+            .push(Sample::new(alarm, ts_ns, Value::text(&faulty)));
     }
 }
 
@@ -723,7 +787,7 @@ impl GroupMetrics {
             ),
             faulty: m.gauge(
                 "outpost_fusion_faulty_sensors",
-                "Sensors a voting group has flagged faulty and excludes",
+                "Sensors a voting or weighted-average group has flagged faulty and excludes",
                 &l,
             ),
             stale: m.gauge(

@@ -610,3 +610,53 @@ fn skipped_accelerometer_corrections_are_counted() {
         assert_eq!(g.stats().rejections, bumps, "gravity {gravity:?}");
     }
 }
+
+/// A weighted-average group flags a sensor stuck at a wrong value like voting does: one
+/// critical alarm sample naming it on `<group>/alarm`, the faulty gauge at 1, and the fused
+/// value without it even where the true signal passes the stuck value.
+#[test]
+fn weighted_average_flags_a_stuck_sensor_with_an_alarm() {
+    let mut g = FusionGroup::new(&group(json!({
+        "name": "unit-wavg-stuck",
+        "inputs": ["fa/ws/a", "fa/ws/b", "fa/ws/c", "fa/ws/d"],
+        "output": "fa/ws/out",
+        "tick": "100ms",
+        "allowed_lateness": "0ms",
+        "weighted_average": { "variances": [0.01], "fault_window": 10, "recover_frames": 30 },
+    })))
+    .unwrap();
+    let ids = g.inputs().to_vec();
+    let t0 = base();
+    let truth = |k: i64| 20.0 + 5.0 * (k as f64 * 0.05).sin();
+    for k in 0..200 {
+        let t = t0 + k * 100 * MS;
+        for (i, id) in ids.iter().enumerate() {
+            // d sticks at 22 from tick 20 on; the truth crosses 22 many times.
+            let v = if i == 3 && k >= 20 {
+                22.0
+            } else {
+                truth(k) + 0.01 * i as f64
+            };
+            g.push(&Sample::new(*id, t, Value::F64(v)), t);
+        }
+    }
+    let out = g.poll(t0 + 199 * 100 * MS);
+    assert_eq!(out.alarms.len(), 1, "{:?}", out.alarms);
+    assert_eq!(out.alarms[0].value, Value::text("fa/ws/d"));
+    assert_eq!(
+        out.alarms[0].stream,
+        StreamId::intern("unit-wavg-stuck/alarm").unwrap()
+    );
+    let flagged_at = (out.alarms[0].ts_ns - t0) / (100 * MS);
+    assert!(
+        (20..40).contains(&flagged_at),
+        "flagged at tick {flagged_at}"
+    );
+    assert_eq!(g.stats().faulty, 1);
+    // After the flag the fused value is the healthy sensors' mean (truth + 0.01).
+    for s in out.samples.iter().filter(|s| s.ts_ns > out.alarms[0].ts_ns) {
+        let k = (s.ts_ns - t0) / (100 * MS);
+        let v = s.value.as_f64().unwrap();
+        assert!((v - truth(k) - 0.01).abs() < 1e-9, "tick {k}: {v}");
+    }
+}

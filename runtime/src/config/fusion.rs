@@ -449,6 +449,12 @@ fn default_k() -> f64 {
 fn yes() -> bool {
     true
 }
+fn default_wavg_fault_window() -> u32 {
+    20
+}
+fn default_recover_frames() -> u32 {
+    60
+}
 
 /// Weighted-average settings (a `[fusion.weighted_average]` table).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -474,6 +480,16 @@ pub struct WeightedAverageConfig {
     /// Reject outliers at all (default true).
     #[serde(default = "yes")]
     pub reject_outliers: bool,
+    /// A sensor excluded as an outlier in more than half of its last `fault_window` screened
+    /// frames is flagged faulty: excluded from then on and reported once as an alarm
+    /// (default 20, 1–10000).
+    #[serde(default = "default_wavg_fault_window")]
+    pub fault_window: u32,
+    /// A faulty sensor is used again only after it agreed with the healthy sensors (within
+    /// `outlier_k` robust standard deviations of their median) this many frames in a row
+    /// (default 60, 1–1000000).
+    #[serde(default = "default_recover_frames")]
+    pub recover_frames: u32,
 }
 
 impl WeightedAverageConfig {
@@ -509,6 +525,21 @@ impl WeightedAverageConfig {
             return bad(
                 "outlier_k",
                 format!("outlier_k = {} must be > 0", self.outlier_k),
+            );
+        }
+        if !(1..=10_000).contains(&self.fault_window) {
+            return bad(
+                "fault_window",
+                format!("fault_window = {} must be in 1-10000", self.fault_window),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.recover_frames) {
+            return bad(
+                "recover_frames",
+                format!(
+                    "recover_frames = {} must be in 1-1000000",
+                    self.recover_frames
+                ),
             );
         }
         Ok(())
@@ -631,6 +662,8 @@ impl VotingConfig {
 /// | `complementary`, `madgwick` | gyro x, y, z (rad/s), accel x, y, z (any unit) | roll, pitch (degrees) |
 /// | `weighted_average` | the redundant sensors | the fused value |
 /// | `voting` | the redundant sensors | the voted value; faults on `alarm` |
+///
+/// `weighted_average` raises its faults on `alarm` too.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FusionGroupConfig {
@@ -650,8 +683,8 @@ pub struct FusionGroupConfig {
     /// predict-only steps). Optional.
     #[serde(default)]
     pub std_outputs: Vec<String>,
-    /// Voting only: stream of the critical alarm samples raised when a sensor is flagged
-    /// faulty (value: the faulty input's stream name). Default `<name>/alarm`.
+    /// Voting and weighted average: stream of the critical alarm samples raised when a sensor
+    /// is flagged faulty (value: the faulty input's stream name). Default `<name>/alarm`.
     pub alarm: Option<String>,
     /// Common timeline step.
     pub tick: Dur<1, 3_600_000>,
@@ -793,9 +826,9 @@ impl FusionGroupConfig {
         v
     }
 
-    /// The alarm stream (voting groups only).
+    /// The alarm stream (voting and weighted-average groups: the methods that flag sensors).
     pub fn alarm_stream(&self) -> Option<String> {
-        self.voting.as_ref().map(|_| {
+        (self.voting.is_some() || self.weighted_average.is_some()).then(|| {
             self.alarm
                 .clone()
                 .unwrap_or_else(|| format!("{}/alarm", self.name))

@@ -769,3 +769,38 @@ fn fusion_inputs_may_come_from_templated_mqtt_streams() {
     assert_eq!(e.key, "fusion[4].output");
     assert!(e.message.contains("tank/{1}"), "{e}");
 }
+
+#[test]
+fn weighted_average_fault_keys_and_alarm_stream() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let avg = &c.fusion[1];
+    match avg.method().unwrap() {
+        FusionMethod::WeightedAverage(w) => {
+            assert_eq!((w.fault_window, w.recover_frames), (20, 60));
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(
+        avg.alarm_stream().as_deref(),
+        Some("boiler-temperature-avg/alarm")
+    );
+    let text = REFERENCE.replace("fault_window = 20", "fault_window = 0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[1].weighted_average.fault_window");
+    assert_eq!(e.line, Some(line_of(&text, "fault_window = 0")));
+    let text = REFERENCE.replace("recover_frames = 60", "recover_frames = 0");
+    assert_eq!(
+        one_error(&text).key,
+        "fusion[1].weighted_average.recover_frames"
+    );
+    // `alarm` names the stream of a weighted-average group too.
+    let text = REFERENCE.replace(
+        "output = \"boiler/temperature_avg\"",
+        "output = \"boiler/temperature_avg\"\nalarm = \"boiler/avg_alarm\"",
+    );
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(
+        c.fusion[1].alarm_stream().as_deref(),
+        Some("boiler/avg_alarm")
+    );
+}

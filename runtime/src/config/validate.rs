@@ -764,7 +764,7 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
         match (&g.alarm, g.alarm_stream()) {
             (Some(_), None) => p.push((
                 at.clone().key("alarm"),
-                "`alarm` is only for groups with a `voting` section".into(),
+                "`alarm` is only for groups with a `voting` or `weighted_average` section".into(),
             )),
             (_, Some(alarm)) => {
                 known.insert(alarm.clone());
