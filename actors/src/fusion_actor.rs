@@ -656,6 +656,8 @@ impl FusionGroup {
                 }
                 self.stats.faulty = w.faulty().iter().filter(|f| **f).count() as u64;
             }
+            // No reading at all (every input stale): nothing to vote on, not a failed vote.
+            MethodState::Voting { .. } if vals.iter().all(Option::is_none) => {}
             MethodState::Voting { voter, discrete } => {
                 let res = if *discrete {
                     let ints: Vec<Option<i64>> = vals

@@ -660,3 +660,37 @@ fn weighted_average_flags_a_stuck_sensor_with_an_alarm() {
         assert!((v - truth(k) - 0.01).abs() < 1e-9, "tick {k}: {v}");
     }
 }
+
+/// Every input of a voting group silent: the group's time moves on and its inputs go stale,
+/// but a tick with no reading at all is nothing to vote on, not a failed vote.
+#[test]
+fn a_silent_voting_group_counts_no_errors() {
+    let mut g = FusionGroup::new(&group(json!({
+        "name": "unit-vote-silent",
+        "inputs": ["fa/vs/a", "fa/vs/b", "fa/vs/c"],
+        "output": "fa/vs/out",
+        "tick": "100ms",
+        "allowed_lateness": "0ms",
+        "stale_after": "300ms",
+        "voting": { "method": "median", "faults": 1, "uncertainty": [1.0] },
+    })))
+    .unwrap();
+    let ids = g.inputs().to_vec();
+    let t0 = base();
+    for k in 0..10 {
+        let t = t0 + k * 100 * MS;
+        for id in &ids {
+            g.push(&Sample::new(*id, t, Value::F64(1.0)), t);
+        }
+    }
+    g.poll(t0 + 900 * MS);
+    let frames = g.stats().frames;
+    // 5 s of silence, polled every 100 ms.
+    for k in 10..60 {
+        g.poll(t0 + k * 100 * MS);
+    }
+    let st = g.stats();
+    assert!(st.frames > frames + 40, "{st:?}");
+    assert_eq!(st.stale, 3);
+    assert_eq!(st.errors, 0, "{st:?}");
+}
