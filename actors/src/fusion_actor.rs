@@ -5,9 +5,9 @@
 //! the group's [`Aligner`] with its arrival time, and on a timer (the group's tick, clamped to
 //! 10 ms–1 s) tells the aligner the time (so a group whose inputs all fell silent still moves
 //! on: its ticks are emitted with the inputs held, then missing), polls it for final frames,
-//! runs the group's method on each frame and
-//! submits the results to [`Ingest`] as samples of the output streams, stamped with the frame's
-//! tick: priority normal for fused values, priority **critical** for voting alarms. Fused
+//! runs the group's method on each frame and submits the results to [`Ingest`] as samples of
+//! the output streams, stamped with the frame's tick: priority normal for fused values,
+//! priority **critical** for fault alarms (voting, weighted average). Fused
 //! outputs are thus stored, shipped and published on the bus like any device's samples, so a
 //! later group can take them as inputs.
 //!
