@@ -8,11 +8,22 @@
 //! watermark is more than its `stale_after` past its newest sample. Ticks are multiples of the
 //! period, so frame timestamps strictly increase.
 //!
+//! **Idle groups.** When every stream is silent the newest timestamp stops, and with it the
+//! watermark: nothing would go stale and no tick inside the silence would ever be emitted. So
+//! the caller also tells the aligner the time ([`Aligner::advance`], on a timer): once no
+//! sample has been accepted for `idle_timeout` (arrival clock), the watermark moves on with
+//! the arrival clock from the newest sample (its timestamp plus the arrival time elapsed since
+//! it arrived, minus the allowed lateness). The watermark never moves back.
+//!
 //! Per tick and stream the value is:
 //! - interpolated (zero-order hold, linear, or cubic Hermite with Catmull-Rom tangents over the
-//!   four surrounding points) with the worst quality of the points used;
-//! - after a silent stream's newest sample: held with quality `Uncertain` for up to `stale_after`,
+//!   four surrounding points) with the worst quality of the points used — but only across a
+//!   gap of at most `max_gap` between two samples (cubic's outer neighbours too);
+//! - after a silent stream's newest sample, or inside a gap longer than `max_gap`: **held**
+//!   (the last value, quality `Uncertain`, [`FrameValue::held`] set) for up to `stale_after`,
 //!   then `None` with quality `Bad` (stale, to be excluded downstream) until it speaks again.
+//!   A tick gets the same value whether it is emitted during the silence or after the data
+//!   that ends it arrived. Dynamic filters (Kalman, attitude) treat a held value as missing.
 //!
 //! A sample older than the watermark when it arrives is **late**: with [`LatePolicy::Drop`] it is
 //! dropped and counted; with [`LatePolicy::Reemit`] it is inserted and the already-emitted frames
@@ -65,6 +76,9 @@ pub struct FrameValue {
     /// Good/Uncertain from the samples used (Uncertain when held past a silent stream's last
     /// sample); Bad when stale or missing: exclude it.
     pub quality: Quality,
+    /// The value is the stream's last sample carried past it into a silence (after its
+    /// newest sample, or inside a gap longer than `max_gap`), not a measurement at this tick.
+    pub held: bool,
 }
 
 /// All streams of a group at one tick.
@@ -230,6 +244,7 @@ struct StreamState {
     id: StreamId,
     interp: Interpolation,
     stale_after_ns: i64,
+    max_gap_ns: i64,
     correct_clock: bool,
     hist: VecDeque<Pt>,
     clock: ClockEstimator,
@@ -267,37 +282,41 @@ impl StreamState {
             stream: self.id,
             value: None,
             quality: Quality::Bad,
+            held: false,
+        };
+        let at = |p: Pt| FrameValue {
+            stream: self.id,
+            value: Some(p.v),
+            quality: p.q,
+            held: false,
         };
         let i = self.upper(t); // hist[i-1].ts <= t < hist[i].ts
         if i == 0 {
             return bad; // nothing at or before t
         }
         let p0 = self.hist[i - 1];
-        let Some(&p1) = self.hist.get(i) else {
-            // Past the newest sample: only reached for a silent stream (or an exact hit).
-            let age = t.saturating_sub(p0.ts);
-            if age == 0 {
-                return FrameValue {
-                    stream: self.id,
-                    value: Some(p0.v),
-                    quality: p0.q,
-                };
-            }
-            if age > self.stale_after_ns {
+        if p0.ts == t {
+            return at(p0);
+        }
+        // Past the newest sample (only reached for a silent stream), or inside a gap that
+        // interpolation does not bridge: held for up to `stale_after`, then stale.
+        let bridged = self
+            .hist
+            .get(i)
+            .filter(|p1| span(p0.ts, p1.ts) <= self.max_gap_ns as f64);
+        let Some(&p1) = bridged else {
+            if t.saturating_sub(p0.ts) > self.stale_after_ns {
                 return bad;
             }
             return FrameValue {
                 stream: self.id,
                 value: Some(p0.v),
                 quality: p0.q.max(Quality::Uncertain),
+                held: true,
             };
         };
-        if p0.ts == t || self.interp == Interpolation::Hold {
-            return FrameValue {
-                stream: self.id,
-                value: Some(p0.v),
-                quality: p0.q,
-            };
+        if self.interp == Interpolation::Hold {
+            return at(p0);
         }
         let h = span(p0.ts, p1.ts);
         let s = span(p0.ts, t) / h;
@@ -305,8 +324,12 @@ impl StreamState {
         let v = match self.interp {
             Interpolation::Hold | Interpolation::Linear => p0.v + s * (p1.v - p0.v),
             Interpolation::Cubic => {
-                let pm = (i >= 2).then(|| self.hist[i - 2]);
-                let pp = self.hist.get(i + 1).copied();
+                // Outer neighbours only from the same unbroken run of samples.
+                let near = |a: Pt, b: Pt| span(a.ts, b.ts) <= self.max_gap_ns as f64;
+                let pm = (i >= 2)
+                    .then(|| self.hist[i - 2])
+                    .filter(|pm| near(*pm, p0));
+                let pp = self.hist.get(i + 1).copied().filter(|pp| near(p1, *pp));
                 let slope = |a: Pt, b: Pt| (b.v - a.v) / span(a.ts, b.ts);
                 // Tangents in value per ns (finite differences over the neighbours).
                 let m0 = match pm {
@@ -335,6 +358,7 @@ impl StreamState {
                 stream: self.id,
                 value: Some(v),
                 quality: q,
+                held: false,
             }
         } else {
             bad
@@ -351,8 +375,15 @@ pub struct Aligner {
     history: usize,
     max_pending: usize,
     max_future_ns: i64,
+    idle_timeout_ns: i64,
     streams: Vec<StreamState>,
     newest: Option<TimestampNs>,
+    /// Arrival time of the sample that last raised `newest`.
+    newest_arrival: TimestampNs,
+    /// Arrival time of the newest accepted sample.
+    last_arrival: Option<TimestampNs>,
+    /// Watermark reached by [`Aligner::advance`] while the group was idle.
+    idle_watermark: Option<TimestampNs>,
     origin: Option<TimestampNs>,
     next_tick: Option<TimestampNs>,
     last_emitted: Option<TimestampNs>,
@@ -392,13 +423,25 @@ impl Aligner {
                     })?,
                     interp: s.interpolation,
                     stale_after_ns: ms_to_ns(s.stale_after_ms),
+                    max_gap_ns: ms_to_ns(s.max_gap_ms.unwrap_or(s.stale_after_ms)),
                     correct_clock: s.correct_clock,
                     hist: VecDeque::with_capacity(cfg.history.min(1024)),
                     clock: ClockEstimator::new(cfg.clock_window, ms_to_ns(cfg.clock_bucket_ms)),
                 })
             })
             .collect::<Result<Vec<_>, AlignerError>>()?;
+        let idle_ms = cfg.idle_timeout_ms.unwrap_or_else(|| {
+            cfg.streams
+                .iter()
+                .map(|s| s.stale_after_ms)
+                .max()
+                .unwrap_or(1)
+        });
         Ok(Aligner {
+            idle_timeout_ns: ms_to_ns(idle_ms),
+            newest_arrival: 0,
+            last_arrival: None,
+            idle_watermark: None,
             period: cfg.period_ns,
             lateness_ns: ms_to_ns(cfg.allowed_lateness_ms),
             policy: cfg.late_policy,
@@ -420,9 +463,30 @@ impl Aligner {
         self.stats
     }
 
-    /// The watermark: newest timestamp − allowed lateness (`None` before the first sample).
+    /// The watermark: newest timestamp − allowed lateness, or further on where
+    /// [`Aligner::advance`] moved it while the group was idle (`None` before the first sample).
     pub fn watermark(&self) -> Option<TimestampNs> {
-        self.newest.map(|n| n.saturating_sub(self.lateness_ns))
+        let own = self.newest.map(|n| n.saturating_sub(self.lateness_ns));
+        own.max(self.idle_watermark)
+    }
+
+    /// Tells the aligner the time on the arrival clock. When no sample has been accepted for
+    /// `idle_timeout`, the watermark moves on to the newest timestamp plus the arrival time
+    /// elapsed since that sample arrived, minus the allowed lateness; the next
+    /// [`Aligner::poll`] then emits the ticks that became final (silent streams held, then
+    /// stale). Call it on a timer, before `poll`.
+    pub fn advance(&mut self, now: TimestampNs) {
+        let (Some(newest), Some(last)) = (self.newest, self.last_arrival) else {
+            return;
+        };
+        if now.saturating_sub(last) < self.idle_timeout_ns {
+            return;
+        }
+        let elapsed = now.saturating_sub(self.newest_arrival).max(0);
+        let wm = newest
+            .saturating_add(elapsed)
+            .saturating_sub(self.lateness_ns);
+        self.idle_watermark = self.idle_watermark.max(Some(wm));
     }
 
     /// The clock estimate of `stream`, if it is in the group and has data.
@@ -483,7 +547,11 @@ impl Aligner {
             self.origin = Some(ts);
             self.next_tick = Some(ceil_tick(ts, self.period));
         }
-        self.newest = Some(self.newest.map_or(ts, |n| n.max(ts)));
+        if self.newest.is_none_or(|n| ts >= n) {
+            self.newest = Some(ts);
+            self.newest_arrival = arrival_ns;
+        }
+        self.last_arrival = Some(arrival_ns);
         if late {
             self.stats.late_reemitted += 1;
             let n = self.reemit(si, ts);

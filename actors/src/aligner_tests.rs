@@ -11,6 +11,7 @@ fn scfg(name: &str, interp: Interpolation, stale_ms: u64) -> AlignerStreamConfig
         stream: name.into(),
         interpolation: interp,
         stale_after_ms: stale_ms,
+        max_gap_ms: None,
         correct_clock: false,
     }
 }
@@ -25,6 +26,7 @@ fn cfg(period_ns: i64, lateness_ms: u64, streams: Vec<AlignerStreamConfig>) -> A
         clock_bucket_ms: 1_000,
         max_pending_ticks: 10_000,
         max_future_ms: 0,
+        idle_timeout_ms: None,
         streams,
     }
 }
@@ -262,6 +264,7 @@ fn clock_offset_and_drift_estimated_and_corrected() {
             stream: "clk.a".into(),
             interpolation: Interpolation::Linear,
             stale_after_ms: 10_000,
+            max_gap_ms: None,
             correct_clock: true,
         }],
     );
@@ -405,6 +408,10 @@ proptest! {
             a.push(&sample(names[s], ts_ms * MS, v), ts_ms * MS);
             if poll_every % 3 == 0 {
                 let mut out = Vec::new();
+                // Now and then the time moves on (the group may be idle).
+                if poll_every % 2 == 0 {
+                    a.advance((ts_ms + poll_every * 10) * MS);
+                }
                 a.poll(&mut out);
                 for f in &out {
                     for fv in &f.values {
@@ -422,4 +429,275 @@ proptest! {
             prop_assert!(a.streams.iter().all(|s| s.hist.len() <= 16));
         }
     }
+}
+
+/// A 3 s hole in every input of a 100 Hz group (stale after 1 s), the data after it pushed in
+/// one go: the ticks inside the hole are not interpolated across it. Up to the staleness limit
+/// after the last sample the value is held (uncertain, marked held), beyond it the stream is
+/// missing; from the first sample after the hole on, values are good again.
+#[test]
+fn a_hole_in_every_input_is_not_bridged_by_interpolation() {
+    let mut a = Aligner::new(&cfg(
+        10 * MS,
+        0,
+        vec![
+            scfg("hole.a", Interpolation::Linear, 1_000),
+            scfg("hole.b", Interpolation::Cubic, 1_000),
+        ],
+    ))
+    .unwrap();
+    let mut frames = Vec::new();
+    let push_range = |a: &mut Aligner, from_ms: i64, to_ms: i64| {
+        for k in (from_ms / 10)..(to_ms / 10) {
+            let t = k * 10 * MS;
+            a.push(&sample("hole.a", t, k as f64), t);
+            a.push(&sample("hole.b", t, -(k as f64)), t);
+        }
+    };
+    push_range(&mut a, 0, 2_000);
+    a.poll(&mut frames);
+    // Samples stop at 1.99 s and resume at 5 s, all at once.
+    push_range(&mut a, 5_000, 6_000);
+    a.poll(&mut frames);
+    let last_before = 1_990 * MS;
+    let mut held = 0;
+    let mut missing = 0;
+    for f in frames
+        .iter()
+        .filter(|f| f.ts_ns > last_before && f.ts_ns < 5 * S)
+    {
+        for v in &f.values {
+            assert_ne!(
+                v.quality,
+                Quality::Good,
+                "tick {} ms interpolated across a 3 s hole: {v:?}",
+                f.ts_ns / MS
+            );
+            if f.ts_ns - last_before <= S {
+                assert!(v.held && v.value.is_some(), "{} ms: {v:?}", f.ts_ns / MS);
+                held += 1;
+            } else {
+                assert_eq!(v.value, None, "{} ms", f.ts_ns / MS);
+                missing += 1;
+            }
+        }
+    }
+    assert_eq!((held, missing), (2 * 100, 2 * 200));
+    let after: Vec<_> = frames.iter().filter(|f| f.ts_ns >= 5 * S).collect();
+    assert!(!after.is_empty());
+    assert!(after.iter().all(|f| {
+        f.values
+            .iter()
+            .all(|v| v.quality == Quality::Good && !v.held)
+    }));
+}
+
+/// One sensor of two is silent for 2 s (stale after 1 s) while the other keeps the watermark
+/// moving. When it speaks again, the ticks not yet emitted (within the allowed lateness) must
+/// not get a value interpolated across its silence.
+#[test]
+fn the_ticks_after_a_single_silent_sensor_are_not_interpolated_across_its_silence() {
+    let mut a = Aligner::new(&cfg(
+        10 * MS,
+        200,
+        vec![
+            scfg("one.a", Interpolation::Linear, 1_000),
+            scfg("one.b", Interpolation::Linear, 1_000),
+        ],
+    ))
+    .unwrap();
+    let mut frames = Vec::new();
+    for k in 0..400 {
+        let t = k * 10 * MS;
+        a.push(&sample("one.a", t, 0.0), t);
+        // b is silent from 1 s to 3 s.
+        if !(100..300).contains(&k) {
+            a.push(&sample("one.b", t, k as f64), t);
+        }
+        a.poll(&mut frames);
+    }
+    let bad: Vec<_> = frames
+        .iter()
+        .filter(|f| f.ts_ns > 990 * MS && f.ts_ns < 3 * S)
+        .filter(|f| f.values[1].quality == Quality::Good)
+        .map(|f| f.ts_ns / MS)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "ticks interpolated across b's silence: {bad:?}"
+    );
+    // Beyond the staleness limit the silent sensor is missing, right up to its new sample.
+    let f = frames.iter().find(|f| f.ts_ns == 2_990 * MS).unwrap();
+    assert_eq!(f.values[1].value, None);
+    let f = frames.iter().find(|f| f.ts_ns == 3 * S).unwrap();
+    assert_eq!(f.values[1].quality, Quality::Good);
+}
+
+/// Every input silent: without the time, nothing is emitted past the newest sample. With
+/// `advance(now)` the watermark moves on with the arrival clock once the group has been idle
+/// for `idle_timeout`: the ticks of the silence are emitted (held, then stale), the watermark
+/// never moves back, and a sample behind it is late.
+#[test]
+fn an_idle_group_moves_on_with_the_arrival_clock() {
+    let mut c = cfg(
+        100 * MS,
+        100,
+        vec![
+            scfg("idle.a", Interpolation::Linear, 500),
+            scfg("idle.b", Interpolation::Hold, 500),
+        ],
+    );
+    c.idle_timeout_ms = Some(300);
+    let mut a = Aligner::new(&c).unwrap();
+    // Source clock 7 s behind the arrival clock, 20 ms of delay.
+    let arrival = |ts: i64| ts + 7 * S + 20 * MS;
+    for k in 0..=10 {
+        let t = k * 100 * MS;
+        a.push(&sample("idle.a", t, k as f64), arrival(t));
+        a.push(&sample("idle.b", t, 1.0), arrival(t));
+    }
+    let mut frames = Vec::new();
+    a.poll(&mut frames);
+    assert_eq!(frames.last().unwrap().ts_ns, 900 * MS);
+    assert_eq!(a.watermark(), Some(900 * MS));
+    // Not idle long enough: nothing moves.
+    a.advance(arrival(S) + 299 * MS);
+    a.poll(&mut frames);
+    assert_eq!(frames.len(), 10);
+    // 2 s of silence on the arrival clock: watermark = 1 s + 2 s − 100 ms.
+    a.advance(arrival(S) + 2 * S);
+    assert_eq!(a.watermark(), Some(2_900 * MS));
+    a.poll(&mut frames);
+    let ts: Vec<i64> = frames[10..].iter().map(|f| f.ts_ns / MS).collect();
+    assert_eq!(ts, (10..=29).map(|k| k * 100).collect::<Vec<_>>());
+    for f in &frames[10..] {
+        let age = f.ts_ns - S;
+        for v in &f.values {
+            if age == 0 {
+                assert_eq!((v.quality, v.held), (Quality::Good, false));
+            } else if age <= 500 * MS {
+                assert_eq!((v.quality, v.held), (Quality::Uncertain, true), "{f:?}");
+            } else {
+                assert_eq!((v.value, v.quality), (None, Quality::Bad), "{f:?}");
+            }
+        }
+    }
+    // An earlier time changes nothing; a sample behind the watermark is late.
+    a.advance(arrival(S));
+    assert_eq!(a.watermark(), Some(2_900 * MS));
+    assert_eq!(
+        a.push(&sample("idle.a", 2_500 * MS, 0.0), arrival(3 * S)),
+        PushOutcome::LateDropped
+    );
+    // Data resumes at 3 s: good frames again from there.
+    for k in 30..=35 {
+        let t = k * 100 * MS;
+        a.push(&sample("idle.a", t, k as f64), arrival(t));
+        a.push(&sample("idle.b", t, 2.0), arrival(t));
+    }
+    frames.clear();
+    a.poll(&mut frames);
+    assert_eq!(frames.first().unwrap().ts_ns, 3 * S);
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.values.iter().all(|v| v.quality == Quality::Good))
+    );
+}
+
+/// A tick gets the same value whether it is emitted during a silence (the group idle, the
+/// time advancing) or only after the data that ends the silence arrived in one go.
+#[test]
+fn a_silence_gives_the_same_frames_polled_during_it_or_after_it() {
+    let mut c = cfg(
+        50 * MS,
+        0,
+        vec![
+            scfg("same.a", Interpolation::Cubic, 400),
+            scfg("same.b", Interpolation::Linear, 800),
+        ],
+    );
+    c.streams[1].max_gap_ms = Some(300);
+    let mut during = Aligner::new(&c).unwrap();
+    let mut after = Aligner::new(&c).unwrap();
+    let (mut fd, mut fa) = (Vec::new(), Vec::new());
+    let data = |k: i64| {
+        let t = k * 20 * MS;
+        [
+            ("same.a", t, (k as f64 * 0.1).sin()),
+            ("same.b", t, k as f64),
+        ]
+    };
+    // 0-2 s, a 3 s silence, 5-6 s; sample every 20 ms; a 250 ms gap in b alone at 1 s.
+    let keep = |k: i64| !(100..250).contains(&k);
+    for now_ms in (0..6_000).step_by(10) {
+        let now = now_ms * MS;
+        if now % (20 * MS) == 0 && keep(now / (20 * MS)) {
+            for (name, t, v) in data(now / (20 * MS)) {
+                if name == "same.b" && (50..62).contains(&(now / (20 * MS))) {
+                    continue;
+                }
+                during.push(&sample(name, t, v), t);
+                after.push(&sample(name, t, v), t);
+            }
+        }
+        during.advance(now);
+        during.poll(&mut fd);
+        if !(2 * S..5_500 * MS).contains(&now) {
+            after.advance(now);
+            after.poll(&mut fa);
+        }
+    }
+    assert!(fd.len() > 100);
+    assert_eq!(fd, fa);
+    // b's 250 ms gap is within its max_gap of 300 ms: interpolated, good.
+    let f = fd.iter().find(|f| f.ts_ns == 1_100 * MS).unwrap();
+    assert_eq!(
+        (f.values[1].quality, f.values[1].held),
+        (Quality::Good, false)
+    );
+}
+
+/// `max_gap` shorter than `stale_after`: a gap up to it is interpolated, a longer one is held.
+#[test]
+fn max_gap_bounds_what_interpolation_bridges() {
+    let mut c = cfg(
+        100 * MS,
+        0,
+        vec![scfg("mg.a", Interpolation::Linear, 5_000)],
+    );
+    c.streams[0].max_gap_ms = Some(1_000);
+    let mut a = Aligner::new(&c).unwrap();
+    for (t, v) in [(0, 0.0), (S, 10.0), (3 * S, 30.0), (4 * S, 40.0)] {
+        a.push(&sample("mg.a", t, v), t);
+    }
+    let frames = poll(&mut a);
+    let at = |ms: i64| frames.iter().find(|f| f.ts_ns == ms * MS).unwrap().values[0];
+    assert_eq!(at(500).value, Some(5.0));
+    assert_eq!((at(500).quality, at(500).held), (Quality::Good, false));
+    // 1 s → 3 s is longer than max_gap: held at 10, uncertain.
+    assert_eq!(at(2_500).value, Some(10.0));
+    assert_eq!(
+        (at(2_500).quality, at(2_500).held),
+        (Quality::Uncertain, true)
+    );
+    assert_eq!(at(3_500).value, Some(35.0));
+    let mut bad = cfg(100 * MS, 0, vec![scfg("mg.b", Interpolation::Linear, 500)]);
+    bad.streams[0].max_gap_ms = Some(501);
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_gap_ms")
+    );
+    bad.streams[0].max_gap_ms = Some(0);
+    assert!(bad.validate().is_err());
+    bad.streams[0].max_gap_ms = None;
+    bad.idle_timeout_ms = Some(0);
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout_ms")
+    );
 }

@@ -3,9 +3,11 @@
 //!
 //! Each actor subscribes to its group's input streams on the [`Bus`], feeds every sample to
 //! the group's [`Aligner`] with its arrival time, and on a timer (the group's tick, clamped to
-//! 10 ms–1 s) polls the aligner for final frames, runs the group's method on each frame and
-//! submits the results to [`Ingest`] as samples of the output streams, stamped with the frame's
-//! tick: priority normal for fused values, priority **critical** for voting alarms. Fused
+//! 10 ms–1 s) tells the aligner the time (so a group whose inputs all fell silent still moves
+//! on: its ticks are emitted with the inputs held, then missing), polls it for final frames,
+//! runs the group's method on each frame and submits the results to [`Ingest`] as samples of
+//! the output streams, stamped with the frame's tick: priority normal for fused values,
+//! priority **critical** for fault alarms (voting, weighted average). Fused
 //! outputs are thus stored, shipped and published on the bus like any device's samples, so a
 //! later group can take them as inputs.
 //!
@@ -19,15 +21,24 @@
 //!
 //! Per method, with the inputs in the order of `inputs` (see `config/reference.toml`):
 //! - `kalman`: positions per axis (then, for `gps_imu`, accelerations per axis as control
-//!   input; a missing acceleration counts as zero and marks the output uncertain). A frame
-//!   without every position is a predict-only step (output uncertain). Output: the fused
-//!   position per axis, from the first measurement on. Gate rejections are counted.
+//!   input; a missing acceleration counts as zero and marks the output uncertain). A value the
+//!   aligner only *held* past an input's last sample is no measurement: it counts as missing.
+//!   A frame without every position is a predict-only step (output uncertain, its standard
+//!   deviation growing). More than `max_dt_s` without a measurement used restarts the filter:
+//!   no output until the next measurement initialises it. Output: the fused position per
+//!   axis, from the first measurement on, and with `std_outputs` its standard deviation per
+//!   axis. Gate rejections are counted.
 //! - `complementary`, `madgwick`: gyro x, y, z (rad/s), accel x, y, z; frames missing any of
-//!   them are skipped; a gap longer than `max_dt_s` restarts the filter. Outputs: roll and
-//!   pitch in **degrees**.
-//! - `weighted_average`: the fused value; outlier exclusions are counted as rejections.
+//!   them, or holding any of them past its last sample, are skipped; a gap longer than
+//!   `max_dt_s` restarts the filter. Outputs: roll and pitch in **degrees**. Accelerometer
+//!   corrections the complementary filter skips (magnitude off 1 g by more than
+//!   `accel_rejection`) count as rejections; a long streak of them is logged once.
+//! - `weighted_average`: the fused value; outlier exclusions are counted as rejections. A
+//!   sensor excluded in most of its last `fault_window` frames is flagged faulty, with the
+//!   same alarm as voting (below), and used again only after `recover_frames` agreeing frames.
 //! - `voting`: the voted value (majority: an integer; the inputs are held, not interpolated).
-//!   A sensor flagged faulty produces one sample on the group's alarm stream
+//!   A sensor flagged faulty (by voting or by the weighted average) produces an `ALARM:` log
+//!   line and one sample on the group's alarm stream
 //!   (`<group>/alarm` unless `alarm` names another) whose value is the faulty input's
 //!   stream name, submitted with [`Priority::Critical`].
 //!
@@ -37,7 +48,8 @@
 //!
 //! Metrics (label `group`): `outpost_fusion_frames`, `outpost_fusion_rejections`,
 //! `outpost_fusion_errors` (frames the method could not fuse: no agreement, too few sensors,
-//! a filter that rejected its input), `outpost_fusion_faulty_sensors` (gauge),
+//! a filter that rejected its input), `outpost_fusion_restarts` (Kalman and attitude filters
+//! restarted after a gap), `outpost_fusion_faulty_sensors` (gauge),
 //! `outpost_aligner_late` (late samples, dropped or re-emitted), `outpost_aligner_stale`
 //! (gauge: inputs stale in the newest frame).
 
@@ -56,7 +68,7 @@ use tokio::sync::mpsc;
 use crate::aligner::{Aligner, AlignerError, Frame};
 use crate::fusion::complementary::{Attitude, AttitudeError, Complementary, Madgwick};
 use crate::fusion::kalman::{KalmanError, KinematicConfig, KinematicFilter, UpdateOutcome};
-use crate::fusion::voting::{VoteError, Voter};
+use crate::fusion::voting::{FaultAlarm, VoteError, Voter};
 use crate::fusion::wavg::{WavgError, WeightedAverage};
 use crate::ingest::Ingest;
 
@@ -86,7 +98,8 @@ const BUS_CAPACITY: usize = 4_096;
 pub struct GroupStats {
     /// Frames fused (new frames and corrections).
     pub frames: u64,
-    /// Kalman gate rejections and weighted-average outlier exclusions.
+    /// Kalman gate rejections, weighted-average outlier exclusions, complementary
+    /// accelerometer corrections skipped.
     pub rejections: u64,
     /// Frames the method could not fuse.
     pub errors: u64,
@@ -96,6 +109,8 @@ pub struct GroupStats {
     pub late: u64,
     /// Inputs stale in the newest frame.
     pub stale: u64,
+    /// Kalman or attitude filters restarted after a gap longer than `max_dt_s`.
+    pub restarts: u64,
 }
 
 /// What one poll produced.
@@ -142,23 +157,32 @@ impl Kalman {
         })
     }
 
-    /// One step at `t_s` with the frame's values (positions, then accelerations); returns
-    /// the positions after the step and whether the measurement was rejected by the gate.
-    fn step(&mut self, t_s: f64, vals: &[Option<f64>]) -> Result<(Vec<f64>, bool), KalmanError> {
+    /// One step at `t_s` with the frame's values (positions, then accelerations; `None` =
+    /// missing). `None` while the filter has no state (before its first measurement, after a
+    /// restart), else the step's result.
+    fn step(&mut self, t_s: f64, vals: &[Option<f64>]) -> Result<Option<KalmanStep>, KalmanError> {
         fn go<const N: usize, const M: usize, const U: usize>(
             f: &mut KinematicFilter<N, M, U>,
             t_s: f64,
             vals: &[Option<f64>],
-        ) -> Result<(Vec<f64>, bool), KalmanError> {
+        ) -> Result<Option<KalmanStep>, KalmanError> {
             let pos: Option<Vec<f64>> = (0..M).map(|a| vals.get(a).copied().flatten()).collect();
             let z = pos.map(|p| SVector::<f64, M>::from_fn(|i, _| p[i]));
             let u = SVector::<f64, U>::from_fn(|i, _| {
                 vals.get(M + i).copied().flatten().unwrap_or(0.0)
             });
             let outcome = f.step(t_s, &u, z.as_ref())?;
-            let rejected = matches!(outcome, Some(UpdateOutcome::Rejected { .. }));
-            let p = (0..M).map(|a| f.position(a).unwrap_or(f64::NAN)).collect();
-            Ok((p, rejected))
+            if !f.is_initialised() {
+                return Ok(None);
+            }
+            Ok(Some(KalmanStep {
+                positions: (0..M).map(|a| f.position(a).unwrap_or(f64::NAN)).collect(),
+                stds: (0..M)
+                    .map(|a| f.position_variance(a).map_or(f64::NAN, f64::sqrt))
+                    .collect(),
+                rejected: matches!(outcome, Some(UpdateOutcome::Rejected { .. })),
+                restarts: f.restarts(),
+            }))
         }
         match self {
             Kalman::Cv1(f) => go(f, t_s, vals),
@@ -172,6 +196,34 @@ impl Kalman {
             Kalman::Gi3(f) => go(f, t_s, vals),
         }
     }
+
+    /// Restarts so far (no measurement for more than `max_dt_s`).
+    fn restarts(&self) -> u64 {
+        match self {
+            Kalman::Cv1(f) => f.restarts(),
+            Kalman::Cv2(f) => f.restarts(),
+            Kalman::Cv3(f) => f.restarts(),
+            Kalman::Ca1(f) => f.restarts(),
+            Kalman::Ca2(f) => f.restarts(),
+            Kalman::Ca3(f) => f.restarts(),
+            Kalman::Gi1(f) => f.restarts(),
+            Kalman::Gi2(f) => f.restarts(),
+            Kalman::Gi3(f) => f.restarts(),
+        }
+    }
+}
+
+/// What one Kalman step gives the group.
+#[derive(Debug, Clone, PartialEq)]
+struct KalmanStep {
+    /// Fused position per axis.
+    positions: Vec<f64>,
+    /// Its standard deviation per axis (√ of the covariance's diagonal).
+    stds: Vec<f64>,
+    /// The measurement was rejected by the gate.
+    rejected: bool,
+    /// Restarts so far.
+    restarts: u64,
 }
 
 /// Roll/pitch filter of either kind.
@@ -193,7 +245,19 @@ impl AttitudeFilter {
             AttitudeFilter::Madgwick(f) => f.update(g, a, dt),
         }
     }
+
+    /// Accelerometer corrections skipped so far, and in a row (complementary only).
+    fn accel_rejections(&self) -> (u64, u64) {
+        match self {
+            AttitudeFilter::Complementary(f) => (f.accel_rejections(), f.rejection_streak()),
+            AttitudeFilter::Madgwick(_) => (0, 0),
+        }
+    }
 }
+
+/// Accelerometer corrections skipped in a row after which the group warns (once per streak)
+/// that `gravity` may not be 1 g in the accelerometer's unit.
+const REJECTION_STREAK_WARN: u64 = 1_000;
 
 #[derive(Debug, Clone)]
 enum MethodState {
@@ -202,8 +266,8 @@ enum MethodState {
         cfg: KinematicConfig,
         /// Time origin (first frame), so step times keep full f64 precision.
         t0: Option<TimestampNs>,
-        /// Tick of the last step while initialised; `None` until the first measurement.
-        last: Option<TimestampNs>,
+        /// Restarts already counted in the group's stats.
+        restarts: u64,
     },
     Attitude {
         filter: AttitudeFilter,
@@ -211,6 +275,8 @@ enum MethodState {
         fresh: AttitudeFilter,
         max_dt_s: f64,
         last: Option<TimestampNs>,
+        /// The current streak of skipped corrections was logged.
+        warned: bool,
     },
     Wavg(WeightedAverage),
     Voting {
@@ -225,6 +291,8 @@ pub struct FusionGroup {
     name: String,
     inputs: Vec<StreamId>,
     outputs: Vec<StreamId>,
+    /// Kalman only: the standard deviation of each fused position.
+    std_outputs: Vec<StreamId>,
     alarm: Option<StreamId>,
     aligner: Aligner,
     method: MethodState,
@@ -271,6 +339,32 @@ impl FusionGroup {
                 ),
             ));
         }
+        let std_outputs = cfg
+            .std_outputs
+            .iter()
+            .map(|s| intern(name, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !std_outputs.is_empty() {
+            match &method {
+                FusionMethod::Kalman(k) if k.axes == std_outputs.len() => {}
+                FusionMethod::Kalman(k) => {
+                    return Err(setup_err(
+                        name,
+                        format!(
+                            "std_outputs needs {} streams (one per axis), got {}",
+                            k.axes,
+                            std_outputs.len()
+                        ),
+                    ));
+                }
+                m => {
+                    return Err(setup_err(
+                        name,
+                        format!("std_outputs is for kalman groups, not {}", m.key()),
+                    ));
+                }
+            }
+        }
         let alarm = cfg.alarm_stream().map(|s| intern(name, &s)).transpose()?;
         let aligner =
             Aligner::new(&cfg.aligner_config()).map_err(|e: AlignerError| setup_err(name, e))?;
@@ -284,7 +378,7 @@ impl FusionGroup {
                 filter: Kalman::new(&k).map_err(|e| setup_err(name, e))?,
                 cfg: k,
                 t0: None,
-                last: None,
+                restarts: 0,
             },
             FusionMethod::Complementary(c) => {
                 let max_dt_s = c.max_dt_s;
@@ -296,6 +390,7 @@ impl FusionGroup {
                     filter: f,
                     max_dt_s,
                     last: None,
+                    warned: false,
                 }
             }
             FusionMethod::Madgwick(c) => {
@@ -306,6 +401,7 @@ impl FusionGroup {
                     filter: f,
                     max_dt_s,
                     last: None,
+                    warned: false,
                 }
             }
             FusionMethod::WeightedAverage(c) => {
@@ -320,6 +416,7 @@ impl FusionGroup {
             name: cfg.name.clone(),
             inputs,
             outputs,
+            std_outputs,
             alarm,
             aligner,
             method,
@@ -352,9 +449,12 @@ impl FusionGroup {
         self.aligner.push(sample, arrival_ns);
     }
 
-    /// Fuses every frame that became final; returns the output samples and alarms.
-    pub fn poll(&mut self) -> GroupOutput {
+    /// Fuses every frame that became final by `now` (the gateway's clock: a group whose
+    /// inputs are all silent moves on with it, see [`Aligner::advance`]); returns the output
+    /// samples and alarms.
+    pub fn poll(&mut self, now: TimestampNs) -> GroupOutput {
         let mut frames = std::mem::take(&mut self.frames);
+        self.aligner.advance(now);
         self.aligner.poll(&mut frames);
         let mut out = GroupOutput::default();
         for f in frames.drain(..) {
@@ -369,6 +469,12 @@ impl FusionGroup {
 
     fn fuse(&mut self, f: &Frame, out: &mut GroupOutput) {
         let vals: Vec<Option<f64>> = f.values.iter().map(|v| v.value).collect();
+        // For the dynamic filters a held value (carried into a silence) is no measurement.
+        let measured: Vec<Option<f64>> = f
+            .values
+            .iter()
+            .map(|v| if v.held { None } else { v.value })
+            .collect();
         let all_good = f.values.iter().all(|v| v.quality == Quality::Good);
         let emit = |out: &mut GroupOutput, stream: StreamId, value: Value, good: bool| {
             out.samples.push(Sample {
@@ -382,6 +488,8 @@ impl FusionGroup {
                 },
             });
         };
+        // The weighted average fuses a correction again with what it knows now (without
+        // learning from it twice); the others cannot step back in time.
         let stateful = !matches!(self.method, MethodState::Wavg(_));
         if f.correction && stateful {
             return;
@@ -392,28 +500,37 @@ impl FusionGroup {
                 filter,
                 cfg,
                 t0,
-                last,
+                restarts,
             } => {
                 let axes = cfg.axes;
-                let have_z = vals[..axes].iter().all(Option::is_some);
-                let gap = last.is_some_and(|l| span_s(l, f.ts_ns) > cfg.max_dt_s);
-                if gap && !have_z {
-                    *last = None; // re-initialise from the next measurement
-                }
-                if last.is_none() && !have_z {
-                    return; // nothing to start from
-                }
+                let have_z = measured[..axes].iter().all(Option::is_some);
                 let origin = *t0.get_or_insert(f.ts_ns);
-                match filter.step(span_s(origin, f.ts_ns), &vals) {
-                    Ok((pos, rejected)) => {
-                        *last = Some(f.ts_ns);
-                        if rejected {
+                let res = filter.step(span_s(origin, f.ts_ns), &measured);
+                let now_restarts = filter.restarts();
+                if now_restarts > *restarts {
+                    self.stats.restarts += now_restarts - *restarts;
+                    *restarts = now_restarts;
+                    tracing::info!(
+                        group = %self.name,
+                        max_dt_s = cfg.max_dt_s,
+                        "kalman filter restarted: no measurement used for longer than max_dt_s"
+                    );
+                }
+                match res {
+                    Ok(None) => {} // no state yet: nothing to say
+                    Ok(Some(step)) => {
+                        if step.rejected {
                             self.stats.rejections += 1;
                         }
-                        let good = all_good && have_z && !rejected;
-                        for (a, p) in pos.iter().enumerate() {
+                        let good = all_good && have_z && !step.rejected;
+                        for (a, p) in step.positions.iter().enumerate() {
                             if p.is_finite() {
                                 emit(out, self.outputs[a], Value::F64(*p), good);
+                            }
+                        }
+                        for (id, sd) in self.std_outputs.iter().zip(&step.stds) {
+                            if sd.is_finite() {
+                                emit(out, *id, Value::F64(*sd), good);
                             }
                         }
                     }
@@ -428,8 +545,9 @@ impl FusionGroup {
                 fresh,
                 max_dt_s,
                 last,
+                warned,
             } => {
-                let Some(v) = vals.iter().copied().collect::<Option<Vec<f64>>>() else {
+                let Some(v) = measured.iter().copied().collect::<Option<Vec<f64>>>() else {
                     return;
                 };
                 let g = Vector3::new(v[0], v[1], v[2]);
@@ -438,8 +556,31 @@ impl FusionGroup {
                 if dt > *max_dt_s {
                     *filter = fresh.clone();
                     dt = 0.0;
+                    self.stats.restarts += 1;
+                    tracing::info!(
+                        group = %self.name,
+                        max_dt_s = *max_dt_s,
+                        "attitude filter restarted after a gap longer than max_dt_s"
+                    );
                 }
-                match filter.update(&g, &a, dt) {
+                let (skipped_before, _) = filter.accel_rejections();
+                let res = filter.update(&g, &a, dt);
+                let (skipped, streak) = filter.accel_rejections();
+                self.stats.rejections += skipped.saturating_sub(skipped_before);
+                if streak == 0 {
+                    *warned = false;
+                } else if streak >= REJECTION_STREAK_WARN && !*warned {
+                    *warned = true;
+                    tracing::warn!(
+                        group = %self.name,
+                        frames = streak,
+                        accel_magnitude = a.norm(),
+                        "accelerometer corrections skipped {streak} frames in a row: its magnitude is \
+                         far from `gravity` (1 g in the accelerometer's unit: 9.80665 for m/s², \
+                         1.0 for g); the attitude follows the gyroscope alone"
+                    );
+                }
+                match res {
                     Ok(Some(att)) => {
                         *last = Some(f.ts_ns);
                         emit(
@@ -462,22 +603,61 @@ impl FusionGroup {
                     }
                 }
             }
-            MethodState::Wavg(w) => match w.fuse(&vals) {
-                Ok(r) => {
-                    self.stats.rejections += r.excluded.len() as u64;
-                    let good = r
-                        .weights
-                        .iter()
-                        .zip(&f.values)
-                        .all(|(w, v)| *w == 0.0 || v.quality == Quality::Good);
-                    emit(out, self.outputs[0], Value::F64(r.value), good);
+            MethodState::Wavg(w) => {
+                let res = if f.correction {
+                    w.fuse_again(&vals)
+                } else {
+                    w.fuse(&vals)
+                };
+                match res {
+                    Ok(r) => {
+                        if !f.correction {
+                            self.stats.rejections += r.excluded.len() as u64;
+                        }
+                        let good = r
+                            .weights
+                            .iter()
+                            .zip(&f.values)
+                            .all(|(w, v)| *w == 0.0 || v.quality == Quality::Good);
+                        emit(out, self.outputs[0], Value::F64(r.value), good);
+                        for a in r.alarms {
+                            let msg = format!(
+                                "excluded as an outlier in {} of its last {} frames",
+                                a.frames,
+                                w.fault_window()
+                            );
+                            raise_alarm(
+                                &self.name,
+                                &self.inputs,
+                                self.alarm,
+                                f.ts_ns,
+                                a,
+                                &msg,
+                                out,
+                            );
+                        }
+                        for i in r.recovered {
+                            let stream = self.inputs.get(i).map(|s| s.name());
+                            tracing::warn!(
+                                group = %self.name,
+                                sensor = i,
+                                stream = stream.as_deref().unwrap_or("?"),
+                                frames = w.recover_frames(),
+                                "sensor agreed with the others {} frames in a row: no longer faulty, used again",
+                                w.recover_frames()
+                            );
+                        }
+                    }
+                    Err(WavgError::NoReadings) => {}
+                    Err(e) => {
+                        self.stats.errors += 1;
+                        tracing::debug!(group = %self.name, error = %e, "weighted average failed");
+                    }
                 }
-                Err(WavgError::NoReadings) => {}
-                Err(e) => {
-                    self.stats.errors += 1;
-                    tracing::debug!(group = %self.name, error = %e, "weighted average failed");
-                }
-            },
+                self.stats.faulty = w.faulty().iter().filter(|f| **f).count() as u64;
+            }
+            // No reading at all (every input stale): nothing to vote on, not a failed vote.
+            MethodState::Voting { .. } if vals.iter().all(Option::is_none) => {}
             MethodState::Voting { voter, discrete } => {
                 let res = if *discrete {
                     let ints: Vec<Option<i64>> = vals
@@ -497,19 +677,16 @@ impl FusionGroup {
                     Ok((value, alarms)) => {
                         emit(out, self.outputs[0], value, all_good);
                         for a in alarms {
-                            let faulty = self.inputs.get(a.sensor).map(|s| s.name());
-                            tracing::warn!(
-                                group = %self.name,
-                                sensor = a.sensor,
-                                stream = faulty.as_deref().unwrap_or("?"),
-                                frames = a.frames,
-                                "ALARM: sensor out-voted {} frames in a row, flagged faulty and excluded",
-                                a.frames
+                            let msg = format!("out-voted {} frames in a row", a.frames);
+                            raise_alarm(
+                                &self.name,
+                                &self.inputs,
+                                self.alarm,
+                                f.ts_ns,
+                                a,
+                                &msg,
+                                out,
                             );
-                            if let (Some(alarm), Some(faulty)) = (self.alarm, faulty) {
-                                out.alarms
-                                    .push(Sample::new(alarm, f.ts_ns, Value::text(&faulty)));
-                            }
                         }
                     }
                     Err(e @ (VoteError::TooFewSensors { .. } | VoteError::NoAgreement)) => {
@@ -524,6 +701,31 @@ impl FusionGroup {
                 self.stats.faulty = voter.faulty().iter().filter(|f| **f).count() as u64;
             }
         }
+    }
+}
+
+/// A sensor flagged faulty (`why`: what the method saw): the log line, and one critical
+/// sample on the group's alarm stream whose value is the faulty input's stream name.
+fn raise_alarm(
+    group: &str,
+    inputs: &[StreamId],
+    alarm: Option<StreamId>,
+    ts_ns: TimestampNs,
+    a: FaultAlarm,
+    why: &str,
+    out: &mut GroupOutput,
+) {
+    let faulty = inputs.get(a.sensor).map(|s| s.name());
+    tracing::warn!(
+        group = %group,
+        sensor = a.sensor,
+        stream = faulty.as_deref().unwrap_or("?"),
+        frames = a.frames,
+        "ALARM: sensor {why}, flagged faulty and excluded"
+    );
+    if let (Some(alarm), Some(faulty)) = (alarm, faulty) {
+        out.alarms
+            .push(Sample::new(alarm, ts_ns, Value::text(&faulty)));
     }
 }
 
@@ -554,6 +756,7 @@ struct GroupMetrics {
     rejections: Counter,
     errors: Counter,
     late: Counter,
+    restarts: Counter,
     faulty: Gauge,
     stale: Gauge,
     exported: GroupStats,
@@ -566,7 +769,7 @@ impl GroupMetrics {
             frames: m.counter("outpost_fusion_frames", "Aligned frames fused by a fusion group", &l),
             rejections: m.counter(
                 "outpost_fusion_rejections",
-                "Inputs a fusion group rejected: Kalman gate rejections, weighted-average outlier exclusions",
+                "Inputs a fusion group rejected: Kalman gate rejections, weighted-average outlier exclusions, complementary accelerometer corrections skipped",
                 &l,
             ),
             errors: m.counter(
@@ -579,9 +782,14 @@ impl GroupMetrics {
                 "Samples that arrived behind a fusion group's watermark (dropped or re-emitted)",
                 &l,
             ),
+            restarts: m.counter(
+                "outpost_fusion_restarts",
+                "Kalman or attitude filters of a fusion group restarted: no measurement for longer than max_dt_s",
+                &l,
+            ),
             faulty: m.gauge(
                 "outpost_fusion_faulty_sensors",
-                "Sensors a voting group has flagged faulty and excludes",
+                "Sensors a voting or weighted-average group has flagged faulty and excludes",
                 &l,
             ),
             stale: m.gauge(
@@ -601,6 +809,7 @@ impl GroupMetrics {
             .inc_by(s.rejections.saturating_sub(e.rejections));
         self.errors.inc_by(s.errors.saturating_sub(e.errors));
         self.late.inc_by(s.late.saturating_sub(e.late));
+        self.restarts.inc_by(s.restarts.saturating_sub(e.restarts));
         self.faulty.set(i64::try_from(s.faulty).unwrap_or(i64::MAX));
         self.stale.set(i64::try_from(s.stale).unwrap_or(i64::MAX));
         self.exported = s;
@@ -635,7 +844,7 @@ async fn run(
                 }
             }
             _ = timer.tick() => {
-                let out = group.poll();
+                let out = group.poll(now_ns());
                 metrics.export(group.stats());
                 if !out.alarms.is_empty()
                     && let Err(e) = ingest.submit(Priority::Critical, out.alarms).await

@@ -1,7 +1,8 @@
 //! Cross-checks the fusion cores against independent Python implementations.
 //!
 //! - Kalman: the same inputs through `filterpy.kalman.KalmanFilter` must give the same states
-//!   and covariances to 1e-9 relative (1-D, 2-D constant velocity, 6-state GPS+IMU; no gating).
+//!   and covariances to 1e-9 relative (1-D, 2-D constant velocity, 6-state GPS+IMU, and a
+//!   constant-velocity track with a dropout of predict-only steps; no gating).
 //! - Attitude: the complementary and Madgwick filters and `imufusion` (x-io Fusion, a different
 //!   algorithm) run on the same simulated IMU data; the RMS errors are printed side by side.
 //!
@@ -248,17 +249,43 @@ fn kalman_matches_filterpy() {
         &six,
     );
 
+    // A dropout: 1-D constant velocity at 5 Hz, 10 s of track, then 9.8 s of predict-only
+    // steps (the longest a group predicts with max_dt_s = 10), then the track again.
+    let drop: Vec<_> = (0..150)
+        .map(|k| {
+            let (f, b, q) =
+                kinematic_matrices::<2, 0>(MotionModel::ConstantVelocity, 1, 0.2, 0.05).unwrap();
+            let t = k as f64 * 0.2;
+            let z = (!(50..99).contains(&k)).then(|| SVector::<f64, 1>::new(2.0 * t + g.n(0.5)));
+            (f, b, q, SVector::<f64, 0>::zeros(), z)
+        })
+        .collect();
+    let cd = run_case::<2, 1, 0>(
+        "cv1d_dropout",
+        SVector::zeros(),
+        SMatrix::identity() * 100.0,
+        SMatrix::<f64, 1, 2>::new(1.0, 0.0),
+        SMatrix::<f64, 1, 1>::new(0.25),
+        &drop,
+    );
+    let growth: Vec<f64> = cd.ps[49..99].iter().map(|p| p[(0, 0)].sqrt()).collect();
+    assert!(growth.windows(2).all(|w| w[1] > w[0]), "{growth:?}");
+
     let out = run_py(
         "kalman_filterpy.py",
-        &json!({"cases": [c1.json, c2.json, c6.json]}),
+        &json!({"cases": [c1.json, c2.json, c6.json, cd.json]}),
     );
     let res = out["results"].as_array().unwrap();
     let (w1, n1) = compare(&c1, &res[0]);
     let (w2, n2) = compare(&c2, &res[1]);
     let (w6, n6) = compare(&c6, &res[2]);
+    let (wd, nd) = compare(&cd, &res[3]);
     println!(
         "filterpy cross-check: 1d {n1} steps worst rel diff {w1:.2e}; cv2d {n2} steps {w2:.2e}; \
-         gps_imu_3d {n6} steps {w6:.2e}"
+         gps_imu_3d {n6} steps {w6:.2e}; cv1d_dropout {nd} steps {wd:.2e} (position std \
+         {:.3} → {:.3} over 49 predict-only steps)",
+        growth[0],
+        growth[growth.len() - 1]
     );
 }
 
@@ -277,6 +304,7 @@ fn attitude_beside_imufusion() {
     let mut comp = Complementary::new(ComplementaryConfig {
         time_constant_s: 1.0,
         accel_rejection: 0.0,
+        gravity: 9.80665,
         max_dt_s: 1.0,
     })
     .unwrap();

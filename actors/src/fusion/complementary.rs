@@ -5,7 +5,9 @@
 //! accelerometer measures specific force, so it reads `(0, 0, +g)` lying level; gyroscope in
 //! rad/s about the body axes. Euler angles are ZYX (yaw, pitch, roll), in radians:
 //! `roll = atan2(a_y, a_z)`, `pitch = atan2(−a_x, √(a_y² + a_z²))` from the accelerometer.
-//! The accelerometer may be in any unit (m/s² or g): only its direction is used.
+//! The accelerometer may be in any unit (m/s² or g): the attitude uses only its direction; the
+//! complementary filter's acceleration rejection compares its magnitude with `gravity` (1 g in
+//! that unit).
 
 use nalgebra::{Quaternion, UnitQuaternion, Vector3};
 pub use outpost_runtime::config::{ComplementaryConfig, FusionConfigError, MadgwickConfig};
@@ -79,12 +81,17 @@ impl From<FusionConfigError> for AttitudeError {
 /// `angle = α (angle + rate · dt) + (1 − α) accel_angle`, with the gyroscope's body rates turned
 /// into Euler-angle rates (`φ̇ = p + (q sin φ + r cos φ) tan θ`, `θ̇ = q cos φ − r sin φ`) and the
 /// blend done on the wrapped difference so ±180° roll does not jump.
+///
+/// Acceleration rejection: a reading whose magnitude is off 1 g (`gravity`) by more than
+/// `accel_rejection` carries linear acceleration; its correction is skipped and counted. The
+/// reference is fixed, never the first reading: a filter started while moving would otherwise
+/// measure every resting reading against a wrong g and reject them all.
 #[derive(Debug, Clone)]
 pub struct Complementary {
     cfg: ComplementaryConfig,
     att: Option<Attitude>,
-    g0: Option<f64>,
     rejected: u64,
+    streak: u64,
 }
 
 impl Complementary {
@@ -94,8 +101,8 @@ impl Complementary {
         Ok(Complementary {
             cfg,
             att: None,
-            g0: None,
             rejected: 0,
+            streak: 0,
         })
     }
 
@@ -109,6 +116,12 @@ impl Complementary {
         self.rejected
     }
 
+    /// Corrections skipped in a row up to the last step (0 after one was applied). A long
+    /// streak at rest means `gravity` is not 1 g in the accelerometer's unit.
+    pub fn rejection_streak(&self) -> u64 {
+        self.streak
+    }
+
     /// One step: gyroscope (rad/s), accelerometer, seconds since the previous sample.
     pub fn update(
         &mut self,
@@ -120,7 +133,6 @@ impl Complementary {
         let meas = accel_attitude(accel);
         let Some(att) = self.att else {
             self.att = meas;
-            self.g0 = meas.map(|_| accel.norm());
             return Ok(self.att);
         };
         let (sr, cr) = att.roll.sin_cos();
@@ -132,12 +144,12 @@ impl Complementary {
         let mut pitch = (att.pitch + pitch_rate * dt)
             .clamp(-std::f64::consts::FRAC_PI_2, std::f64::consts::FRAC_PI_2);
         let reject = self.cfg.accel_rejection > 0.0
-            && self
-                .g0
-                .is_some_and(|g0| (accel.norm() / g0 - 1.0).abs() > self.cfg.accel_rejection);
+            && (accel.norm() / self.cfg.gravity - 1.0).abs() > self.cfg.accel_rejection;
         if reject {
             self.rejected += 1;
+            self.streak += 1;
         } else if let Some(m) = meas {
+            self.streak = 0;
             let w = dt / (self.cfg.time_constant_s + dt); // 1 − α
             roll = wrap_pi(roll + w * wrap_pi(m.roll - roll));
             pitch += w * (m.pitch - pitch);

@@ -448,11 +448,19 @@ pub fn kinematic_matrices<const N: usize, const U: usize>(
 
 /// A kinematic filter driven by timestamps: builds F, B and Q from the real dt of each step.
 /// `N = order · axes`, `M = axes` (position measurement per axis), `U = axes` for GPS+IMU.
+///
+/// Restarts: once more than `max_dt_s` has passed since the last measurement it initialised
+/// from or accepted (a dropout, or a track the gate keeps rejecting), the filter forgets its
+/// state and waits for the next measurement to initialise it again. Until then, steps without
+/// a measurement are predict-only and the covariance grows.
 #[derive(Debug, Clone)]
 pub struct KinematicFilter<const N: usize, const M: usize, const U: usize> {
     kf: KalmanFilter<N, M, U>,
     cfg: KinematicConfig,
     last_t: Option<f64>,
+    /// Time of the last measurement used (initialisation or accepted update).
+    last_meas_t: f64,
+    restarts: u64,
 }
 
 impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
@@ -479,6 +487,8 @@ impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
             kf,
             cfg,
             last_t: None,
+            last_meas_t: 0.0,
+            restarts: 0,
         })
     }
 
@@ -487,15 +497,33 @@ impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
         &self.kf
     }
 
+    /// Whether the filter has a state (initialised from a measurement, not restarted since).
+    pub fn is_initialised(&self) -> bool {
+        self.last_t.is_some()
+    }
+
+    /// Times the filter restarted because no measurement came for more than `max_dt_s`.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
     /// Position of axis `a` (0-based), if it exists.
     pub fn position(&self, a: usize) -> Option<f64> {
         (a < self.cfg.axes).then(|| self.kf.x[a * self.cfg.model.order()])
     }
 
+    /// Variance of the position of axis `a` (0-based), if it exists.
+    pub fn position_variance(&self, a: usize) -> Option<f64> {
+        let i = a * self.cfg.model.order();
+        (a < self.cfg.axes).then(|| self.kf.p[(i, i)])
+    }
+
     /// Advances to time `t_s` (seconds, any epoch) with control input `u` (zero if the model has
     /// none) and fuses `z` if present (a missing measurement is a predict-only step). The first
-    /// call with a measurement initialises the positions from it. A time step longer than
-    /// `max_dt_s` re-initialises; a step backwards is an error and changes nothing.
+    /// call with a measurement initialises the positions from it. More than `max_dt_s` since
+    /// the last measurement used (or since the last step) restarts the filter: this step
+    /// re-initialises from `z`, or leaves it uninitialised without one. A step backwards is an
+    /// error and changes nothing.
     pub fn step(
         &mut self,
         t_s: f64,
@@ -518,6 +546,7 @@ impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
                 }
                 self.kf.set_state(x, p)?;
                 self.last_t = Some(t_s);
+                self.last_meas_t = t_s;
                 return Ok(None);
             }
             Some(last) => {
@@ -525,9 +554,10 @@ impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
                 if dt < 0.0 {
                     return Err(KalmanError::BadDt(dt, self.cfg.max_dt_s));
                 }
-                if dt > self.cfg.max_dt_s {
+                if dt > self.cfg.max_dt_s || t_s - self.last_meas_t > self.cfg.max_dt_s {
                     self.kf.reset();
                     self.last_t = None;
+                    self.restarts += 1;
                     return self.step(t_s, u, z);
                 }
                 let (f, b, q) = kinematic_matrices::<N, U>(
@@ -542,7 +572,13 @@ impl<const N: usize, const M: usize, const U: usize> KinematicFilter<N, M, U> {
             }
         }
         match z {
-            Some(z) => self.kf.update(z).map(Some),
+            Some(z) => {
+                let out = self.kf.update(z)?;
+                if matches!(out, UpdateOutcome::Accepted { .. }) {
+                    self.last_meas_t = t_s;
+                }
+                Ok(Some(out))
+            }
             None => Ok(None),
         }
     }

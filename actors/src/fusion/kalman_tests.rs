@@ -320,3 +320,58 @@ proptest! {
         }
     }
 }
+
+/// Predict-only steps do not keep a filter alive for ever: more than `max_dt_s` after the last
+/// measurement it used, it restarts and waits for the next measurement, whatever the steps
+/// in between. A track the gate keeps rejecting restarts the same way.
+#[test]
+fn no_measurement_for_max_dt_restarts_even_through_predict_only_steps() {
+    let mut f = cv1(None); // max_dt_s 10
+    let u = SVector::<f64, 0>::zeros();
+    f.step(0.0, &u, Some(&Vector1::new(1.0))).unwrap();
+    let mut var = f.filter().covariance()[(0, 0)];
+    for k in 1..=100 {
+        f.step(k as f64 * 0.1, &u, None).unwrap();
+        assert!(f.is_initialised());
+        let v = f.position_variance(0).unwrap();
+        assert!(v > var, "variance grows while predicting");
+        var = v;
+    }
+    assert_eq!(f.restarts(), 0);
+    f.step(10.1, &u, None).unwrap();
+    assert!(!f.is_initialised());
+    assert_eq!(f.restarts(), 1);
+    f.step(10.2, &u, None).unwrap();
+    assert_eq!(f.restarts(), 1, "one restart per gap");
+    f.step(12.0, &u, Some(&Vector1::new(7.0))).unwrap();
+    assert!(f.is_initialised());
+    assert_eq!(f.position(0), Some(7.0));
+
+    let mut g = cv1(Some(GateConfidence::P999));
+    g.step(0.0, &u, Some(&Vector1::new(0.0))).unwrap();
+    for k in 1..=20 {
+        g.step(k as f64 * 0.1, &u, Some(&Vector1::new(0.0)))
+            .unwrap();
+    }
+    // The target jumps by 1 km and stays there: rejected until max_dt_s has passed.
+    let mut k = 21;
+    loop {
+        let out = g
+            .step(k as f64 * 0.1, &u, Some(&Vector1::new(1000.0)))
+            .unwrap();
+        if g.restarts() > 0 {
+            break;
+        }
+        assert!(
+            matches!(out, Some(UpdateOutcome::Rejected { .. })),
+            "step {k}"
+        );
+        k += 1;
+    }
+    assert_eq!(
+        g.position(0),
+        Some(1000.0),
+        "re-initialised on the new track"
+    );
+    assert!(k as f64 * 0.1 > 12.0);
+}

@@ -42,11 +42,13 @@ pub fn run(args: &[String]) -> Result<Json, String> {
         clock_bucket_ms: 1000,
         max_pending_ticks: 10_000,
         max_future_ms: 0,
+        idle_timeout_ms: None,
         streams: (0..RATES_HZ.len())
             .map(|i| AlignerStreamConfig {
                 stream: format!("bench.aligner.s{i}"),
                 interpolation: interp[i % 3],
                 stale_after_ms: 5_000,
+                max_gap_ms: None,
                 correct_clock: false,
             })
             .collect(),

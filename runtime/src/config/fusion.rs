@@ -94,6 +94,12 @@ pub struct AlignerStreamConfig {
     /// Silence after which the stream is marked bad, ms (default 5000, > 0).
     #[serde(default = "default_stale_ms")]
     pub stale_after_ms: u64,
+    /// Longest gap between two samples that interpolation bridges, ms (default: the
+    /// stream's `stale_after_ms`; 1 to `stale_after_ms`). Ticks inside a longer gap are
+    /// treated as after a silent stream's newest sample: held (uncertain, marked held) for
+    /// up to `stale_after_ms`, then missing.
+    #[serde(default)]
+    pub max_gap_ms: Option<u64>,
     /// Map source timestamps to the arrival clock with the estimated offset and drift
     /// (default false; the estimate is kept either way).
     #[serde(default)]
@@ -131,6 +137,11 @@ pub struct AlignerConfig {
     /// rejected, ms (default 60000; 0 disables the check).
     #[serde(default = "default_max_future_ms")]
     pub max_future_ms: u64,
+    /// When no sample has been accepted for this long (arrival clock), the watermark moves
+    /// on with the arrival clock, so silent streams go stale and their ticks are emitted,
+    /// ms (default: the largest `stale_after_ms` of the streams; 1 to 86400000).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
     /// The streams (1–64, distinct).
     pub streams: Vec<AlignerStreamConfig>,
 }
@@ -177,6 +188,14 @@ impl AlignerConfig {
                 "allowed_lateness_ms must be at most one day".into(),
             );
         }
+        if let Some(ms) = self.idle_timeout_ms
+            && !(1..=86_400_000).contains(&ms)
+        {
+            return bad(
+                "idle_timeout_ms",
+                format!("idle_timeout_ms = {ms} must be in 1-86400000"),
+            );
+        }
         for (i, s) in self.streams.iter().enumerate() {
             if s.stale_after_ms == 0 || s.stale_after_ms > 86_400_000 {
                 return bad(
@@ -184,6 +203,17 @@ impl AlignerConfig {
                     format!(
                         "stream {:?}: stale_after_ms must be in 1-86400000",
                         s.stream
+                    ),
+                );
+            }
+            if let Some(gap) = s.max_gap_ms
+                && !(1..=s.stale_after_ms).contains(&gap)
+            {
+                return bad(
+                    "max_gap_ms",
+                    format!(
+                        "stream {:?}: max_gap_ms = {gap} must be in 1-{} (its stale_after_ms)",
+                        s.stream, s.stale_after_ms
                     ),
                 );
             }
@@ -322,6 +352,11 @@ fn default_attitude_max_dt() -> f64 {
 fn default_beta() -> f64 {
     0.1
 }
+/// Standard gravity, m/s².
+pub const STANDARD_GRAVITY: f64 = 9.80665;
+fn default_gravity() -> f64 {
+    STANDARD_GRAVITY
+}
 
 /// Complementary filter settings (a `[fusion.complementary]` table).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -331,10 +366,14 @@ pub struct ComplementaryConfig {
     /// blend is the same whatever the sample rate. Longer trusts the gyroscope more.
     #[serde(default = "one")]
     pub time_constant_s: f64,
-    /// Skip the accelerometer correction when `| |a| / g₀ − 1 |` exceeds this fraction, where
-    /// g₀ is the first reading's magnitude (linear acceleration present). 0 disables (default).
+    /// Skip the accelerometer correction when `| |a| / gravity − 1 |` exceeds this fraction
+    /// (linear acceleration present). 0 disables (default).
     #[serde(default)]
     pub accel_rejection: f64,
+    /// Magnitude of 1 g in the accelerometer's unit, the reference of `accel_rejection`
+    /// (default 9.80665, m/s²; 1.0 for an accelerometer that reports g). > 0.
+    #[serde(default = "default_gravity")]
+    pub gravity: f64,
     /// Longest accepted time step, seconds (default 1).
     #[serde(default = "default_attitude_max_dt")]
     pub max_dt_s: f64,
@@ -354,6 +393,9 @@ impl ComplementaryConfig {
                 "accel_rejection",
                 format!("accel_rejection = {} must be >= 0", self.accel_rejection),
             );
+        }
+        if !(self.gravity.is_finite() && self.gravity > 0.0) {
+            return bad("gravity", format!("gravity = {} must be > 0", self.gravity));
         }
         if !(self.max_dt_s.is_finite() && self.max_dt_s > 0.0) {
             return bad(
@@ -407,6 +449,12 @@ fn default_k() -> f64 {
 fn yes() -> bool {
     true
 }
+fn default_wavg_fault_window() -> u32 {
+    20
+}
+fn default_recover_frames() -> u32 {
+    60
+}
 
 /// Weighted-average settings (a `[fusion.weighted_average]` table).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -432,6 +480,16 @@ pub struct WeightedAverageConfig {
     /// Reject outliers at all (default true).
     #[serde(default = "yes")]
     pub reject_outliers: bool,
+    /// A sensor excluded as an outlier in more than half of its last `fault_window` screened
+    /// frames is flagged faulty: excluded from then on and reported once as an alarm
+    /// (default 20, 1–10000).
+    #[serde(default = "default_wavg_fault_window")]
+    pub fault_window: u32,
+    /// A faulty sensor is used again only after it agreed with the healthy sensors (within
+    /// `outlier_k` robust standard deviations of their median) this many frames in a row
+    /// (default 60, 1–1000000).
+    #[serde(default = "default_recover_frames")]
+    pub recover_frames: u32,
 }
 
 impl WeightedAverageConfig {
@@ -467,6 +525,21 @@ impl WeightedAverageConfig {
             return bad(
                 "outlier_k",
                 format!("outlier_k = {} must be > 0", self.outlier_k),
+            );
+        }
+        if !(1..=10_000).contains(&self.fault_window) {
+            return bad(
+                "fault_window",
+                format!("fault_window = {} must be in 1-10000", self.fault_window),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.recover_frames) {
+            return bad(
+                "recover_frames",
+                format!(
+                    "recover_frames = {} must be in 1-1000000",
+                    self.recover_frames
+                ),
             );
         }
         Ok(())
@@ -589,6 +662,8 @@ impl VotingConfig {
 /// | `complementary`, `madgwick` | gyro x, y, z (rad/s), accel x, y, z (any unit) | roll, pitch (degrees) |
 /// | `weighted_average` | the redundant sensors | the fused value |
 /// | `voting` | the redundant sensors | the voted value; faults on `alarm` |
+///
+/// `weighted_average` raises its faults on `alarm` too.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FusionGroupConfig {
@@ -603,8 +678,13 @@ pub struct FusionGroupConfig {
     /// Kalman filter with several axes: one position per axis).
     #[serde(default)]
     pub outputs: Vec<String>,
-    /// Voting only: stream of the critical alarm samples raised when a sensor is flagged
-    /// faulty (value: the faulty input's stream name). Default `<name>/alarm`.
+    /// Kalman only: streams for the standard deviation of each fused position (one per
+    /// axis, same unit), so the filter's uncertainty is visible downstream (it grows during
+    /// predict-only steps). Optional.
+    #[serde(default)]
+    pub std_outputs: Vec<String>,
+    /// Voting and weighted average: stream of the critical alarm samples raised when a sensor
+    /// is flagged faulty (value: the faulty input's stream name). Default `<name>/alarm`.
     pub alarm: Option<String>,
     /// Common timeline step.
     pub tick: Dur<1, 3_600_000>,
@@ -615,6 +695,12 @@ pub struct FusionGroupConfig {
     /// A stream silent longer than this is marked bad until it speaks again.
     #[serde(default = "default_stale")]
     pub stale_after: Dur<1, 86_400_000>,
+    /// Longest gap between two samples of an input that interpolation bridges (default
+    /// `stale_after`, at most `stale_after`).
+    pub max_gap: Option<Dur<1, 86_400_000>>,
+    /// With no input sample for this long, the group's time moves on with the gateway's
+    /// clock (default `stale_after`).
+    pub idle_timeout: Option<Dur<1, 86_400_000>>,
     #[serde(default)]
     pub interpolation: Interpolation,
     /// Correct each input's timestamps by its estimated clock offset and drift.
@@ -740,9 +826,9 @@ impl FusionGroupConfig {
         v
     }
 
-    /// The alarm stream (voting groups only).
+    /// The alarm stream (voting and weighted-average groups: the methods that flag sensors).
     pub fn alarm_stream(&self) -> Option<String> {
-        self.voting.as_ref().map(|_| {
+        (self.voting.is_some() || self.weighted_average.is_some()).then(|| {
             self.alarm
                 .clone()
                 .unwrap_or_else(|| format!("{}/alarm", self.name))
@@ -771,6 +857,7 @@ impl FusionGroupConfig {
             clock_bucket_ms: default_clock_bucket_ms(),
             max_pending_ticks: default_max_pending(),
             max_future_ms: default_max_future_ms(),
+            idle_timeout_ms: self.idle_timeout.map(|d| ms(d.get())),
             streams: self
                 .inputs
                 .iter()
@@ -778,6 +865,7 @@ impl FusionGroupConfig {
                     stream: s.clone(),
                     interpolation,
                     stale_after_ms: ms(self.stale_after.get()),
+                    max_gap_ms: self.max_gap.map(|d| ms(d.get())),
                     correct_clock: self.correct_clock,
                 })
                 .collect(),

@@ -360,11 +360,19 @@ fn a_group_needs_exactly_one_method() {
 
 #[test]
 fn input_and_output_counts_must_match_the_method() {
-    // Two axes need two position inputs and two outputs.
+    // Two axes need two position inputs, two outputs and two std outputs.
     let text = REFERENCE.replacen("axes = 1\n", "axes = 2\n", 1);
     let errs = parse_ref(&text).unwrap_err().0;
     let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
-    assert_eq!(keys, ["fusion[0].inputs", "fusion[0].output"], "{errs:?}");
+    assert_eq!(
+        keys,
+        [
+            "fusion[0].inputs",
+            "fusion[0].output",
+            "fusion[0].std_outputs"
+        ],
+        "{errs:?}"
+    );
     assert!(errs[0].message.contains("needs 2 inputs"), "{}", errs[0]);
     // gps_imu: positions then accelerations.
     let text = REFERENCE.replacen("model = \"constant_velocity\"", "model = \"gps_imu\"", 1);
@@ -668,4 +676,136 @@ fn a_config_without_sync_section_backfills() {
         .strict()
         .unwrap();
     assert!(with.sync.backfill, "and with an empty one");
+}
+
+#[test]
+fn gap_and_idle_keys_reach_the_aligner_and_are_checked() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let a = c.fusion[0].aligner_config();
+    assert_eq!(a.streams[0].max_gap_ms, Some(3_000));
+    assert_eq!(a.idle_timeout_ms, Some(10_000));
+    assert_eq!(c.fusion[0].std_outputs, ["boiler/temperature_kf_std"]);
+    // Left out: the aligner's defaults (stale_after).
+    let a = c.fusion[1].aligner_config();
+    assert_eq!((a.streams[0].max_gap_ms, a.idle_timeout_ms), (None, None));
+    a.validate().unwrap();
+
+    let text = REFERENCE.replace("max_gap = \"3s\"", "max_gap = \"11s\"");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].max_gap");
+    assert_eq!(e.line, Some(line_of(&text, "max_gap = \"11s\"")));
+    assert!(e.message.contains("longer than stale_after"), "{e}");
+
+    let text = REFERENCE.replace(
+        "std_outputs = [\"boiler/temperature_kf_std\"]",
+        "std_outputs = [\"a\", \"b\"]",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[0].std_outputs");
+    assert!(e.message.contains("needs 1 streams"), "{e}");
+
+    let text = with_group(
+        "[[fusion]]\nname = \"sd\"\ninputs = [\"boiler/pressure\"]\noutput = \"p2\"\n\
+         std_outputs = [\"p2_std\"]\ntick = \"1s\"\n[fusion.weighted_average]\nvariances = [1.0]\n",
+    );
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].std_outputs");
+    assert!(e.message.contains("only for groups with a `kalman`"), "{e}");
+
+    // A std output is a stream like any other: names stay unique.
+    let text = REFERENCE.replace(
+        "std_outputs = [\"boiler/temperature_kf_std\"]",
+        "std_outputs = [\"boiler/temperature_avg\"]",
+    );
+    let e = one_error(&text);
+    assert!(e.message.contains("already produced"), "{e}");
+}
+
+#[test]
+fn complementary_gravity_is_read_and_checked() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    assert_eq!(c.fusion[3].complementary.as_ref().unwrap().gravity, 9.80665);
+    let text = REFERENCE.replace("gravity = 9.80665", "gravity = 0.0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[3].complementary.gravity");
+    assert!(e.message.contains("must be > 0"), "{e}");
+    // Left out: standard gravity.
+    let text = REFERENCE.replace("gravity = 9.80665\n", "");
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(c.fusion[3].complementary.as_ref().unwrap().gravity, 9.80665);
+}
+
+/// An MQTT device whose streams are named from the topic (`tank/{1}` from `plant/tank/+`).
+const TANKS: &str = r#"
+[[devices]]
+name = "tanks"
+[devices.mqtt]
+broker = "127.0.0.1:1883"
+[[devices.mqtt.subscriptions]]
+topic = "plant/tank/+"
+format = "number"
+stream = "tank/{1}"
+"#;
+
+#[test]
+fn fusion_inputs_may_come_from_templated_mqtt_streams() {
+    let group = |inputs: &str, output: &str| {
+        format!(
+            "{TANKS}\n[[fusion]]\nname = \"tanks\"\ninputs = {inputs}\noutput = \"{output}\"\n\
+             tick = \"1s\"\n[fusion.weighted_average]\nvariances = [1.0]\n"
+        )
+    };
+    let text = with_group(&group(
+        "[\"tank/a\", \"tank/b\", \"line1/press/temp\"]",
+        "tanks/level",
+    ));
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(c.fusion[4].inputs[0], "tank/a");
+
+    // A name the template cannot produce: a `+` is one level, never two.
+    let text = with_group(&group("[\"tank/a\", \"tank/a/b\"]", "tanks/level"));
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].inputs");
+    assert!(e.message.contains("\"tank/a/b\" is not produced"), "{e}");
+
+    // A group output the template could also produce: two producers of one stream.
+    let text = with_group(&group("[\"tank/a\", \"tank/b\"]", "tank/avg"));
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[4].output");
+    assert!(e.message.contains("tank/{1}"), "{e}");
+}
+
+#[test]
+fn weighted_average_fault_keys_and_alarm_stream() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let avg = &c.fusion[1];
+    match avg.method().unwrap() {
+        FusionMethod::WeightedAverage(w) => {
+            assert_eq!((w.fault_window, w.recover_frames), (20, 60));
+        }
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(
+        avg.alarm_stream().as_deref(),
+        Some("boiler-temperature-avg/alarm")
+    );
+    let text = REFERENCE.replace("fault_window = 20", "fault_window = 0");
+    let e = one_error(&text);
+    assert_eq!(e.key, "fusion[1].weighted_average.fault_window");
+    assert_eq!(e.line, Some(line_of(&text, "fault_window = 0")));
+    let text = REFERENCE.replace("recover_frames = 60", "recover_frames = 0");
+    assert_eq!(
+        one_error(&text).key,
+        "fusion[1].weighted_average.recover_frames"
+    );
+    // `alarm` names the stream of a weighted-average group too.
+    let text = REFERENCE.replace(
+        "output = \"boiler/temperature_avg\"",
+        "output = \"boiler/temperature_avg\"\nalarm = \"boiler/avg_alarm\"",
+    );
+    let c = parse_ref(&text).unwrap().config;
+    assert_eq!(
+        c.fusion[1].alarm_stream().as_deref(),
+        Some("boiler/avg_alarm")
+    );
 }

@@ -387,6 +387,86 @@ fn placeholder_free(name: &str) -> String {
     name.replace(['{', '}'], "_")
 }
 
+/// One piece of a stream-name template: literal text, or `{n}` (n ≥ 1), the level matched
+/// by the n-th `+` of the topic filter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TemplatePart<'a> {
+    Lit(&'a str),
+    Level(usize),
+}
+
+/// Splits a stream-name template the way the MQTT mapping expands it: `{n}` with n ≥ 1 is a
+/// placeholder; any other brace text is literal.
+fn template_parts(template: &str) -> Vec<TemplatePart<'_>> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else { break };
+        match after[..end].parse::<usize>() {
+            Ok(n) if n >= 1 => {
+                if start > 0 {
+                    out.push(TemplatePart::Lit(&rest[..start]));
+                }
+                out.push(TemplatePart::Level(n));
+            }
+            _ => out.push(TemplatePart::Lit(&rest[..start + end + 2])),
+        }
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(TemplatePart::Lit(rest));
+    }
+    out
+}
+
+/// Whether an MQTT stream template (`tank/{1}`) can produce `name`: each placeholder stands
+/// for one topic level (no `/`, `+`, `#`; possibly empty), the same placeholder for the same
+/// text. The search is bounded (templates come from the file); a template too ambiguous to
+/// decide within the bound does not match.
+fn template_matches(template: &str, name: &str) -> bool {
+    fn go<'a>(
+        parts: &[TemplatePart<'_>],
+        name: &'a str,
+        bound: &mut Vec<(usize, &'a str)>,
+        budget: &mut u32,
+    ) -> bool {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        let Some((first, rest)) = parts.split_first() else {
+            return name.is_empty();
+        };
+        match *first {
+            TemplatePart::Lit(l) => name
+                .strip_prefix(l)
+                .is_some_and(|r| go(rest, r, bound, budget)),
+            TemplatePart::Level(n) => {
+                if let Some(&(_, v)) = bound.iter().find(|(k, _)| *k == n) {
+                    return name
+                        .strip_prefix(v)
+                        .is_some_and(|r| go(rest, r, bound, budget));
+                }
+                let level = name.find(['/', '+', '#', '\0']).unwrap_or(name.len());
+                for end in (0..=level).filter(|&e| name.is_char_boundary(e)) {
+                    bound.push((n, &name[..end]));
+                    if go(rest, &name[end..], bound, budget) {
+                        return true;
+                    }
+                    bound.pop();
+                }
+                false
+            }
+        }
+    }
+    let parts = template_parts(template);
+    if !parts.iter().any(|p| matches!(p, TemplatePart::Level(_))) {
+        return template == name;
+    }
+    go(&parts, name, &mut Vec::new(), &mut 100_000)
+}
+
 /// The numbers inside `{n}` placeholders.
 fn placeholders(name: &str) -> Vec<usize> {
     let mut out = Vec::new();
@@ -590,8 +670,25 @@ fn add_stream(p: &mut Problems, streams: &mut HashMap<String, KeyPath>, name: &s
 /// one method section and its values, outputs and alarm streams.
 fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, KeyPath>) {
     let mut group_names = HashSet::new();
-    // Inputs may come from devices and from earlier groups (no cycles).
+    // Inputs may come from devices and from earlier groups (no cycles). A device stream
+    // named from the topic (`tank/{1}`) produces every name its template can expand to.
     let mut known: HashSet<String> = streams.keys().cloned().collect();
+    let mut templates: Vec<(String, KeyPath)> = streams
+        .iter()
+        .filter(|(name, _)| {
+            template_parts(name)
+                .iter()
+                .any(|p| matches!(p, TemplatePart::Level(_)))
+        })
+        .map(|(name, at)| (name.clone(), at.clone()))
+        .collect();
+    templates.sort_by_key(|(_, at)| at.to_string());
+    let from_template = |name: &str| {
+        templates
+            .iter()
+            .find(|(t, _)| template_matches(t, name))
+            .map(|(t, at)| (t.clone(), at.clone()))
+    };
     let mut produced = Vec::new();
     for (i, g) in c.fusion.iter().enumerate() {
         let at = root().key("fusion").index(i);
@@ -614,7 +711,7 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
                     format!("input stream {input:?} is listed twice"),
                 ));
             }
-            if !known.contains(input) {
+            if !known.contains(input) && from_template(input).is_none() {
                 let names: Vec<&str> = known.iter().map(String::as_str).collect();
                 let hint = super::did_you_mean(input, &names)
                     .map(|k| format!("; did you mean {k:?}?"))
@@ -648,10 +745,26 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
             known.insert(name.clone());
             produced.push((name, at.clone().key(out_key)));
         }
+        check_std_outputs(g, &at, p);
+        for name in &g.std_outputs {
+            known.insert(name.clone());
+            produced.push((name.clone(), at.clone().key("std_outputs")));
+        }
+        if let Some(gap) = g.max_gap
+            && gap.get() > g.stale_after.get()
+        {
+            p.push((
+                at.clone().key("max_gap"),
+                format!(
+                    "max_gap ({:?}) is longer than stale_after ({:?}): a gap that long makes the input stale, it cannot be bridged",
+                    gap, g.stale_after
+                ),
+            ));
+        }
         match (&g.alarm, g.alarm_stream()) {
             (Some(_), None) => p.push((
                 at.clone().key("alarm"),
-                "`alarm` is only for groups with a `voting` section".into(),
+                "`alarm` is only for groups with a `voting` or `weighted_average` section".into(),
             )),
             (_, Some(alarm)) => {
                 known.insert(alarm.clone());
@@ -665,7 +778,38 @@ fn validate_fusion(c: &Config, p: &mut Problems, streams: &mut HashMap<String, K
         }
     }
     for (name, at) in produced {
+        if let Some((template, by)) = from_template(&name) {
+            p.push((
+                at.clone(),
+                format!(
+                    "stream {name:?} could also be produced by the template {template:?} of `{by}`: stream names must be unique"
+                ),
+            ));
+        }
         add_stream(p, streams, &name, at);
+    }
+}
+
+/// `std_outputs`: Kalman groups only, one stream per axis.
+fn check_std_outputs(g: &FusionGroupConfig, at: &KeyPath, p: &mut Problems) {
+    if g.std_outputs.is_empty() {
+        return;
+    }
+    let at = at.clone().key("std_outputs");
+    match (&g.kalman, g.methods().len()) {
+        (Some(k), 1) if k.axes != g.std_outputs.len() => p.push((
+            at,
+            format!(
+                "std_outputs needs {} streams, the standard deviation of each axis' position; the group has {}",
+                k.axes,
+                g.std_outputs.len()
+            ),
+        )),
+        (Some(_), _) => {}
+        (None, _) => p.push((
+            at,
+            "`std_outputs` is only for groups with a `kalman` section".into(),
+        )),
     }
 }
 
@@ -768,5 +912,40 @@ fn check_fusion_method(g: &FusionGroupConfig, at: &KeyPath, p: &mut Problems) {
             }),
             format!("{} needs {what}; the group has {outs}", method.key()),
         ));
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::template_matches;
+
+    #[test]
+    fn templates_match_what_the_mqtt_mapping_can_expand_to() {
+        assert!(template_matches("tank/{1}", "tank/a"));
+        assert!(
+            template_matches("tank/{1}", "tank/"),
+            "an empty level is a level"
+        );
+        assert!(!template_matches("tank/{1}", "tank/a/b"));
+        assert!(!template_matches("tank/{1}", "tanks/a"));
+        assert!(template_matches("line1/{1}/temp", "line1/press/temp"));
+        assert!(
+            template_matches("{1}_{2}", "a_b_c"),
+            "split anywhere within a level"
+        );
+        assert!(template_matches("{1}/x/{1}", "a/x/a"));
+        assert!(
+            !template_matches("{1}/x/{1}", "a/x/b"),
+            "one placeholder, one text"
+        );
+        assert!(
+            template_matches("t/{x}/{0}", "t/{x}/{0}"),
+            "not placeholders: literal"
+        );
+        assert!(!template_matches("t/{1}", "t/a+b"));
+        assert!(template_matches("plain", "plain") && !template_matches("plain", "plan"));
+        // Pathological: bounded, no hang.
+        let t = "{1}{2}{3}{4}{5}{6}{7}{8}{9}{10}{11}{12}!";
+        assert!(!template_matches(t, &"a".repeat(200)));
     }
 }
