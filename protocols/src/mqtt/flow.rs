@@ -221,10 +221,14 @@ mod tests {
                         tokens.push_back((e, next_id));
                         next_id = next_id.wrapping_add(1).max(1);
                     }
-                    2 => if let Some((e, id)) = tokens.pop_front() {
-                        if f.ack(e, id) == AckOutcome::Queued { given.push((e, id)); }
-                    },
-                    3 => if tokens.pop_back().is_some() { f.abandon(); },
+                    2 => {
+                        if let Some((e, id)) = tokens.pop_front()
+                            && f.ack(e, id) == AckOutcome::Queued
+                        {
+                            given.push((e, id));
+                        }
+                    }
+                    3 if tokens.pop_back().is_some() => f.abandon(),
                     4 => {
                         let mut out = Vec::new();
                         let e = f.epoch();

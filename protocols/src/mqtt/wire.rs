@@ -657,7 +657,7 @@ mod tests {
             frame(0x40, &[0, 1]),                     // PUBACK: we never publish
             frame(0x20, &[0]),                        // truncated CONNACK
             frame(0x90, &[0]),                        // truncated SUBACK
-            frame(0x80, &vec![0; 200]),               // oversized non-PUBLISH
+            frame(0x80, &[0; 200]),                   // oversized non-PUBLISH
             frame(0x32, &[0, 1, b'a', 0, 1, 5, 0x26, 0]), // v5: broken property
         ];
         for c in cases {
