@@ -1057,4 +1057,210 @@ mod tests {
         r.insert(c);
         assert!(r.contains(a) && r.contains(c) && !r.contains(b));
     }
+
+    /// A broker played by the test over a real loopback socket.
+    mod peer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+
+        pub async fn read_packet_half(s: &mut tokio::net::tcp::ReadHalf<'_>) -> (u8, Vec<u8>) {
+            let first = s.read_u8().await.unwrap();
+            let mut len = 0usize;
+            for i in 0..4 {
+                let b = s.read_u8().await.unwrap();
+                len |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.unwrap();
+            (first, body)
+        }
+
+        pub async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+            let first = s.read_u8().await.ok()?;
+            let mut len = 0usize;
+            for i in 0..4 {
+                let b = s.read_u8().await.ok()?;
+                len |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.ok()?;
+            Some((first, body))
+        }
+
+        pub fn publish(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+            let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(&pkid.to_be_bytes());
+            body.push(0); // MQTT 5: no properties
+            body.extend_from_slice(payload);
+            let mut out = vec![0x32];
+            let mut n = body.len();
+            loop {
+                let mut b = (n % 128) as u8;
+                n /= 128;
+                if n > 0 {
+                    b |= 0x80;
+                }
+                out.push(b);
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend(body);
+            out
+        }
+
+        /// Accepts one MQTT 5 client: CONNECT → CONNACK, SUBSCRIBE → SUBACK.
+        pub async fn accept(l: &tokio::net::TcpListener) -> TcpStream {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (first, _) = read_packet(&mut s).await.unwrap();
+            assert_eq!(first >> 4, 1, "CONNECT first");
+            s.write_all(&[0x20, 3, 0, 0, 0]).await.unwrap();
+            let (first, body) = read_packet(&mut s).await.unwrap();
+            assert_eq!(first >> 4, 8, "then SUBSCRIBE");
+            s.write_all(&[0x90, 4, body[0], body[1], 0, 1])
+                .await
+                .unwrap();
+            s
+        }
+    }
+
+    fn options(port: u16, max_in_flight: u16) -> SourceOptions {
+        SourceOptions {
+            host: "127.0.0.1".into(),
+            port,
+            version: MqttVersion::V5,
+            client_id: "flow-test".into(),
+            credentials: None,
+            tls: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect: BackoffPolicy::new(
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+                2.0,
+                0.5,
+            ),
+            subscriptions: vec![("t/#".into(), 1)],
+            max_in_flight,
+            max_packet: 4096,
+        }
+    }
+
+    async fn next_message(s: &mut MqttSource) -> Message {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .expect("no event")
+                .expect("source stopped");
+            if let SourceEvent::Message(m) = ev {
+                return m;
+            }
+        }
+    }
+
+    /// A broker that ignores the Receive Maximum and sends 5,000 messages at once: the
+    /// source takes only `max_in_flight` of them until it acknowledges, and the
+    /// acknowledgements it gives while reading is paused reach the broker, in order.
+    #[tokio::test]
+    async fn reading_pauses_at_max_in_flight_while_acks_still_go_out() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut source = MqttSource::start(options(port, 8));
+        let mut broker = peer::accept(&l).await;
+        let mut flood = Vec::new();
+        for i in 1..=5_000u16 {
+            flood.extend(peer::publish("t/x", i, format!("{i}").as_bytes()));
+        }
+        let (mut rd, mut wr) = broker.split();
+        let send = async { wr.write_all(&flood).await.unwrap() };
+        let consume = async {
+            let mut tokens = Vec::new();
+            for _ in 0..8 {
+                tokens.push(next_message(&mut source).await.into_ack().unwrap());
+            }
+            // Eight held: nothing more comes, however much the broker sent.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(source.try_next().is_none(), "read past max_in_flight");
+            assert_eq!(source.held(), (8, 8));
+            // Acknowledge three: they are written at once; three more come in.
+            let acker = source.acker();
+            assert_eq!(acker.ack_all(tokens.drain(..3)), 0);
+            for _ in 0..3 {
+                tokens.push(next_message(&mut source).await.into_ack().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(source.try_next().is_none());
+            assert_eq!(source.held().1, 8, "never more than 8 held");
+            tokens
+        };
+        let read_acks = async {
+            let mut ids = Vec::new();
+            while ids.len() < 3 {
+                let (first, body) = peer::read_packet_half(&mut rd).await;
+                if first >> 4 == 4 {
+                    ids.push(u16::from_be_bytes([body[0], body[1]]));
+                }
+            }
+            ids
+        };
+        let ((), _tokens, acks) = tokio::join!(send, consume, read_acks);
+        assert_eq!(acks, [1, 2, 3]);
+    }
+
+    /// An ack given after its connection ended is never written on the next one; the
+    /// broker's DISCONNECT reason reaches the consumer.
+    #[tokio::test]
+    async fn acks_of_an_ended_connection_are_dropped_and_disconnect_reasons_reported() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut source = MqttSource::start(options(port, 8));
+        let mut broker = peer::accept(&l).await;
+        broker
+            .write_all(&peer::publish("t/x", 7, b"1"))
+            .await
+            .unwrap();
+        let token = next_message(&mut source).await.into_ack().unwrap();
+        // MQTT 5 DISCONNECT, quota exceeded, reason string "full".
+        broker
+            .write_all(&[0xE0, 8, 0x97, 6, 0x1F, 0, 3, b'f', b'u', b'l'])
+            .await
+            .unwrap();
+        let mut saw_reason = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), source.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SourceEvent::BrokerDisconnect { code, reason } => {
+                    assert_eq!((code, reason.as_deref()), (0x97, Some("ful")));
+                    saw_reason = true;
+                }
+                SourceEvent::Disconnected { .. } => break,
+                _ => {}
+            }
+        }
+        assert!(saw_reason);
+        assert_eq!(source.acker().ack(token), AckOutcome::Stale);
+        assert_eq!(source.held().0, 0, "its credit came back");
+        // The next connection: a publish, acknowledged — the stale pkid 7 never shows.
+        let mut broker = peer::accept(&l).await;
+        broker
+            .write_all(&peer::publish("t/x", 9, b"2"))
+            .await
+            .unwrap();
+        let m = next_message(&mut source).await;
+        assert_eq!(m.payload(), b"2");
+        source.acker().ack(m.into_ack().unwrap());
+        let (first, body) = peer::read_packet(&mut broker).await.unwrap();
+        assert_eq!((first >> 4, &body[..2]), (4, &9u16.to_be_bytes()[..]));
+    }
 }
