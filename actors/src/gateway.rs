@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 
 use crate::bus::Bus;
 use crate::device::{self, DeviceContext};
-use crate::ingest::{Ingest, IngestConfig};
+use crate::ingest::{Ingest, IngestConfig, RECEIPTS_PER_SOURCE};
+use outpost_runtime::storage::receipts::capacity_for_in_flight;
 
 /// Errors that stop a gateway from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,15 @@ impl Gateway {
             IngestConfig {
                 max_batch: config.storage.max_batch.get() as usize,
                 commit_interval: config.storage.commit_interval.get(),
+                // Redelivery receipts for the MQTT device that may have the most messages
+                // unacknowledged at a crash.
+                receipts_per_source: config
+                    .devices
+                    .iter()
+                    .filter_map(|d| d.mqtt.as_ref())
+                    .map(|m| capacity_for_in_flight(m.max_in_flight.get() as usize))
+                    .max()
+                    .unwrap_or(RECEIPTS_PER_SOURCE),
                 ..IngestConfig::default()
             },
             bus,

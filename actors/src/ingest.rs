@@ -17,7 +17,7 @@ use outpost_runtime::record;
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use outpost_runtime::storage::receipts::Receipts;
+use outpost_runtime::storage::receipts::{Receipts, capacity_for_in_flight};
 use outpost_runtime::storage::{GatewayOutbox, SegmentBuf, StorageError};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -45,6 +45,10 @@ pub struct IngestConfig {
     pub queue: usize,
     /// Pause between attempts while the outbox refuses data for lack of space.
     pub backpressure_retry: Duration,
+    /// Receipts (fingerprints of stored input messages) kept per source, for redelivery
+    /// detection: [`capacity_for_in_flight`] of the largest in-flight limit among the
+    /// sources (MQTT devices' `max_in_flight`).
+    pub receipts_per_source: usize,
 }
 
 impl Default for IngestConfig {
@@ -54,6 +58,7 @@ impl Default for IngestConfig {
             commit_interval: Duration::ZERO,
             queue: 1_024,
             backpressure_retry: Duration::from_millis(250),
+            receipts_per_source: RECEIPTS_PER_SOURCE,
         }
     }
 }
@@ -67,8 +72,10 @@ struct Submission {
     done: Option<oneshot::Sender<Result<(), IngestError>>>,
 }
 
-/// Fingerprints kept per source: far more than any broker's in-flight window.
-pub const RECEIPTS_PER_SOURCE: usize = 65_536;
+/// Receipts kept per source by default: enough for an MQTT device with the default
+/// `max_in_flight`.
+pub const RECEIPTS_PER_SOURCE: usize =
+    capacity_for_in_flight(outpost_runtime::config::DEFAULT_DEVICE_IN_FLIGHT as usize);
 
 /// A promise that submitted samples become durable.
 pub struct Durable(oneshot::Receiver<Result<(), IngestError>>);
@@ -134,7 +141,7 @@ impl Ingest {
             tracing::error!(error = %e, "cannot read stored receipts: redeliveries may be stored twice");
         }
         let receipts = Arc::new(RwLock::new(Receipts::load(
-            RECEIPTS_PER_SOURCE,
+            config.receipts_per_source,
             pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice())),
         )));
         let task = tokio::spawn(writer(outbox, config, rx, c, wake, receipts.clone()));
@@ -167,8 +174,8 @@ impl Ingest {
     }
 
     /// Whether a message with this fingerprint was stored (among the source's last
-    /// [`RECEIPTS_PER_SOURCE`]). Only ask for redeliveries: a first delivery identical to an
-    /// earlier message is new data.
+    /// [`IngestConfig::receipts_per_source`]). Only ask for redeliveries: a first delivery
+    /// identical to an earlier message is new data.
     pub fn already_stored(&self, namespace: u64, fingerprint: u64) -> bool {
         self.receipts
             .read()

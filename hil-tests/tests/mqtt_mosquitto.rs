@@ -303,6 +303,56 @@ async fn bad_input_is_counted_and_skipped_while_good_readings_flow() {
     gw.shutdown().await.unwrap();
 }
 
+/// MQTT 3.1.1 cannot tell a broker the largest packet the client takes: a QoS 1 message
+/// over `max_packet` (512 KiB by default) used to break the connection, come back on the
+/// persistent session and break it again, for ever, blocking everything behind it (and
+/// surviving restarts). It is now read past without being buffered, counted and
+/// acknowledged, and the readings behind it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_over_3_1_1_is_read_past_counted_and_acknowledged() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "gw-mqtt-oversized",
+        &telemetry_device_toml("plant", &broker.address(), "3.1.1"),
+    );
+    let metrics = Metrics::new();
+    let gw = Gateway::start(&cfg, metrics.clone()).await.unwrap();
+    wait_connected(&metrics, "plant").await;
+    let port = broker.port();
+    let n = 200u64;
+    tokio::task::spawn_blocking(move || {
+        publish_bytes(port, "plant/m0/telemetry", 1, &vec![b'x'; 1 << 20]);
+        let lines = (0..n).map(telemetry_line).collect();
+        Publisher::lines(port, "plant/m0/telemetry", 1, lines).wait();
+    })
+    .await
+    .unwrap();
+    let check = settle(&gw, n, Duration::from_secs(30)).await;
+    check.assert_exactly_once(n);
+    let oversized = |m: &Metrics| {
+        m.counter_value(
+            "outpost_stream_errors",
+            &[("device", "plant"), ("kind", "oversized")],
+        )
+    };
+    assert_eq!(oversized(&metrics), 1);
+    assert_eq!(
+        metrics.counter_value("outpost_mqtt_reconnects", &[("device", "plant")]),
+        0,
+        "the big message broke the connection"
+    );
+    // It was acknowledged: a new run of the gateway does not get it again.
+    gw.shutdown().await.unwrap();
+    let metrics = Metrics::new();
+    let gw = Gateway::start(&cfg, metrics.clone()).await.unwrap();
+    wait_connected(&metrics, "plant").await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(oversized(&metrics), 0, "the broker delivered it again");
+    gw.shutdown().await.unwrap();
+}
+
 /// The reconnect backoff of the source itself: delays grow while the broker is down, and
 /// start again from the initial delay after a connection that lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

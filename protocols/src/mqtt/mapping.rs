@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use outpost_runtime::config::{MqttSubscriptionConfig, PayloadFormat};
 use outpost_runtime::model::{Quality, Sample, StreamId, TimestampNs, Value};
 
-/// Largest payload parsed as JSON or a number; bigger ones are rejected (and counted).
+/// Default largest payload parsed as JSON or a number; bigger ones are rejected (and
+/// counted).
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 
 /// Why a publish produced no (or fewer) samples.
@@ -15,8 +16,8 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 pub enum MappingError {
     #[error("no subscription matches topic {0:?}")]
     NoMatch(String),
-    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
-    TooLarge(usize),
+    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
     #[error("payload is not UTF-8 text")]
     NotText,
     #[error("payload is not a number: {0:?}")]
@@ -40,7 +41,7 @@ impl MappingError {
     pub fn kind(&self) -> &'static str {
         match self {
             MappingError::NoMatch(_) => "no_match",
-            MappingError::TooLarge(_) => "too_large",
+            MappingError::TooLarge { .. } => "too_large",
             MappingError::NotText => "not_text",
             MappingError::NotANumber(_) => "not_a_number",
             MappingError::BadJson(_) => "bad_json",
@@ -117,13 +118,46 @@ pub fn expand(template: &str, captures: &[&str]) -> String {
 /// flood of distinct topics would fill the process-wide stream table.
 pub const MAX_STREAMS_PER_DEVICE: usize = 10_000;
 
+/// Default time after which a silent stream gives its slot back: one hour.
+pub const STREAM_IDLE_NS: i64 = 3_600_000_000_000;
+
+/// Silent streams are looked for at most this often (arrival time), so a flood of new
+/// names at the limit costs one pass over the table per second, not one per message.
+const SWEEP_EVERY_NS: i64 = 1_000_000_000;
+
+/// Bounds of one device's mapping.
+#[derive(Debug, Clone, Copy)]
+pub struct MapperLimits {
+    /// Largest payload parsed.
+    pub max_payload: usize,
+    /// Distinct streams named at once.
+    pub max_streams: usize,
+    /// A stream silent this long (ns of arrival time) gives its slot back when a new one
+    /// needs it. Its name stays interned: its samples stay valid in the outbox and at the
+    /// hub, and it takes a slot again when it speaks again.
+    pub stream_idle_ns: i64,
+}
+
+impl Default for MapperLimits {
+    fn default() -> Self {
+        MapperLimits {
+            max_payload: MAX_PAYLOAD,
+            max_streams: MAX_STREAMS_PER_DEVICE,
+            stream_idle_ns: STREAM_IDLE_NS,
+        }
+    }
+}
+
 /// The mapping of one MQTT device: its subscriptions, in config order (first match wins),
-/// and the streams it has named so far (at most `max_streams`).
+/// and the streams it has named recently (at most `max_streams`, with the arrival time of
+/// their last sample).
 #[derive(Debug, Clone)]
 pub struct Mapper {
     subs: Vec<MqttSubscriptionConfig>,
-    streams: HashMap<String, StreamId>,
-    max_streams: usize,
+    streams: HashMap<String, (StreamId, TimestampNs)>,
+    limits: MapperLimits,
+    last_sweep: Option<TimestampNs>,
+    refused: u64,
 }
 
 /// Result of mapping one publish: the samples, and the fields that failed.
@@ -134,34 +168,76 @@ pub struct Mapped {
 }
 
 impl Mapper {
-    /// A mapper with the default stream bound [`MAX_STREAMS_PER_DEVICE`].
+    /// A mapper with the default limits ([`MapperLimits::default`]).
     pub fn new(subs: Vec<MqttSubscriptionConfig>) -> Mapper {
-        Mapper::with_stream_limit(subs, MAX_STREAMS_PER_DEVICE)
+        Mapper::with_limits(subs, MapperLimits::default())
     }
 
-    /// A mapper that names at most `max_streams` distinct streams; samples for further
-    /// names are rejected with [`MappingError::StreamLimit`].
+    /// A mapper that names at most `max_streams` distinct streams (other limits default);
+    /// samples for further names are rejected with [`MappingError::StreamLimit`].
     pub fn with_stream_limit(subs: Vec<MqttSubscriptionConfig>, max_streams: usize) -> Mapper {
+        Mapper::with_limits(
+            subs,
+            MapperLimits {
+                max_streams,
+                ..MapperLimits::default()
+            },
+        )
+    }
+
+    pub fn with_limits(subs: Vec<MqttSubscriptionConfig>, limits: MapperLimits) -> Mapper {
         Mapper {
             subs,
             streams: HashMap::new(),
-            max_streams,
+            limits,
+            last_sweep: None,
+            refused: 0,
         }
     }
 
-    /// The stream named `name`, interned once per mapper.
-    fn stream_id(&mut self, name: String) -> Result<StreamId, MappingError> {
-        if let Some(id) = self.streams.get(&name) {
+    /// Streams named now.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Samples refused so far because the device was at its stream limit.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Frees the slots of streams silent for `stream_idle_ns` at `now` (at most once per
+    /// second of arrival time).
+    fn sweep(&mut self, now: TimestampNs) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.abs_diff(t) < SWEEP_EVERY_NS as u64)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let idle = self.limits.stream_idle_ns;
+        self.streams
+            .retain(|_, (_, last)| now.saturating_sub(*last) < idle);
+    }
+
+    /// The stream named `name`, interned once per mapper; `now` is its sample's arrival.
+    fn stream_id(&mut self, name: String, now: TimestampNs) -> Result<StreamId, MappingError> {
+        if let Some((id, last)) = self.streams.get_mut(&name) {
+            *last = (*last).max(now);
             return Ok(*id);
         }
-        if self.streams.len() >= self.max_streams {
-            return Err(MappingError::StreamLimit(truncate(&name)));
+        if self.streams.len() >= self.limits.max_streams {
+            self.sweep(now);
+            if self.streams.len() >= self.limits.max_streams {
+                self.refused += 1;
+                return Err(MappingError::StreamLimit(truncate(&name)));
+            }
         }
         let id = StreamId::intern(&name).map_err(|e| MappingError::BadStream {
             name: truncate(&name),
             reason: e.to_string(),
         })?;
-        self.streams.insert(name, id);
+        self.streams.insert(name, (id, now));
         Ok(id)
     }
 
@@ -181,8 +257,11 @@ impl Mapper {
             out.errors.push(MappingError::NoMatch(truncate(topic)));
             return out;
         };
-        if payload.len() > MAX_PAYLOAD {
-            out.errors.push(MappingError::TooLarge(payload.len()));
+        if payload.len() > self.limits.max_payload {
+            out.errors.push(MappingError::TooLarge {
+                len: payload.len(),
+                max: self.limits.max_payload,
+            });
             return out;
         }
         let sub = &self.subs[index];
@@ -190,7 +269,7 @@ impl Mapper {
         match format {
             PayloadFormat::Number | PayloadFormat::Raw => {
                 let name = expand(sub.stream.as_deref().unwrap_or("{1}"), &caps);
-                let id = match self.stream_id(name) {
+                let id = match self.stream_id(name, arrival_ns) {
                     Ok(id) => id,
                     Err(e) => {
                         out.errors.push(e);
@@ -239,7 +318,7 @@ impl Mapper {
                 };
                 for fi in 0..self.subs[index].fields.len() {
                     let name = expand(&self.subs[index].fields[fi].stream, &caps);
-                    let id = match self.stream_id(name) {
+                    let id = match self.stream_id(name, arrival_ns) {
                         Ok(id) => id,
                         Err(e) => {
                             out.errors.push(e);
@@ -524,6 +603,55 @@ mod tests {
         let out = m.map("n/c", b"1", 1);
         assert!(out.samples.is_empty());
         assert_eq!(out.errors[0].kind(), "stream_limit");
+    }
+
+    /// A flood of distinct topics used to hold the device's stream slots until restart.
+    #[test]
+    fn a_silent_stream_gives_its_slot_back() {
+        let h = 3_600_000_000_000i64;
+        let mut m = Mapper::with_stream_limit(
+            vec![sub("n/+", PayloadFormat::Number, Some("idle-test/{1}"))],
+            2,
+        );
+        let a = m.map("n/a", b"1", 0).samples[0].stream;
+        assert!(m.map("n/b", b"1", 0).errors.is_empty());
+        // Nobody silent for an hour yet: refused.
+        assert_eq!(m.map("n/c", b"1", h / 2).errors[0].kind(), "stream_limit");
+        // b keeps talking, a stays silent past the hour: its slot goes to c.
+        assert!(m.map("n/b", b"2", h).errors.is_empty());
+        let c = m.map("n/c", b"1", h + h / 2);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        assert_eq!(
+            m.map("n/a", b"1", h + h / 2 + 1).errors[0].kind(),
+            "stream_limit"
+        );
+        // Once others fall silent, a speaks again under the same (still valid) name.
+        let again = m.map("n/a", b"3", 4 * h);
+        assert_eq!(again.samples[0].stream, a);
+    }
+
+    #[test]
+    fn refusals_are_counted_and_limits_are_the_configured_ones() {
+        let mut m = Mapper::with_limits(
+            vec![sub("n/+", PayloadFormat::Number, Some("limits-test/{1}"))],
+            MapperLimits {
+                max_payload: 4,
+                max_streams: 1,
+                stream_idle_ns: 10,
+            },
+        );
+        assert!(m.map("n/a", b"1", 0).errors.is_empty());
+        assert_eq!(m.map("n/b", b"1", 5).errors[0].kind(), "stream_limit");
+        assert_eq!(m.map("n/c", b"1", 6).errors[0].kind(), "stream_limit");
+        assert_eq!(m.refused(), 2);
+        assert_eq!(
+            m.map("n/a", b"12345", 7).errors[0],
+            MappingError::TooLarge { len: 5, max: 4 }
+        );
+        // A sweep runs at most once a second of arrival time.
+        assert_eq!(m.map("n/b", b"1", 20).errors[0].kind(), "stream_limit");
+        assert!(m.map("n/b", b"1", 2_000_000_000).errors.is_empty());
+        assert_eq!(m.streams(), 1);
     }
 
     #[test]

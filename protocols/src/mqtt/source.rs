@@ -1,54 +1,79 @@
-//! The MQTT client of the MQTT source (rumqttc, MQTT 3.1.1 and 5 behind one type).
+//! The MQTT client of the MQTT source (MQTT 3.1.1 and 5 behind one type).
 //!
-//! [`MqttSource::start`] spawns one task that owns the rumqttc event loop and does nothing
-//! but poll it: it (re)subscribes on every connection, hands each publish to the consumer
-//! through a bounded channel (a slow consumer stops the polling, and TCP flow control
-//! slows the broker), and sleeps with exponential backoff and jitter between failed
-//! connections (rumqttc's `poll()` itself retries at once, forever).
+//! [`MqttSource::start`] spawns one task that owns the broker connection: it connects
+//! (TCP, optionally TLS), asks for the persistent session, (re)subscribes on every
+//! connection, hands each publish to the consumer through a bounded queue, writes the
+//! acknowledgements the consumer gives back, pings, and sleeps with exponential backoff
+//! and jitter between failed connections.
 //!
-//! Delivery guarantees. The session is persistent (`clean_session = false` in 3.1.1;
-//! `clean_start = false` with a session-expiry interval in 5) and acknowledgements are
-//! manual: a QoS 1 publish is acknowledged only when the consumer calls
-//! [`Acker::ack`] with its [`AckToken`], which it does once the samples are durable. A
-//! message received but not yet acknowledged when the gateway or the broker stops is
+//! ## Back-pressure without dropping an acknowledgement
+//!
+//! The connection loop reads the socket only while the consumer can take more: while
+//! fewer than `max_in_flight` QoS 1 messages are held unacknowledged in the gateway and
+//! while the consumer's queue has room (in messages and in bytes) — the [`Flow`] gate.
+//! Beyond that it stops *reading*: the broker keeps the messages, and TCP flow control
+//! pushes back on it. It never stops *writing*: acknowledgements given back by the
+//! consumer (once the samples are durable) are written as soon as they are ready, all of
+//! them in one write, even while reading is paused, and pings keep the connection alive
+//! through a long pause. A message's credit returns when its acknowledgement is written,
+//! so the number of messages held unacknowledged in the gateway never exceeds
+//! `max_in_flight`, even when a broker sends more than the Receive Maximum we announced
+//! (Mosquitto 2.0.11 does): the excess waits in the broker and in socket buffers, unread.
+//! No acknowledgement is ever given up while its connection lives.
+//!
+//! Why not rumqttc's event loop (its packet codec is used here): it reads up to ten
+//! packets into its own queue whenever it is polled, and it writes queued acknowledgements
+//! only while it is polled (one write per acknowledgement) — so pausing it to stop reading
+//! also stops the acknowledgements, and polling it to send them keeps reading. It also
+//! drops the connection on a packet over its size limit, which a persistent session then
+//! redelivers for ever; [`Framer`] reads past such a packet instead.
+//!
+//! ## Delivery guarantees
+//!
+//! The session is persistent (`clean_session = 0` in 3.1.1; `clean_start = 0` with a
+//! session-expiry interval in 5) and acknowledgements are manual: a QoS 1 publish is
+//! acknowledged only when the consumer calls [`Acker::ack`] with its [`AckToken`], which it
+//! does once the samples are durable, in the order the messages arrived (as MQTT requires).
+//! A message received but not yet acknowledged when the gateway or the broker stops is
 //! redelivered by the broker on the next connection. Acknowledgements are tied to the
 //! connection a publish arrived on (packet ids are per connection): an ack whose
 //! connection has ended is dropped, never sent on the next connection, where the same
 //! packet id may name another message.
 //!
+//! A PUBLISH over `max_packet` is read past without being buffered and handed over as an
+//! oversized message (topic and size, no payload) to be counted and acknowledged. Over
+//! MQTT 5 the broker is told the limit and drops bigger messages itself, silently; when it
+//! ends a connection with a reason (a DISCONNECT), the consumer hears it
+//! ([`SourceEvent::BrokerDisconnect`]).
+//!
 //! [`RecentMessages`] is the pure core that recognises a redelivery (`dup` flag) of a
 //! message already taken in, so that a broker restart does not duplicate samples.
+//!
+//! [`Flow`]: super::flow::Flow
+//! [`Framer`]: super::wire::Framer
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use outpost_runtime::config::types::{Secret, SecretError};
 use outpost_runtime::config::{MqttDeviceConfig, MqttVersion, TlsClientConfig};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
-use rumqttc::v5::mqttbytes::v5 as p5;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
 
-use super::mapping::MAX_PAYLOAD;
+pub use super::flow::AckOutcome;
+use super::flow::Flow;
+use super::wire::{self, Framer, Incoming, Protocol};
 
-/// Largest MQTT packet accepted from the broker. Larger than [`MAX_PAYLOAD`] so that a
-/// payload over the mapping limit still arrives as a packet (and is counted, acknowledged
-/// and skipped) instead of breaking the connection; in MQTT 5 the broker is told this
-/// limit and must not send bigger packets.
-pub const MAX_PACKET: usize = 2 * MAX_PAYLOAD;
+/// Messages queued between the connection and the consumer, at most.
+pub const EVENT_CHANNEL: usize = 256;
 
-/// Requests (acks, subscriptions) queued towards the event loop.
-pub const REQUEST_CHANNEL: usize = 1_024;
-
-/// Publishes buffered between the event loop and the consumer.
-pub const EVENT_CHANNEL: usize = 1_024;
-
-/// Unacknowledged QoS 1 messages an MQTT 5 broker may have in flight to us (its
-/// "receive maximum"): bounds what a restart can make the broker send again. MQTT 3.1.1
-/// has no such field; the broker's own setting applies.
-pub const RECEIVE_MAXIMUM: u16 = 1_024;
+/// Payload bytes queued between the connection and the consumer: reading pauses at this
+/// (so at most one packet more is queued).
+pub const EVENT_BYTES: usize = 1 << 20;
 
 /// Session expiry asked of an MQTT 5 broker: how long it keeps our subscriptions and
 /// queued QoS 1 messages while the gateway is away.
@@ -56,6 +81,15 @@ pub const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
 
 /// A connection that lasted at least this long resets the reconnect backoff.
 pub const STABLE_CONNECTION: Duration = Duration::from_secs(1);
+
+/// Longest wait for TCP, TLS and the broker's CONNACK.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Packet id of our SUBSCRIBE (the only packet we send that needs one).
+const SUBSCRIBE_ID: u16 = 1;
 
 /// Why a source could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +122,11 @@ pub struct SourceOptions {
     pub reconnect: BackoffPolicy,
     /// Topic filters and their QoS (0 or 1).
     pub subscriptions: Vec<(String, u8)>,
+    /// QoS 1 messages held unacknowledged at most (MQTT 5: the Receive Maximum announced).
+    pub max_in_flight: u16,
+    /// Largest packet taken whole (MQTT 5: the Maximum Packet Size announced); bigger
+    /// PUBLISH packets are read past and reported as oversized.
+    pub max_packet: usize,
 }
 
 impl std::fmt::Debug for SourceOptions {
@@ -100,6 +139,8 @@ impl std::fmt::Debug for SourceOptions {
             .field("username", &self.credentials.as_ref().map(|c| &c.0))
             .field("tls", &self.tls.is_some())
             .field("subscriptions", &self.subscriptions)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_packet", &self.max_packet)
             .finish_non_exhaustive()
     }
 }
@@ -161,6 +202,8 @@ impl SourceOptions {
                 .iter()
                 .map(|s| (s.topic.clone(), s.qos.get().min(1) as u8))
                 .collect(),
+            max_in_flight: cfg.max_in_flight.get().clamp(1, u64::from(u16::MAX)) as u16,
+            max_packet: usize::try_from(cfg.max_packet.0).unwrap_or(usize::MAX),
         })
     }
 }
@@ -317,330 +360,162 @@ pub enum SourceEvent {
     },
     /// The broker refused `count` of our subscriptions.
     SubscribeRejected { count: usize },
+    /// MQTT 5: the broker ended the connection with this reason code (and text). Codes
+    /// 0x93 (receive maximum exceeded), 0x95 (packet too large), 0x96 (message rate too
+    /// high) and 0x97 (quota exceeded) say it refused or dropped something.
+    BrokerDisconnect { code: u8, reason: Option<String> },
     /// A publish from the broker.
     Message(Message),
 }
 
-enum Publish {
-    V4(rumqttc::Publish),
-    V5(p5::Publish),
-}
-
-/// One publish. Its [`AckToken`] (QoS ≥ 1) must be passed to [`Acker::ack`] once the
+/// One publish. Its [`AckToken`] (QoS 1) must be passed to [`Acker::ack`] once the
 /// message is safely stored, or it is redelivered on the next connection.
 pub struct Message {
-    publish: Publish,
-    epoch: u64,
+    topic: Bytes,
+    payload: Bytes,
+    qos: u8,
+    dup: bool,
+    oversized: Option<usize>,
+    token: Option<AckToken>,
 }
 
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Message")
-            .field("topic", &String::from_utf8_lossy(self.topic_bytes()))
-            .field("payload_len", &self.payload().len())
-            .field("qos", &self.qos())
-            .field("dup", &self.dup())
+            .field("topic", &String::from_utf8_lossy(&self.topic))
+            .field("payload_len", &self.payload.len())
+            .field("qos", &self.qos)
+            .field("dup", &self.dup)
+            .field("oversized", &self.oversized)
             .finish()
     }
 }
 
 impl Message {
-    /// The topic as text; `None` when a (v5) broker sent a topic that is not UTF-8.
+    /// The topic as text; `None` when a broker sent a topic that is not UTF-8.
     pub fn topic(&self) -> Option<&str> {
-        std::str::from_utf8(self.topic_bytes()).ok()
+        std::str::from_utf8(&self.topic).ok()
     }
 
     /// The topic's bytes.
     pub fn topic_bytes(&self) -> &[u8] {
-        match &self.publish {
-            Publish::V4(p) => p.topic.as_bytes(),
-            Publish::V5(p) => &p.topic,
-        }
+        &self.topic
     }
 
+    /// The payload (empty for an oversized message).
     pub fn payload(&self) -> &[u8] {
-        match &self.publish {
-            Publish::V4(p) => &p.payload,
-            Publish::V5(p) => &p.payload,
-        }
+        &self.payload
     }
 
-    /// 0, 1 or 2.
+    /// 0 or 1.
     pub fn qos(&self) -> u8 {
-        match &self.publish {
-            Publish::V4(p) => p.qos as u8,
-            Publish::V5(p) => p.qos as u8,
-        }
+        self.qos
     }
 
     /// Set by the broker on a redelivery.
     pub fn dup(&self) -> bool {
-        match &self.publish {
-            Publish::V4(p) => p.dup,
-            Publish::V5(p) => p.dup,
-        }
+        self.dup
     }
 
-    /// The acknowledgement owed for this message (`None` for QoS 0). Keeps the packet id,
-    /// not the payload.
+    /// For a PUBLISH over `max_packet` that was read past: its size (the packet's
+    /// remaining length). Its payload is gone; it still has to be acknowledged.
+    pub fn oversized(&self) -> Option<usize> {
+        self.oversized
+    }
+
+    /// Queue bytes this message counts for.
+    fn bytes(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
+    /// The acknowledgement owed for this message (`None` for QoS 0). Drops the payload.
     pub fn into_ack(self) -> Option<AckToken> {
-        if self.qos() == 0 {
-            return None;
-        }
-        let publish = match self.publish {
-            Publish::V4(mut p) => {
-                p.payload = Default::default();
-                p.topic = String::new();
-                Publish::V4(p)
-            }
-            Publish::V5(mut p) => {
-                p.payload = Default::default();
-                p.topic = Default::default();
-                p.properties = None;
-                Publish::V5(p)
-            }
-        };
-        Some(AckToken {
-            publish,
-            epoch: self.epoch,
-        })
+        self.token
     }
 }
 
-/// The acknowledgement of one QoS ≥ 1 publish, valid on the connection it arrived on.
+/// The acknowledgement of one QoS 1 publish, valid on the connection it arrived on.
+/// Dropped without [`Acker::ack`], it gives its credit back (the broker redelivers the
+/// message on the next connection).
 pub struct AckToken {
-    publish: Publish,
+    shared: Arc<Shared>,
     epoch: u64,
+    pkid: u16,
+    spent: bool,
 }
 
 impl std::fmt::Debug for AckToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pkid = match &self.publish {
-            Publish::V4(p) => p.pkid,
-            Publish::V5(p) => p.pkid,
-        };
-        write!(f, "AckToken(pkid {pkid}, connection {})", self.epoch)
+        write!(f, "AckToken(pkid {}, connection {})", self.pkid, self.epoch)
+    }
+}
+
+impl Drop for AckToken {
+    fn drop(&mut self) {
+        if !self.spent {
+            self.shared.lock().abandon();
+            self.shared.wake.notify_one();
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// Client
+// Shared state, acknowledgements
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone)]
-enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(rumqttc::v5::AsyncClient),
-}
-
-// One of each per source, moved once: boxing would buy nothing.
-#[allow(clippy::large_enum_variant)]
-enum Loop {
-    V4(rumqttc::EventLoop),
-    V5(Box<rumqttc::v5::EventLoop>),
-}
-
-#[allow(clippy::large_enum_variant)] // returned by value once per event, never stored
-enum Polled {
-    ConnAck { session_present: bool },
-    Publish(Publish),
-    SubAck { rejected: usize },
-    Other,
-}
-
-/// Sending a request to the event loop failed (queue full or loop gone).
-struct Busy;
-
-impl Client {
-    fn try_ack(&self, p: &Publish) -> Result<(), Busy> {
-        match (self, p) {
-            (Client::V4(c), Publish::V4(p)) => c.try_ack(p).map_err(|_| Busy),
-            (Client::V5(c), Publish::V5(p)) => c.try_ack(p).map_err(|_| Busy),
-            _ => Ok(()), // cannot happen: one source speaks one version
-        }
-    }
-
-    fn try_subscribe(&self, subs: &[(String, u8)]) -> Result<(), Busy> {
-        if subs.is_empty() {
-            return Ok(());
-        }
-        match self {
-            Client::V4(c) => c
-                .try_subscribe_many(
-                    subs.iter()
-                        .map(|(t, q)| rumqttc::SubscribeFilter::new(t.clone(), qos_v4(*q))),
-                )
-                .map_err(|_| Busy),
-            Client::V5(c) => c
-                .try_subscribe_many(subs.iter().map(|(t, q)| {
-                    let mut f = p5::Filter::new(t.clone(), qos_v5(*q));
-                    // Retained messages only with a new subscription, not on every
-                    // reconnection of a persistent session.
-                    f.retain_forward_rule = p5::RetainForwardRule::OnNewSubscribe;
-                    f
-                }))
-                .map_err(|_| Busy),
-        }
-    }
-}
-
-fn qos_v4(q: u8) -> rumqttc::QoS {
-    if q == 0 {
-        rumqttc::QoS::AtMostOnce
-    } else {
-        rumqttc::QoS::AtLeastOnce
-    }
-}
-
-fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
-    if q == 0 {
-        rumqttc::v5::mqttbytes::QoS::AtMostOnce
-    } else {
-        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
-    }
-}
-
-impl Loop {
-    async fn poll(&mut self) -> Result<Polled, String> {
-        match self {
-            Loop::V4(l) => {
-                use rumqttc::{Event, Packet};
-                match l.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(c)) => Ok(Polled::ConnAck {
-                        session_present: c.session_present,
-                    }),
-                    Event::Incoming(Packet::Publish(p)) => Ok(Polled::Publish(Publish::V4(p))),
-                    Event::Incoming(Packet::SubAck(s)) => Ok(Polled::SubAck {
-                        rejected: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                            .count(),
-                    }),
-                    _ => Ok(Polled::Other),
-                }
-            }
-            Loop::V5(l) => {
-                use rumqttc::v5::Event;
-                use rumqttc::v5::mqttbytes::v5::Packet;
-                match l.poll().await.map_err(|e| e.to_string())? {
-                    Event::Incoming(Packet::ConnAck(c)) => Ok(Polled::ConnAck {
-                        session_present: c.session_present,
-                    }),
-                    Event::Incoming(Packet::Publish(p)) => Ok(Polled::Publish(Publish::V5(p))),
-                    Event::Incoming(Packet::SubAck(s)) => Ok(Polled::SubAck {
-                        rejected: s
-                            .return_codes
-                            .iter()
-                            .filter(|c| !matches!(c, p5::SubscribeReasonCode::Success(_)))
-                            .count(),
-                    }),
-                    _ => Ok(Polled::Other),
-                }
-            }
-        }
-    }
-
-    /// Drops the connection's queued requests (acks among them).
-    fn clean(&mut self) {
-        match self {
-            Loop::V4(l) => l.clean(),
-            Loop::V5(l) => l.clean(),
-        }
-    }
-}
-
-fn build(opts: &SourceOptions) -> (Client, Loop) {
-    match opts.version {
-        MqttVersion::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
-            o.set_keep_alive(opts.keep_alive)
-                .set_clean_session(false)
-                .set_manual_acks(true)
-                .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-                .set_request_channel_capacity(REQUEST_CHANNEL);
-            if let Some((u, p)) = &opts.credentials {
-                o.set_credentials(u, p);
-            }
-            if let Some(tls) = &opts.tls {
-                o.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls.clone()),
-                ));
-            }
-            let (c, l) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
-            (Client::V4(c), Loop::V4(l))
-        }
-        MqttVersion::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(&opts.client_id, &opts.host, opts.port);
-            o.set_keep_alive(opts.keep_alive)
-                .set_clean_start(false)
-                .set_session_expiry_interval(Some(SESSION_EXPIRY_S))
-                .set_receive_maximum(Some(RECEIVE_MAXIMUM))
-                .set_manual_acks(true)
-                .set_max_packet_size(Some(MAX_PACKET as u32))
-                .set_request_channel_capacity(REQUEST_CHANNEL);
-            if let Some((u, p)) = &opts.credentials {
-                o.set_credentials(u, p);
-            }
-            if let Some(tls) = &opts.tls {
-                o.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls.clone()),
-                ));
-            }
-            let (c, l) = rumqttc::v5::AsyncClient::new(o, REQUEST_CHANNEL);
-            (Client::V5(c), Loop::V5(Box::new(l)))
-        }
-    }
-}
-
-/// State shared by the event-loop task and the ackers.
+/// State shared by the connection task, the consumer and the ackers.
 struct Shared {
-    /// Connection number: bumped (under the write lock) when a connection ends.
-    epoch: RwLock<u64>,
-    closed: AtomicBool,
+    flow: Mutex<Flow>,
+    /// Wakes the connection task: acknowledgements ready, or room for more messages.
+    wake: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flow> {
+        self.flow.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Sends acknowledgements; clone freely.
 #[derive(Clone)]
 pub struct Acker {
-    client: Client,
     shared: Arc<Shared>,
 }
 
-/// Outcome of [`Acker::try_ack`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckOutcome {
-    /// Queued on the connection the message came on.
-    Sent,
-    /// That connection has ended (or the source stopped): the broker will redeliver the
-    /// message; nothing to do.
-    Stale,
-    /// The request queue is full: try again after the event loop made progress.
-    Full,
-}
-
 impl Acker {
-    /// Acknowledges a message to the broker without waiting. The event loop drains the
-    /// request queue only while it runs, and it may itself be waiting for the consumer:
-    /// so a consumer must never block on a full queue — keep the token and retry.
-    pub fn try_ack(&self, token: &AckToken) -> AckOutcome {
-        let epoch = self.shared.epoch.read().unwrap_or_else(|e| e.into_inner());
-        if *epoch != token.epoch || self.shared.closed.load(Ordering::Acquire) {
-            return AckOutcome::Stale;
+    /// Acknowledges a message to the broker: queued and written at once, without waiting
+    /// (never refused). [`AckOutcome::Stale`]: its connection has ended, the broker will
+    /// redeliver it.
+    pub fn ack(&self, mut token: AckToken) -> AckOutcome {
+        token.spent = true;
+        let outcome = self.shared.lock().ack(token.epoch, token.pkid);
+        self.shared.wake.notify_one();
+        outcome
+    }
+
+    /// Acknowledges several messages, in order, with one wake-up of the connection.
+    /// Returns how many were stale.
+    pub fn ack_all(&self, tokens: impl IntoIterator<Item = AckToken>) -> usize {
+        let mut stale = 0;
+        {
+            let mut flow = self.shared.lock();
+            for mut t in tokens {
+                t.spent = true;
+                if flow.ack(t.epoch, t.pkid) == AckOutcome::Stale {
+                    stale += 1;
+                }
+            }
         }
-        // Pushed while holding the read lock: the connection cannot end in between, so
-        // this ack is either sent on its connection or drained with it.
-        match self.client.try_ack(&token.publish) {
-            Ok(()) => AckOutcome::Sent,
-            Err(Busy) => AckOutcome::Full,
-        }
+        self.shared.wake.notify_one();
+        stale
     }
 }
 
-/// A running MQTT client. Dropping it stops the event loop (the broker keeps the session).
+/// A running MQTT client. Dropping it stops the connection task (the broker keeps the
+/// session).
 pub struct MqttSource {
     events: mpsc::Receiver<SourceEvent>,
-    acker: Acker,
+    shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -651,113 +526,419 @@ impl Drop for MqttSource {
 }
 
 impl MqttSource {
-    /// Starts the event-loop task; the first connection attempt begins at once.
+    /// Starts the connection task; the first connection attempt begins at once.
     pub fn start(opts: SourceOptions) -> MqttSource {
-        let (client, lp) = build(&opts);
         let shared = Arc::new(Shared {
-            epoch: RwLock::new(0),
-            closed: AtomicBool::new(false),
+            flow: Mutex::new(Flow::new(usize::from(opts.max_in_flight), EVENT_BYTES)),
+            wake: Notify::new(),
         });
         let (tx, events) = mpsc::channel(EVENT_CHANNEL);
-        let task = tokio::spawn(event_loop(
-            lp,
-            client.clone(),
-            shared.clone(),
-            opts.subscriptions.clone(),
-            opts.reconnect,
-            tx,
-        ));
+        let task = tokio::spawn(run(opts, shared.clone(), tx));
         MqttSource {
             events,
-            acker: Acker { client, shared },
+            shared,
             task,
         }
     }
 
-    /// The next event; `None` once the event loop has stopped.
+    /// Accounts for an event taken out of the queue, and wakes the connection if that
+    /// made the room it was waiting for.
+    fn took(&self, ev: &SourceEvent, was_full: bool) {
+        let room = match ev {
+            SourceEvent::Message(m) => self.shared.lock().taken(m.bytes()),
+            _ => false,
+        };
+        if room || was_full {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.events.len() >= self.events.max_capacity()
+    }
+
+    /// The next event; `None` once the connection task has stopped.
     pub async fn next(&mut self) -> Option<SourceEvent> {
-        self.events.recv().await
+        let ev = self.events.recv().await?;
+        // It was full if, with this one back, it would be.
+        let was_full = self.events.len() + 1 >= self.events.max_capacity();
+        self.took(&ev, was_full);
+        Some(ev)
     }
 
     /// The next event if one is ready, without waiting.
     pub fn try_next(&mut self) -> Option<SourceEvent> {
-        self.events.try_recv().ok()
+        let was_full = self.full();
+        let ev = self.events.try_recv().ok()?;
+        self.took(&ev, was_full);
+        Some(ev)
     }
 
     /// A handle to acknowledge messages with.
     pub fn acker(&self) -> Acker {
-        self.acker.clone()
-    }
-}
-
-struct CloseOnDrop(Arc<Shared>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
-    }
-}
-
-async fn event_loop(
-    mut lp: Loop,
-    client: Client,
-    shared: Arc<Shared>,
-    subs: Vec<(String, u8)>,
-    policy: BackoffPolicy,
-    tx: mpsc::Sender<SourceEvent>,
-) {
-    let _close = CloseOnDrop(shared.clone());
-    let mut backoff = Backoff::new(policy);
-    let mut connected_at: Option<Instant> = None;
-    loop {
-        let polled = match lp.poll().await {
-            Ok(Polled::ConnAck { session_present }) => match client.try_subscribe(&subs) {
-                Ok(()) => Ok(Polled::ConnAck { session_present }),
-                // Cannot happen right after a connection (the queue was drained when the
-                // previous one ended); reconnecting re-subscribes.
-                Err(Busy) => Err("cannot queue the subscriptions".to_owned()),
-            },
-            other => other,
-        };
-        let event = match polled {
-            Ok(Polled::ConnAck { session_present }) => {
-                connected_at = Some(Instant::now());
-                SourceEvent::Connected { session_present }
-            }
-            Ok(Polled::Publish(publish)) => {
-                let epoch = *shared.epoch.read().unwrap_or_else(|e| e.into_inner());
-                SourceEvent::Message(Message { publish, epoch })
-            }
-            Ok(Polled::SubAck { rejected: 0 }) | Ok(Polled::Other) => continue,
-            Ok(Polled::SubAck { rejected }) => SourceEvent::SubscribeRejected { count: rejected },
-            Err(error) => {
-                {
-                    let mut epoch = shared.epoch.write().unwrap_or_else(|e| e.into_inner());
-                    *epoch = epoch.wrapping_add(1);
-                    // Ends the connection (if still up) and drops its queued acks: rumqttc
-                    // dropped those queued before the error, this drops those pushed since.
-                    lp.clean();
-                }
-                let ran = connected_at.take().map(|t| t.elapsed());
-                let (attempt, retry_in) = backoff.next_delay(ran, fastrand::f64());
-                if tx
-                    .send(SourceEvent::Disconnected {
-                        error,
-                        attempt,
-                        retry_in,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                tokio::time::sleep(retry_in).await;
-                continue;
-            }
-        };
-        if tx.send(event).await.is_err() {
-            return; // the consumer is gone
+        Acker {
+            shared: self.shared.clone(),
         }
+    }
+
+    /// QoS 1 messages held unacknowledged now, and the most held at once so far (never
+    /// more than `max_in_flight`).
+    pub fn held(&self) -> (usize, usize) {
+        let f = self.shared.lock();
+        (f.held(), f.peak_held())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The connection task
+// ---------------------------------------------------------------------------------------
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+/// How a connection ended.
+enum End {
+    /// The consumer is gone: stop.
+    Stop,
+    /// The connection failed or ended; `connected` tells how long it was up.
+    Failed {
+        error: String,
+        connected: Option<Duration>,
+    },
+}
+
+async fn run(opts: SourceOptions, shared: Arc<Shared>, tx: mpsc::Sender<SourceEvent>) {
+    let mut backoff = Backoff::new(opts.reconnect);
+    loop {
+        let end = connection(&opts, &shared, &tx).await;
+        // Whatever the consumer acknowledges from now on belongs to a dead connection.
+        shared.lock().connection_ended();
+        let (error, ran) = match end {
+            End::Stop => return,
+            End::Failed { error, connected } => (error, connected),
+        };
+        let (attempt, retry_in) = backoff.next_delay(ran, fastrand::f64());
+        if tx
+            .send(SourceEvent::Disconnected {
+                error,
+                attempt,
+                retry_in,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(retry_in).await;
+    }
+}
+
+fn failed(error: impl Into<String>) -> End {
+    End::Failed {
+        error: error.into(),
+        connected: None,
+    }
+}
+
+async fn open(opts: &SourceOptions) -> Result<Box<dyn Stream>, String> {
+    let tcp = tokio::net::TcpStream::connect((opts.host.as_str(), opts.port))
+        .await
+        .map_err(|e| format!("cannot connect to {}:{}: {e}", opts.host, opts.port))?;
+    let _ = tcp.set_nodelay(true);
+    match &opts.tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(opts.host.clone())
+                .map_err(|e| format!("TLS server name {:?}: {e}", opts.host))?;
+            let s = rumqttc::tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake with {}: {e}", opts.host))?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// Writes `out` whole (and flushes it), within `limit`.
+async fn send(stream: &mut Box<dyn Stream>, out: &[u8], limit: Duration) -> Result<(), String> {
+    let write = async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write to the broker failed: {e}")),
+        Err(_) => Err(format!("the broker read nothing for {} s", limit.as_secs())),
+    }
+}
+
+/// Connects, then runs the connection until it ends.
+async fn connection(
+    opts: &SourceOptions,
+    shared: &Arc<Shared>,
+    tx: &mpsc::Sender<SourceEvent>,
+) -> End {
+    let protocol = match opts.version {
+        MqttVersion::V311 => Protocol::V311,
+        MqttVersion::V5 => Protocol::V5,
+    };
+    let mut framer = Framer::new(protocol, opts.max_packet);
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let keep_alive_s = opts.keep_alive.as_secs().clamp(1, u64::from(u16::MAX)) as u16;
+    let hello = match wire::connect(
+        protocol,
+        &wire::ConnectOptions {
+            client_id: &opts.client_id,
+            keep_alive_s,
+            credentials: opts
+                .credentials
+                .as_ref()
+                .map(|(u, p)| (u.as_str(), p.as_str())),
+            session_expiry_s: SESSION_EXPIRY_S,
+            receive_maximum: opts.max_in_flight,
+            max_packet: u32::try_from(opts.max_packet).unwrap_or(u32::MAX),
+        },
+    ) {
+        Ok(b) => b,
+        Err(e) => return failed(format!("cannot encode CONNECT: {e}")),
+    };
+    // TCP, TLS, CONNECT → CONNACK, within one timeout.
+    let handshake = async {
+        let mut stream = open(opts).await?;
+        send(&mut stream, &hello, CONNECT_TIMEOUT).await?;
+        loop {
+            match framer.next(&mut rbuf).map_err(|e| e.to_string())? {
+                Some(Incoming::ConnAck {
+                    session_present,
+                    code,
+                    server_keep_alive,
+                    reason,
+                }) => {
+                    if code != 0 {
+                        return Err(format!(
+                            "the broker refused the connection: code 0x{code:02x}{}",
+                            reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                        ));
+                    }
+                    return Ok((stream, session_present, server_keep_alive));
+                }
+                Some(other) => {
+                    return Err(format!("expected CONNACK, the broker sent {other:?}"));
+                }
+                None => {
+                    rbuf.reserve(READ_CHUNK);
+                    if stream
+                        .read_buf(&mut rbuf)
+                        .await
+                        .map_err(|e| format!("read from the broker failed: {e}"))?
+                        == 0
+                    {
+                        return Err("the broker closed the connection before CONNACK".into());
+                    }
+                }
+            }
+        }
+    };
+    let (mut stream, session_present, server_keep_alive) =
+        match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return failed(e),
+            Err(_) => {
+                return failed(format!(
+                    "no CONNACK from {}:{} within {} s",
+                    opts.host,
+                    opts.port,
+                    CONNECT_TIMEOUT.as_secs()
+                ));
+            }
+        };
+    let up = Instant::now();
+    let end = |error: String| End::Failed {
+        error,
+        connected: Some(up.elapsed()),
+    };
+    // The broker's keep-alive wins (MQTT 5); 0 would mean none: we still ping.
+    let keep_alive = match server_keep_alive {
+        Some(s) if s > 0 => Duration::from_secs(u64::from(s)),
+        _ => Duration::from_secs(u64::from(keep_alive_s)),
+    };
+    let write_limit = (keep_alive * 2).max(Duration::from_secs(10));
+    if !opts.subscriptions.is_empty() {
+        let sub = match wire::subscribe(protocol, SUBSCRIBE_ID, &opts.subscriptions) {
+            Ok(b) => b,
+            Err(e) => return end(format!("cannot encode SUBSCRIBE: {e}")),
+        };
+        if let Err(e) = send(&mut stream, &sub, write_limit).await {
+            return end(e);
+        }
+    }
+
+    let mut out = BytesMut::with_capacity(1024);
+    let mut acks: Vec<u16> = Vec::new();
+    // Control events waiting for room in the consumer's queue (at most one of each kind
+    // per SUBACK or DISCONNECT: a handful).
+    let mut pending: VecDeque<SourceEvent> =
+        VecDeque::from([SourceEvent::Connected { session_present }]);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Last time bytes came in, or reading was paused (a paused connection is not silent).
+    let mut heard = Instant::now();
+    loop {
+        // 1. Acknowledgements: every ready one, in one write.
+        shared.lock().take_acks(&mut acks);
+        for id in acks.drain(..) {
+            wire::puback(&mut out, id);
+        }
+        if !out.is_empty() {
+            if let Err(e) = send(&mut stream, &out, write_limit).await {
+                return end(e);
+            }
+            out.clear();
+        }
+        // 2. Control events, then whatever the gate lets through of what was read.
+        while let Some(ev) = pending.pop_front() {
+            match tx.try_send(ev) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(ev)) => {
+                    pending.push_front(ev);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return End::Stop,
+            }
+        }
+        let mut open_gate;
+        loop {
+            open_gate = pending.is_empty() && tx.capacity() > 0 && shared.lock().may_deliver();
+            if framer.next_is_publish(&rbuf) && !open_gate {
+                break;
+            }
+            let packet = match framer.next(&mut rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => return end(e.to_string()),
+            };
+            let taken = match packet {
+                Incoming::Publish(p) => Taken {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    dup: p.dup,
+                    pkid: p.pkid,
+                    oversized: None,
+                },
+                Incoming::Oversized {
+                    topic,
+                    qos,
+                    dup,
+                    pkid,
+                    len,
+                } => Taken {
+                    topic,
+                    payload: Bytes::new(),
+                    qos,
+                    dup,
+                    pkid,
+                    oversized: Some(len),
+                },
+                Incoming::PingResp => continue,
+                Incoming::SubAck { rejected: 0, .. } => continue,
+                Incoming::SubAck { rejected, .. } => {
+                    pending.push_back(SourceEvent::SubscribeRejected { count: rejected });
+                    continue;
+                }
+                Incoming::Disconnect { code, reason } => {
+                    let error = format!(
+                        "the broker disconnected: reason 0x{code:02x}{}",
+                        reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    );
+                    // Best effort: the consumer hears why before it hears it ended.
+                    let _ = tx
+                        .send(SourceEvent::BrokerDisconnect { code, reason })
+                        .await;
+                    return end(error);
+                }
+                Incoming::ConnAck { .. } => {
+                    return end("protocol violation: a second CONNACK".into());
+                }
+            };
+            let event = SourceEvent::Message(deliver(shared, taken));
+            match tx.try_send(event) {
+                Ok(()) => {}
+                // Cannot be full: only this task sends, and it saw room.
+                Err(_) => return End::Stop,
+            }
+        }
+        // 3. Wait: for acknowledgements or room (a wake-up), the ping, or more bytes —
+        // read only when the next packet can be taken, or to read past an oversized one,
+        // or when what is buffered is not a message (a PINGRESP, a SUBACK...).
+        let want_read = framer.skipping() || open_gate || !framer.next_is_publish(&rbuf);
+        if !want_read {
+            heard = Instant::now();
+        }
+        // Not biased: under load every branch is ready, and none may starve (the ping
+        // least of all: with QoS 0 traffic nothing else tells the broker we are alive).
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = ping.tick() => {
+                if want_read && heard.elapsed() > keep_alive * 2 {
+                    return end(format!(
+                        "the broker sent nothing for {} s (not even a PINGRESP)",
+                        heard.elapsed().as_secs()
+                    ));
+                }
+                wire::pingreq(&mut out);
+            }
+            r = stream.read_buf(&mut rbuf), if want_read => match r {
+                Ok(0) => return end("the broker closed the connection".into()),
+                Ok(_) => heard = Instant::now(),
+                Err(e) => return end(format!("read from the broker failed: {e}")),
+            },
+            // Room in the consumer's queue for control events.
+            r = tx.reserve(), if !pending.is_empty() => match r {
+                Ok(permit) => {
+                    if let Some(ev) = pending.pop_front() {
+                        permit.send(ev);
+                    }
+                }
+                Err(_) => return End::Stop,
+            },
+        }
+        if rbuf.capacity() - rbuf.len() < READ_CHUNK / 4 {
+            rbuf.reserve(READ_CHUNK);
+        }
+    }
+}
+
+/// A message as it comes off the connection.
+struct Taken {
+    topic: Bytes,
+    payload: Bytes,
+    qos: u8,
+    dup: bool,
+    pkid: u16,
+    oversized: Option<usize>,
+}
+
+/// Hands a message over, taking its credit (QoS 1).
+fn deliver(shared: &Arc<Shared>, t: Taken) -> Message {
+    let epoch = shared
+        .lock()
+        .delivered(t.qos > 0, t.topic.len() + t.payload.len());
+    Message {
+        token: (t.qos > 0).then(|| AckToken {
+            shared: shared.clone(),
+            epoch,
+            pkid: t.pkid,
+            spent: false,
+        }),
+        topic: t.topic,
+        payload: t.payload,
+        qos: t.qos,
+        dup: t.dup,
+        oversized: t.oversized,
     }
 }
 
@@ -765,13 +946,14 @@ async fn event_loop(
 // Redelivery filter (pure)
 // ---------------------------------------------------------------------------------------
 
-/// Digests of the last `capacity` QoS ≥ 1 messages taken in (topic and payload, 128-bit,
+/// Digests of the last `capacity` QoS 1 messages taken in (topic and payload, 128-bit,
 /// keyed per process so a broker cannot aim for collisions). A message the broker flags as
 /// a redelivery (`dup`) whose digest is here was already taken in: its samples are not
 /// stored twice. A message without `dup` is always new, even when identical to an
-/// earlier one. Memory: `capacity` × 16 bytes, twice.
+/// earlier one. Inserting a digest again makes it the newest (a recognised redelivery
+/// stays recognised for another `capacity` messages). Memory: `capacity` × about 40 bytes.
 pub struct RecentMessages {
-    set: HashSet<u128>,
+    counts: HashMap<u128, u32>,
     order: VecDeque<u128>,
     capacity: usize,
     keys: (
@@ -783,8 +965,8 @@ pub struct RecentMessages {
 impl RecentMessages {
     pub fn new(capacity: usize) -> RecentMessages {
         RecentMessages {
-            set: HashSet::with_capacity(capacity.min(1 << 16)),
-            order: VecDeque::with_capacity(capacity.min(1 << 16)),
+            counts: HashMap::new(),
+            order: VecDeque::new(),
             capacity: capacity.max(1),
             keys: Default::default(),
         }
@@ -803,28 +985,33 @@ impl RecentMessages {
 
     /// Was this digest taken in recently?
     pub fn contains(&self, digest: u128) -> bool {
-        self.set.contains(&digest)
+        self.counts.contains_key(&digest)
     }
 
-    /// Records a digest, forgetting the oldest beyond capacity.
+    /// Records a digest as the newest, forgetting the oldest beyond capacity.
     pub fn insert(&mut self, digest: u128) {
-        if !self.set.insert(digest) {
-            return;
-        }
+        *self.counts.entry(digest).or_insert(0) += 1;
         self.order.push_back(digest);
-        if self.order.len() > self.capacity
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
+        while self.order.len() > self.capacity {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(c) = self.counts.get_mut(&old) {
+                *c -= 1;
+                if *c == 0 {
+                    self.counts.remove(&old);
+                }
+            }
         }
     }
 
+    /// Distinct digests held.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.counts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.counts.is_empty()
     }
 }
 
@@ -854,10 +1041,226 @@ mod tests {
         assert_ne!(r.digest(b"t1", b""), r.digest(b"t", b"1"));
         r.insert(a);
         r.insert(b);
-        r.insert(b);
         assert!(r.contains(a) && r.contains(b));
         r.insert(c);
         assert!(!r.contains(a) && r.contains(b) && r.contains(c));
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn recent_messages_refresh_on_reinsert() {
+        let mut r = RecentMessages::new(2);
+        let (a, b, c) = (1u128, 2u128, 3u128);
+        r.insert(a);
+        r.insert(b);
+        r.insert(a); // a redelivery recognised: a is the newest again
+        r.insert(c);
+        assert!(r.contains(a) && r.contains(c) && !r.contains(b));
+    }
+
+    /// A broker played by the test over a real loopback socket.
+    mod peer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+
+        pub async fn read_packet_half(s: &mut tokio::net::tcp::ReadHalf<'_>) -> (u8, Vec<u8>) {
+            let first = s.read_u8().await.unwrap();
+            let mut len = 0usize;
+            for i in 0..4 {
+                let b = s.read_u8().await.unwrap();
+                len |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.unwrap();
+            (first, body)
+        }
+
+        pub async fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+            let first = s.read_u8().await.ok()?;
+            let mut len = 0usize;
+            for i in 0..4 {
+                let b = s.read_u8().await.ok()?;
+                len |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            s.read_exact(&mut body).await.ok()?;
+            Some((first, body))
+        }
+
+        pub fn publish(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+            let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(&pkid.to_be_bytes());
+            body.push(0); // MQTT 5: no properties
+            body.extend_from_slice(payload);
+            let mut out = vec![0x32];
+            let mut n = body.len();
+            loop {
+                let mut b = (n % 128) as u8;
+                n /= 128;
+                if n > 0 {
+                    b |= 0x80;
+                }
+                out.push(b);
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend(body);
+            out
+        }
+
+        /// Accepts one MQTT 5 client: CONNECT → CONNACK, SUBSCRIBE → SUBACK.
+        pub async fn accept(l: &tokio::net::TcpListener) -> TcpStream {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (first, _) = read_packet(&mut s).await.unwrap();
+            assert_eq!(first >> 4, 1, "CONNECT first");
+            s.write_all(&[0x20, 3, 0, 0, 0]).await.unwrap();
+            let (first, body) = read_packet(&mut s).await.unwrap();
+            assert_eq!(first >> 4, 8, "then SUBSCRIBE");
+            s.write_all(&[0x90, 4, body[0], body[1], 0, 1])
+                .await
+                .unwrap();
+            s
+        }
+    }
+
+    fn options(port: u16, max_in_flight: u16) -> SourceOptions {
+        SourceOptions {
+            host: "127.0.0.1".into(),
+            port,
+            version: MqttVersion::V5,
+            client_id: "flow-test".into(),
+            credentials: None,
+            tls: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect: BackoffPolicy::new(
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+                2.0,
+                0.5,
+            ),
+            subscriptions: vec![("t/#".into(), 1)],
+            max_in_flight,
+            max_packet: 4096,
+        }
+    }
+
+    async fn next_message(s: &mut MqttSource) -> Message {
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .expect("no event")
+                .expect("source stopped");
+            if let SourceEvent::Message(m) = ev {
+                return m;
+            }
+        }
+    }
+
+    /// A broker that ignores the Receive Maximum and sends 5,000 messages at once: the
+    /// source takes only `max_in_flight` of them until it acknowledges, and the
+    /// acknowledgements it gives while reading is paused reach the broker, in order.
+    #[tokio::test]
+    async fn reading_pauses_at_max_in_flight_while_acks_still_go_out() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut source = MqttSource::start(options(port, 8));
+        let mut broker = peer::accept(&l).await;
+        let mut flood = Vec::new();
+        for i in 1..=5_000u16 {
+            flood.extend(peer::publish("t/x", i, format!("{i}").as_bytes()));
+        }
+        let (mut rd, mut wr) = broker.split();
+        let send = async { wr.write_all(&flood).await.unwrap() };
+        let consume = async {
+            let mut tokens = Vec::new();
+            for _ in 0..8 {
+                tokens.push(next_message(&mut source).await.into_ack().unwrap());
+            }
+            // Eight held: nothing more comes, however much the broker sent.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(source.try_next().is_none(), "read past max_in_flight");
+            assert_eq!(source.held(), (8, 8));
+            // Acknowledge three: they are written at once; three more come in.
+            let acker = source.acker();
+            assert_eq!(acker.ack_all(tokens.drain(..3)), 0);
+            for _ in 0..3 {
+                tokens.push(next_message(&mut source).await.into_ack().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(source.try_next().is_none());
+            assert_eq!(source.held().1, 8, "never more than 8 held");
+            tokens
+        };
+        let read_acks = async {
+            let mut ids = Vec::new();
+            while ids.len() < 3 {
+                let (first, body) = peer::read_packet_half(&mut rd).await;
+                if first >> 4 == 4 {
+                    ids.push(u16::from_be_bytes([body[0], body[1]]));
+                }
+            }
+            ids
+        };
+        let ((), _tokens, acks) = tokio::join!(send, consume, read_acks);
+        assert_eq!(acks, [1, 2, 3]);
+    }
+
+    /// An ack given after its connection ended is never written on the next one; the
+    /// broker's DISCONNECT reason reaches the consumer.
+    #[tokio::test]
+    async fn acks_of_an_ended_connection_are_dropped_and_disconnect_reasons_reported() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut source = MqttSource::start(options(port, 8));
+        let mut broker = peer::accept(&l).await;
+        broker
+            .write_all(&peer::publish("t/x", 7, b"1"))
+            .await
+            .unwrap();
+        let token = next_message(&mut source).await.into_ack().unwrap();
+        // MQTT 5 DISCONNECT, quota exceeded, reason string "full".
+        broker
+            .write_all(&[0xE0, 8, 0x97, 6, 0x1F, 0, 3, b'f', b'u', b'l'])
+            .await
+            .unwrap();
+        let mut saw_reason = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), source.next())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                SourceEvent::BrokerDisconnect { code, reason } => {
+                    assert_eq!((code, reason.as_deref()), (0x97, Some("ful")));
+                    saw_reason = true;
+                }
+                SourceEvent::Disconnected { .. } => break,
+                _ => {}
+            }
+        }
+        assert!(saw_reason);
+        assert_eq!(source.acker().ack(token), AckOutcome::Stale);
+        assert_eq!(source.held().0, 0, "its credit came back");
+        // The next connection: a publish, acknowledged — the stale pkid 7 never shows.
+        let mut broker = peer::accept(&l).await;
+        broker
+            .write_all(&peer::publish("t/x", 9, b"2"))
+            .await
+            .unwrap();
+        let m = next_message(&mut source).await;
+        assert_eq!(m.payload(), b"2");
+        source.acker().ack(m.into_ack().unwrap());
+        let (first, body) = peer::read_packet(&mut broker).await.unwrap();
+        assert_eq!((first >> 4, &body[..2]), (4, &9u16.to_be_bytes()[..]));
     }
 }

@@ -298,11 +298,49 @@ pub struct MqttDeviceConfig {
     pub keep_alive: Dur<1_000, 3_600_000>,
     #[serde(default)]
     pub reconnect: BackoffConfig,
+    /// QoS 1 messages taken from the broker and not yet acknowledged, at most. Past it the
+    /// client stops reading (the broker keeps the rest). MQTT 5: also announced to the
+    /// broker as its Receive Maximum. Sizes the redelivery receipts.
+    #[serde(default = "default_device_in_flight")]
+    pub max_in_flight: Bounded<1, 65_535>,
+    /// Largest MQTT packet taken from the broker, whole. MQTT 5: announced as the Maximum
+    /// Packet Size (the broker then drops bigger messages for this client without telling
+    /// it). MQTT 3.1.1: a bigger PUBLISH is read past, counted and acknowledged.
+    #[serde(default = "default_device_max_packet")]
+    pub max_packet: ByteSize,
+    /// Largest payload mapped into samples; bigger ones are counted (`too_large`) and
+    /// acknowledged. At most `max_packet`.
+    #[serde(default = "default_device_max_payload")]
+    pub max_payload: ByteSize,
+    /// Distinct streams this device may name at once (names come from topic levels, which
+    /// publishers control).
+    #[serde(default = "default_device_max_streams")]
+    pub max_streams: Bounded<1, 1_000_000>,
+    /// A stream silent this long gives its slot back when a new stream needs one.
+    #[serde(default = "default_device_stream_idle")]
+    pub stream_idle: Dur<1_000, 31_536_000_000>,
     pub subscriptions: Vec<MqttSubscriptionConfig>,
 }
 
 fn default_keep_alive() -> Dur<1_000, 3_600_000> {
     Dur::from_millis(30_000)
+}
+/// Default `max_in_flight` of an MQTT device.
+pub const DEFAULT_DEVICE_IN_FLIGHT: u64 = 1_024;
+fn default_device_in_flight() -> Bounded<1, 65_535> {
+    Bounded(DEFAULT_DEVICE_IN_FLIGHT)
+}
+fn default_device_max_packet() -> ByteSize {
+    ByteSize(512 * 1024)
+}
+fn default_device_max_payload() -> ByteSize {
+    ByteSize(256 * 1024)
+}
+fn default_device_max_streams() -> Bounded<1, 1_000_000> {
+    Bounded(10_000)
+}
+fn default_device_stream_idle() -> Dur<1_000, 31_536_000_000> {
+    Dur::from_millis(3_600_000)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

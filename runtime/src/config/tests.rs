@@ -809,3 +809,36 @@ fn weighted_average_fault_keys_and_alarm_stream() {
         Some("boiler/avg_alarm")
     );
 }
+
+#[test]
+fn mqtt_device_limits_are_read_and_checked() {
+    let c = parse_ref(REFERENCE).unwrap().config;
+    let m = c.devices[1].mqtt.as_ref().unwrap();
+    assert_eq!(m.max_in_flight.get(), 1024);
+    assert_eq!(m.max_packet.0, 512 * 1024);
+    assert_eq!(m.max_payload.0, 256 * 1024);
+    assert_eq!(m.max_streams.get(), 10_000);
+    assert_eq!(m.stream_idle.get(), std::time::Duration::from_secs(3600));
+    for (from, to, key) in [
+        (
+            "max_payload = \"256KiB\"",
+            "max_payload = \"1MiB\"",
+            "devices[1].mqtt.max_payload",
+        ),
+        (
+            "max_packet = \"512KiB\"",
+            "max_packet = \"300MiB\"",
+            "devices[1].mqtt.max_packet",
+        ),
+        (
+            "max_in_flight = 1024\n",
+            "max_in_flight = 0\n",
+            "devices[1].mqtt.max_in_flight",
+        ),
+    ] {
+        let text = REFERENCE.replace(from, to);
+        assert_ne!(text, REFERENCE, "{from}");
+        let e = one_error(&text);
+        assert_eq!(e.key, key, "{e}");
+    }
+}

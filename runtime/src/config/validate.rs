@@ -8,6 +8,10 @@ use super::schema::*;
 use super::{KeyPath, Secret};
 use crate::model::StreamId;
 
+/// MQTT's largest packet: a remaining length of 268,435,455 bytes plus a 5-byte header,
+/// rounded down to 256 MiB.
+pub const MAX_MQTT_PACKET: u64 = 256 << 20;
+
 type Problems = Vec<(KeyPath, String)>;
 
 fn root() -> KeyPath {
@@ -141,6 +145,23 @@ pub(super) fn validate(c: &Config) -> Problems {
                 p.push((
                     at.clone().key("subscriptions"),
                     "expected at least one subscription".into(),
+                ));
+            }
+            if !(1024..=MAX_MQTT_PACKET).contains(&m.max_packet.0) {
+                p.push((
+                    at.clone().key("max_packet"),
+                    format!(
+                        "{} bytes is out of range: expected from 1KiB to 256MiB (MQTT's largest packet)",
+                        m.max_packet.0
+                    ),
+                ));
+            } else if m.max_payload.0 == 0 || m.max_payload.0 > m.max_packet.0 {
+                p.push((
+                    at.clone().key("max_payload"),
+                    format!(
+                        "{} bytes is out of range: expected from 1 byte to `max_packet` ({} bytes)",
+                        m.max_payload.0, m.max_packet.0
+                    ),
                 ));
             }
             for (k, s) in m.subscriptions.iter().enumerate() {
