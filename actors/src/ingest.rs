@@ -372,22 +372,20 @@ async fn write_batch(
             continue;
         }
         let samples = seg[i].len();
-        let value = Arc::new(seg[i].finish());
+        let value = seg[i].finish();
         let fps = std::mem::take(&mut fps[i]);
-        let aux: Arc<Vec<(Vec<u8>, Option<Vec<u8>>)>> = {
+        let aux: Vec<(Vec<u8>, Option<Vec<u8>>)> = {
             let r = receipts.read().unwrap_or_else(|e| e.into_inner());
-            Arc::new(fps.iter().flat_map(|(ns, v)| r.ops(*ns, v)).collect())
+            fps.iter().flat_map(|(ns, v)| r.ops(*ns, v)).collect()
         };
         let mut warned = false;
         loop {
-            let ob = outbox.clone();
-            let (v, a) = (value.clone(), aux.clone());
-            let res = tokio::task::spawn_blocking(move || {
-                ob.append_segments_with(&[(p, v.as_slice())], &a)
-                    .map(|_| ())
-            })
-            .await
-            .map_err(|e| IngestError::Storage(format!("append task failed: {e}")))?;
+            // On this task: one append of one segment is a few storage operations, cheaper
+            // than a hop to a blocking thread (the flush, which waits for the disk, is the
+            // flusher's).
+            let res = outbox
+                .append_segments_with(&[(p, value.as_slice())], &aux)
+                .map(|_| ());
             match res {
                 Ok(()) => {
                     let mut r = receipts.write().unwrap_or_else(|e| e.into_inner());

@@ -33,7 +33,7 @@ use outpost_runtime::storage::{GatewayOutbox, Seq};
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
 use tokio::sync::Notify;
 
-use self::core::{CoreConfig, Outgoing, ScanRequest, SyncCore};
+use self::core::{CoreConfig, Outgoing, SyncCore};
 use self::uplink::{Connection, Incoming, Link, Transport, UplinkSettings};
 use crate::link::monitor::{LinkEvent, LinkHandle};
 
@@ -457,64 +457,45 @@ async fn send_frame(
     Ok(())
 }
 
-/// Reads the outbox for every lane that asks (one blocking call), decoding records straight
-/// from the stored segments, and feeds the core; undecodable records and unreadable
-/// segments are dropped from the outbox and counted.
+/// Reads the outbox for every lane that asks, decoding records straight from the stored
+/// segments, and feeds the core; undecodable records and unreadable segments are dropped
+/// from the outbox and counted.
+///
+/// Outbox reads and removals run on the sync task itself: with segments they are a few
+/// storage operations per frame (microseconds, served from sled's cache), cheaper than
+/// the hop to a blocking thread and back they used to take.
 async fn fill(ctx: &SyncContext, core: &mut SyncCore, c: &Counters) -> Result<usize, String> {
     let reqs = core.scans();
     if reqs.is_empty() {
         return Ok(0);
     }
-    let ob = ctx.outbox.clone();
-    let reqs2 = reqs.clone();
-    struct Read {
-        ok: Vec<(Seq, outpost_runtime::model::Sample)>,
-        upto: Option<Seq>,
-        bad: Vec<(Priority, Seq)>,
-        torn: Vec<Seq>,
-        visited: usize,
-    }
-    let batches: Vec<Read> = tokio::task::spawn_blocking(move || {
-        reqs2
-            .iter()
-            .map(|r: &ScanRequest| {
-                let p = r.lane.class();
-                let mut ok = Vec::with_capacity(r.limit.min(4096));
-                let mut bad = Vec::new();
-                let end = ob.scan_each(p, r.after, r.limit, 512 * 1024, &mut |seq, v| {
-                    match record::decode(v) {
-                        Ok(s) => ok.push((seq, s)),
-                        Err(e) => {
-                            tracing::error!(seq, error = %e, "undecodable outbox record dropped");
-                            bad.push((p, seq));
-                        }
-                    }
-                })?;
-                Ok(Read {
-                    ok,
-                    upto: end.last,
-                    bad,
-                    torn: end.corrupt,
-                    visited: end.records,
-                })
-            })
-            .collect::<Result<Vec<_>, outpost_runtime::storage::StorageError>>()
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("outbox scan: {e}"))?;
     let mut corrupt = Vec::new();
     let mut read = 0;
-    for (req, r) in reqs.iter().zip(batches) {
-        read += r.visited.max(usize::from(r.upto.is_some()));
-        core.fill(req, r.ok, r.upto);
-        corrupt.extend(r.bad);
-        if !r.torn.is_empty() {
-            let ob = ctx.outbox.clone();
-            let p = req.lane.class();
-            let n = tokio::task::spawn_blocking(move || ob.drop_segments(p, &r.torn))
-                .await
-                .map_err(|e| e.to_string())?
+    for req in &reqs {
+        let p = req.lane.class();
+        let mut ok = Vec::with_capacity(req.limit.min(4096));
+        let end = ctx
+            .outbox
+            .scan_each(
+                p,
+                req.after,
+                req.limit,
+                512 * 1024,
+                &mut |seq, v| match record::decode(v) {
+                    Ok(s) => ok.push((seq, s)),
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, "undecodable outbox record dropped");
+                        corrupt.push((p, seq));
+                    }
+                },
+            )
+            .map_err(|e| format!("outbox scan: {e}"))?;
+        read += end.records.max(usize::from(end.last.is_some()));
+        core.fill(req, ok, end.last);
+        if !end.corrupt.is_empty() {
+            let n = ctx
+                .outbox
+                .drop_segments(p, &end.corrupt)
                 .map_err(|e| format!("outbox drop: {e}"))?;
             c.corrupt.inc_by(n);
             read += 1;
@@ -534,10 +515,8 @@ async fn remove(ctx: &SyncContext, ids: Vec<(Priority, Seq)>) -> Result<(), Stri
     if ids.is_empty() {
         return Ok(());
     }
-    let ob = ctx.outbox.clone();
-    tokio::task::spawn_blocking(move || ob.remove(&ids))
-        .await
-        .map_err(|e| e.to_string())?
+    ctx.outbox
+        .remove(&ids)
         .map(|_| ())
         .map_err(|e| format!("outbox remove: {e}"))
 }
