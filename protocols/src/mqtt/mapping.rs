@@ -87,10 +87,18 @@ pub fn match_topic<'t>(filter: &str, topic: &'t str) -> Option<Vec<&'t str>> {
 
 /// Replaces `{1}`, `{2}`... by the captured levels.
 pub fn expand(template: &str, captures: &[&str]) -> String {
-    if !template.contains('{') {
-        return template.to_owned();
-    }
     let mut out = String::with_capacity(template.len() + 16);
+    expand_into(template, captures, &mut out);
+    out
+}
+
+/// [`expand`] into `out` (cleared first), reusing its allocation.
+pub fn expand_into(template: &str, captures: &[&str], out: &mut String) {
+    out.clear();
+    if !template.contains('{') {
+        out.push_str(template);
+        return;
+    }
     let mut rest = template;
     while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
@@ -110,7 +118,55 @@ pub fn expand(template: &str, captures: &[&str]) -> String {
         }
     }
     out.push_str(rest);
-    out
+}
+
+/// A JSON pointer (RFC 6901) parsed once, so that a lookup allocates nothing
+/// (`serde_json::Value::pointer` unescapes every token into new strings on every call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPointer {
+    tokens: Vec<String>,
+}
+
+impl JsonPointer {
+    /// Parses `p` ("" is the whole document; otherwise it starts with '/'); `None` when
+    /// malformed (the lookup then finds nothing, as `Value::pointer` would).
+    pub fn parse(p: &str) -> Option<JsonPointer> {
+        if p.is_empty() {
+            return Some(JsonPointer { tokens: Vec::new() });
+        }
+        let rest = p.strip_prefix('/')?;
+        Some(JsonPointer {
+            tokens: rest
+                .split('/')
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect(),
+        })
+    }
+
+    /// The value the pointer names in `doc`.
+    pub fn get<'a>(&self, doc: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
+        let mut v = doc;
+        for t in &self.tokens {
+            v = match v {
+                serde_json::Value::Object(m) => m.get(t.as_str())?,
+                serde_json::Value::Array(a) => {
+                    if t.len() > 1 && t.starts_with('0') || t.starts_with('+') {
+                        return None;
+                    }
+                    a.get(t.parse::<usize>().ok()?)?
+                }
+                _ => return None,
+            };
+        }
+        Some(v)
+    }
+}
+
+/// The pointers of one subscription, parsed once: its timestamp pointer and one per field.
+#[derive(Debug, Clone)]
+struct Pointers {
+    timestamp: Option<Option<JsonPointer>>,
+    fields: Vec<Option<JsonPointer>>,
 }
 
 /// Default bound on the distinct streams one MQTT device may create. Streams are named
@@ -154,6 +210,7 @@ impl Default for MapperLimits {
 #[derive(Debug, Clone)]
 pub struct Mapper {
     subs: Vec<MqttSubscriptionConfig>,
+    pointers: Vec<Pointers>,
     streams: HashMap<String, (StreamId, TimestampNs)>,
     limits: MapperLimits,
     last_sweep: Option<TimestampNs>,
@@ -186,8 +243,20 @@ impl Mapper {
     }
 
     pub fn with_limits(subs: Vec<MqttSubscriptionConfig>, limits: MapperLimits) -> Mapper {
+        let pointers = subs
+            .iter()
+            .map(|s| Pointers {
+                timestamp: s.timestamp_pointer.as_deref().map(JsonPointer::parse),
+                fields: s
+                    .fields
+                    .iter()
+                    .map(|f| JsonPointer::parse(&f.pointer))
+                    .collect(),
+            })
+            .collect();
         Mapper {
             subs,
+            pointers,
             streams: HashMap::new(),
             limits,
             last_sweep: None,
@@ -221,8 +290,8 @@ impl Mapper {
     }
 
     /// The stream named `name`, interned once per mapper; `now` is its sample's arrival.
-    fn stream_id(&mut self, name: String, now: TimestampNs) -> Result<StreamId, MappingError> {
-        if let Some((id, last)) = self.streams.get_mut(&name) {
+    fn stream_id(&mut self, name: &str, now: TimestampNs) -> Result<StreamId, MappingError> {
+        if let Some((id, last)) = self.streams.get_mut(name) {
             *last = (*last).max(now);
             return Ok(*id);
         }
@@ -230,14 +299,14 @@ impl Mapper {
             self.sweep(now);
             if self.streams.len() >= self.limits.max_streams {
                 self.refused += 1;
-                return Err(MappingError::StreamLimit(truncate(&name)));
+                return Err(MappingError::StreamLimit(truncate(name)));
             }
         }
-        let id = StreamId::intern(&name).map_err(|e| MappingError::BadStream {
-            name: truncate(&name),
+        let id = StreamId::intern(name).map_err(|e| MappingError::BadStream {
+            name: truncate(name),
             reason: e.to_string(),
         })?;
-        self.streams.insert(name, (id, now));
+        self.streams.insert(name.to_owned(), (id, now));
         Ok(id)
     }
 
@@ -269,7 +338,7 @@ impl Mapper {
         match format {
             PayloadFormat::Number | PayloadFormat::Raw => {
                 let name = expand(sub.stream.as_deref().unwrap_or("{1}"), &caps);
-                let id = match self.stream_id(name, arrival_ns) {
+                let id = match self.stream_id(&name, arrival_ns) {
                     Ok(id) => id,
                     Err(e) => {
                         out.errors.push(e);
@@ -306,19 +375,29 @@ impl Mapper {
                         return out;
                     }
                 };
-                let ts = match &self.subs[index].timestamp_pointer {
+                let ts = match &self.pointers[index].timestamp {
                     None => arrival_ns,
-                    Some(p) => match doc.pointer(p).and_then(json_timestamp) {
+                    Some(p) => match p
+                        .as_ref()
+                        .and_then(|p| p.get(&doc))
+                        .and_then(json_timestamp)
+                    {
                         Some(ts) => ts,
                         None => {
-                            out.errors.push(MappingError::BadTimestamp(p.clone()));
+                            out.errors.push(MappingError::BadTimestamp(
+                                self.subs[index]
+                                    .timestamp_pointer
+                                    .clone()
+                                    .unwrap_or_default(),
+                            ));
                             arrival_ns
                         }
                     },
                 };
+                let mut name = String::new();
                 for fi in 0..self.subs[index].fields.len() {
-                    let name = expand(&self.subs[index].fields[fi].stream, &caps);
-                    let id = match self.stream_id(name, arrival_ns) {
+                    expand_into(&self.subs[index].fields[fi].stream, &caps, &mut name);
+                    let id = match self.stream_id(&name, arrival_ns) {
                         Ok(id) => id,
                         Err(e) => {
                             out.errors.push(e);
@@ -326,7 +405,10 @@ impl Mapper {
                         }
                     };
                     let f = &self.subs[index].fields[fi];
-                    let Some(v) = doc.pointer(&f.pointer) else {
+                    let Some(v) = self.pointers[index].fields[fi]
+                        .as_ref()
+                        .and_then(|p| p.get(&doc))
+                    else {
                         out.errors
                             .push(MappingError::MissingField(f.pointer.clone()));
                         continue;
@@ -473,6 +555,38 @@ fn parse_rfc3339(s: &str) -> Option<TimestampNs> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
     secs.checked_mul(1_000_000_000)?.checked_add(frac_ns)
+}
+
+#[cfg(test)]
+mod pointer_tests {
+    use super::*;
+
+    #[test]
+    fn parsed_pointers_find_what_serde_json_finds() {
+        let doc: serde_json::Value =
+            serde_json::from_str(r#"{"a":{"b/c":[10,{"~d":true}],"":1},"x":[0,1,2],"01":5}"#)
+                .unwrap();
+        for p in [
+            "",
+            "/a",
+            "/a/b~1c",
+            "/a/b~1c/0",
+            "/a/b~1c/1/~0d",
+            "/a/",
+            "/x/2",
+            "/x/02",
+            "/x/+1",
+            "/x/3",
+            "/x/-",
+            "/01",
+            "/nope",
+            "a",
+            "/a/b~1c/1/~0d/deeper",
+        ] {
+            let ours = JsonPointer::parse(p).and_then(|jp| jp.get(&doc).cloned());
+            assert_eq!(ours, doc.pointer(p).cloned(), "pointer {p:?}");
+        }
+    }
 }
 
 #[cfg(test)]
