@@ -357,7 +357,7 @@ impl<E: KvEngine> Outbox<E> {
                 }
                 _ => {
                     let (b, r) = scan_class_totals(&*engine, p)?;
-                    if !fresh && !convert || r > 0 && !convert {
+                    if !convert && (!fresh || r > 0) {
                         tracing::warn!(
                             class = p.as_str(),
                             bytes = b,

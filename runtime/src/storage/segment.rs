@@ -115,7 +115,7 @@ impl SegmentBuf {
 
     /// The segment value (header filled in). The buffer is left empty for reuse.
     pub fn finish(&mut self) -> Vec<u8> {
-        let mut out = std::mem::replace(&mut self.buf, Vec::new());
+        let mut out = std::mem::take(&mut self.buf);
         out[2..6].copy_from_slice(&self.count.to_le_bytes());
         let crc = CRC.checksum(&out[HEADER_LEN..]);
         out[6..10].copy_from_slice(&crc.to_le_bytes());
@@ -263,7 +263,7 @@ impl AckMask {
     /// Reads a stored mask; `None` when malformed (a mask is advisory: losing it only means
     /// records are sent again, which the hub de-duplicates).
     pub fn decode(v: &[u8]) -> Option<AckMask> {
-        if v.len() % 8 != 0 {
+        if !v.len().is_multiple_of(8) {
             return None;
         }
         let mut ranges: Vec<(u32, u32)> = Vec::with_capacity(v.len() / 8);
