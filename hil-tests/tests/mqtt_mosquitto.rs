@@ -1,4 +1,4 @@
-//! The MQTT source against a real Mosquitto broker (issue 3, `mqtt_mosquitto` and the MQTT
+//! The MQTT source against a real Mosquitto broker (`mqtt_mosquitto` and the MQTT
 //! part of `bad_input`): a gateway with one MQTT device subscribed to `plant/+/telemetry`,
 //! readings published with `mosquitto_pub -l` at QoS 1, and the gateway's durable outbox
 //! checked for each reading exactly once — plainly, across a broker restart and across a
