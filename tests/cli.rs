@@ -245,3 +245,41 @@ fn demo_runs_with_nothing_installed_and_reports_json() {
     assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
     assert!(stdout.contains("boiler"), "{stdout}");
 }
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        "[gateway]\nid = \"gw-plain\"\ndata_dir = \"data\"\n[log]\nformat = \"text\"\n[metrics]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut child = outpost()
+        .arg("run")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("gateway started") {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "exited early: {log}");
+        log.push_str(&line);
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+    assert!(child.wait().unwrap().success(), "{log}");
+    assert!(log.contains(" INFO "), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape codes in a piped log:\n{log:?}"
+    );
+}
