@@ -71,8 +71,9 @@ fn check_reports_a_misspelt_key_with_line_column_and_key() {
 
 #[test]
 fn check_reports_an_out_of_range_value_with_line_column_and_key() {
-    let text = reference().replacen("interval = \"1s\"", "interval = \"0ms\"", 1);
-    let line = text[..text.find("interval = \"0ms\"").unwrap()]
+    let text = reference().replacen("\ninterval = \"1s\"", "\ninterval = \"0ms\"", 1);
+    // (`commit_interval = "0ms"` comes earlier: find the key at the start of a line.)
+    let line = text[..text.find("\ninterval = \"0ms\"").unwrap() + 1]
         .matches('\n')
         .count()
         + 1;
@@ -244,6 +245,182 @@ fn demo_runs_with_nothing_installed_and_reports_json() {
     assert_eq!(v["samples_delivered"].as_u64().unwrap(), ingested, "{v}");
     assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
     assert!(stdout.contains("boiler"), "{stdout}");
+}
+
+/// The 1-based line of the first occurrence of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text[..text.find(needle).unwrap()].matches('\n').count() + 1
+}
+
+/// The lines of `err` that report a problem, with the line number each one names
+/// (`gw.toml:LINE:COL: ...`).
+fn reported_lines(err: &str) -> Vec<usize> {
+    err.lines()
+        .filter_map(|l| l.strip_prefix("error: "))
+        .filter_map(|l| l.split(':').nth(1)?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn check_reports_every_schema_error_in_file_order() {
+    let text = r#"[gateway]
+id = "gw-errs"
+data_dir = "data"
+colour = "blue"
+
+[[devices]]
+name = "plc"
+
+[devices.modbus]
+address = "127.0.0.1:502"
+unti_id = 1
+
+[[devices.modbus.poll_groups]]
+interval = "0ms"
+
+[[devices.modbus.poll_groups.points]]
+stream = "plc/temp"
+table = "holding"
+address = 0
+type = "f32"
+
+[metrics]
+listen = 9464
+"#;
+    let (ok, err) = check_text(text);
+    assert!(!ok);
+    let want = [
+        (line_of(text, "colour"), "`gateway.colour`"),
+        (line_of(text, "unti_id"), "`devices[0].modbus.unti_id`"),
+        (
+            line_of(text, "interval"),
+            "`devices[0].modbus.poll_groups[0].interval`",
+        ),
+        (line_of(text, "listen"), "`metrics.listen`"),
+    ];
+    for (line, key) in want {
+        assert!(
+            err.contains(&format!("gw.toml:{line}:")) && err.contains(key),
+            "{key} at line {line} not reported:\n{err}"
+        );
+    }
+    let lines = reported_lines(&err);
+    assert_eq!(
+        lines,
+        want.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        "{err}"
+    );
+    assert!(err.contains("gw.toml: 4 error(s)"), "{err}");
+}
+
+#[test]
+fn check_reports_schema_and_semantic_errors_together_in_file_order() {
+    let text = r#"[gateway]
+id = "gw-errs"
+data_dir = "data"
+colour = "blue"
+
+[storage]
+quota = "100KiB"
+
+[metrics]
+enabeld = false
+"#;
+    let (ok, err) = check_text(text);
+    assert!(!ok);
+    assert_eq!(
+        reported_lines(&err),
+        vec![
+            line_of(text, "colour"),
+            line_of(text, "quota"),
+            line_of(text, "enabeld")
+        ],
+        "{err}"
+    );
+    assert!(err.contains("too small"), "{err}");
+    assert!(err.contains("did you mean `enabled`?"), "{err}");
+    assert!(err.contains("gw.toml: 3 error(s)"), "{err}");
+}
+
+#[test]
+fn check_validates_a_hub_config() {
+    let hub = concat!(env!("CARGO_MANIFEST_DIR"), "/config/hub.toml");
+    // The shipped hub config: valid; its certificates are not on this machine (warnings).
+    let out = outpost().args(["check", hub]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("unknown key `hub`"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok (hub"));
+    // --strict: the missing certificates are errors, counted.
+    let out = outpost().args(["check", "--strict", hub]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("`hub.ca`"), "{err}");
+    assert!(err.contains("error(s)"), "{err}");
+    // A mistake in a hub config is located like a gateway config's.
+    let text = std::fs::read_to_string(hub).unwrap().replacen(
+        "listen = \"127.0.0.1:7443\"",
+        "lissen = \"127.0.0.1:7443\"",
+        1,
+    );
+    let line = line_of(&text, "lissen");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("hub.toml");
+    std::fs::write(&f, &text).unwrap();
+    let out = outpost().arg("check").arg(&f).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("hub.toml:{line}:1: `hub.lissen`")),
+        "{err}"
+    );
+    assert!(err.contains("did you mean `listen`?"), "{err}");
+}
+
+#[test]
+fn check_strict_counts_its_errors() {
+    let out = outpost()
+        .args([
+            "check",
+            "--strict",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/reference.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let n = err.lines().filter(|l| l.starts_with("error: ")).count();
+    assert!(n > 0, "{err}");
+    assert!(
+        err.contains(&format!("reference.toml: {n} error(s)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_and_hub_print_config_errors_with_one_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = dir.path().join("gw.toml");
+    std::fs::write(
+        &gw,
+        "[gateway]\nid = \"gw\"\ndata_dir = \"d\"\ncolour = 1\n",
+    )
+    .unwrap();
+    let hub = dir.path().join("hub.toml");
+    std::fs::write(&hub, "[hub]\nlissen = \"127.0.0.1:0\"\n").unwrap();
+    for (cmd, f) in [("run", &gw), ("hub", &hub)] {
+        let out = outpost().arg(cmd).arg(f).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.lines().any(|l| l.starts_with("error: ")),
+            "{cmd}: {err}"
+        );
+        for l in err.lines() {
+            assert!(l.matches("error:").count() <= 1, "{cmd}: {l}");
+        }
+        assert!(err.contains("error(s)"), "{cmd}: {err}");
+    }
 }
 
 #[test]
