@@ -460,3 +460,78 @@ fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         "ANSI escape codes in a piped log:\n{log:?}"
     );
 }
+
+/// Runs `outpost demo --seconds N` in a folder of its own; returns (stdout, the folder).
+fn demo(seconds: &str) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = outpost()
+        .args(["demo", "--seconds", seconds, "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (stdout, dir)
+}
+
+#[test]
+fn demo_shows_streams_the_kalman_output_the_link_and_the_hub_file() {
+    let (stdout, dir) = demo("5");
+    // Every stream of config/demo.toml, by name, with a value.
+    for stream in [
+        "demo/boiler/temperature",
+        "demo/boiler/pressure",
+        "demo/boiler/flow",
+        "demo/boiler/burner_on",
+        "demo/boiler/temperature_kf",
+    ] {
+        assert!(
+            stdout.lines().any(|l| {
+                l.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| {
+                        w[0] == stream
+                            && (w[1].parse::<f64>().is_ok() || w[1] == "on" || w[1] == "off")
+                    })
+            }),
+            "no value shown for {stream}:\n{stdout}"
+        );
+    }
+    // The link class and the sync mode.
+    let classes = ["fiber", "broadband", "mobile", "satellite", "intermittent"];
+    let modes = ["full", "full_zstd", "delta", "summary", "store_and_forward"];
+    assert!(
+        stdout.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.windows(2)
+                .any(|p| p[0] == "link" && classes.contains(&p[1]))
+                && w.windows(3)
+                    .any(|p| p[0] == "sync" && p[1] == "mode" && modes.contains(&p[2]))
+        }),
+        "no link class and sync mode shown:\n{stdout}"
+    );
+    // The hub's output file: shown, and it holds the delivered samples.
+    let file = stdout
+        .split_whitespace()
+        .find(|w| w.ends_with(".jsonl") && !w.ends_with(".summary.jsonl"))
+        .unwrap_or_else(|| panic!("no hub output file shown:\n{stdout}"));
+    let file = std::path::Path::new(file);
+    assert!(file.starts_with(dir.path()), "{}", file.display());
+    let lines = std::fs::read_to_string(file).unwrap();
+    assert!(lines.contains("demo/boiler/temperature_kf"), "{lines}");
+}
+
+#[test]
+fn demo_device_listens_where_config_demo_toml_says_or_says_why_not() {
+    let (stdout, _dir) = demo("1");
+    assert!(
+        stdout.contains("simulated boiler at 127.0.0.1:5020")
+            || stdout.contains("127.0.0.1:5020 is taken"),
+        "{stdout}"
+    );
+}
