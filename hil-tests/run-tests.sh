@@ -25,7 +25,7 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto
   $SUDO systemctl stop mosquitto || true
 fi
 
-# Python peers (pymodbus, asyncua) and reference implementations (filterpy, imufusion).
+# Python peers (pymodbus) and reference implementations (numpy, filterpy, imufusion).
 venv="$root/hil-tests/.venv"
 req="$root/hil-tests/requirements.txt"
 stamp="$venv/.requirements.sha256"

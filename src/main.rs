@@ -20,9 +20,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a gateway config without starting anything.
+    /// Validate a gateway or hub config without starting anything (a file with a `[hub]`
+    /// table is a hub config).
     Check {
-        /// The gateway's TOML file.
+        /// The gateway's or the hub's TOML file.
         config: PathBuf,
         /// Treat what the machine lacks (certificate files, secret variables) as errors.
         #[arg(long)]
@@ -72,8 +73,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, strict } => check(&config, strict),
-        Command::Run { config } => report(run(&config)),
-        Command::Hub { config } => report(hub(&config)),
+        Command::Run { config } => {
+            match outpost_runtime::config::load(&config).and_then(|l| l.strict()) {
+                Ok(c) => report(run(c)),
+                Err(errors) => config_errors(&config, &errors),
+            }
+        }
+        Command::Hub { config } => match outpost_runtime::config::load_hub(&config) {
+            Ok(c) => report(hub(c)),
+            Err(errors) => config_errors(&config, &errors),
+        },
         Command::Demo {
             seconds,
             dir,
@@ -85,6 +94,18 @@ fn main() -> ExitCode {
             gateways,
         } => report(certs(&out, &hub_names, &gateways)),
     }
+}
+
+/// Prints a config's errors, one `error: ` line each, and their count.
+fn config_errors(
+    path: &std::path::Path,
+    errors: &outpost_runtime::config::ConfigErrors,
+) -> ExitCode {
+    for e in &errors.0 {
+        eprintln!("error: {e}");
+    }
+    eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+    ExitCode::FAILURE
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {
@@ -123,10 +144,7 @@ fn demo(
     Ok(())
 }
 
-fn hub(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = outpost_runtime::config::load_hub(path)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("invalid hub config {}", path.display()))?;
+fn hub(config: outpost_runtime::config::HubConfig) -> anyhow::Result<()> {
     outpost_runtime::logging::init(config.log.format, &config.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -176,13 +194,48 @@ fn certs(out: &std::path::Path, hub_names: &[String], gateways: &[String]) -> an
     Ok(())
 }
 
+/// What the machine lacks (files, secrets): warnings, or with `--strict` errors.
+/// Returns whether the check failed.
+fn environment(
+    path: &std::path::Path,
+    strict: bool,
+    problems: &[outpost_runtime::config::ConfigError],
+) -> bool {
+    for e in problems {
+        eprintln!("{}: {e}", if strict { "error" } else { "warning" });
+    }
+    if strict && !problems.is_empty() {
+        eprintln!("{}: {} error(s)", path.display(), problems.len());
+        return true;
+    }
+    false
+}
+
 fn check(path: &std::path::Path, strict: bool) -> ExitCode {
-    match outpost_runtime::config::load(path) {
-        Ok(loaded) => {
-            for e in &loaded.environment {
-                eprintln!("{}: {e}", if strict { "error" } else { "warning" });
+    use outpost_runtime::config::{self, ConfigKind};
+    if config::kind_of(path) == ConfigKind::Hub {
+        return match config::load_hub_checked(path) {
+            Ok(loaded) => {
+                if environment(path, strict, &loaded.environment) {
+                    return ExitCode::FAILURE;
+                }
+                let c = &loaded.config;
+                println!(
+                    "{}: ok (hub on {}, sink {}, MQTT ingress {}, republish {})",
+                    path.display(),
+                    c.hub.listen,
+                    c.sink_dir().display(),
+                    c.mqtt_ingress.as_ref().map_or("off", |m| m.broker.as_str()),
+                    c.republish.as_ref().map_or("off", |r| r.broker.as_str()),
+                );
+                ExitCode::SUCCESS
             }
-            if strict && !loaded.environment.is_empty() {
+            Err(errors) => config_errors(path, &errors),
+        };
+    }
+    match config::load(path) {
+        Ok(loaded) => {
+            if environment(path, strict, &loaded.environment) {
                 return ExitCode::FAILURE;
             }
             let c = &loaded.config;
@@ -196,19 +249,11 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
-            ExitCode::FAILURE
-        }
+        Err(errors) => config_errors(path, &errors),
     }
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
-    let config = outpost_runtime::config::load(path)
-        .and_then(|l| l.strict())
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("invalid config {}", path.display()))?;
+fn run(config: outpost_runtime::config::Config) -> anyhow::Result<()> {
     outpost_runtime::logging::init(config.log.format, &config.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,4 +1,4 @@
-//! Weighted draining of the outbox's priority classes (SPEC §2): higher classes go first,
+//! Weighted draining of the outbox's priority classes: higher classes go first,
 //! but a lower class still makes progress. Deficit round robin over the four classes: each
 //! round, a class with data earns `weight` credits (in samples); the highest class with
 //! credit and data is served and pays for what it sent. With the default weights

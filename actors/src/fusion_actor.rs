@@ -12,7 +12,7 @@
 //! later group can take them as inputs.
 //!
 //! **One actor per group, owning both the aligner and the method** — not an aligner actor
-//! plus a fusion actor as the issue first sketched. Both are pure, in-process and stateful in
+//! plus a fusion actor, as a first sketch had it. Both are pure, in-process and stateful in
 //! lock-step (a Kalman or attitude filter's state is a function of the frames it was given):
 //! a fault in either must restart both, a second actor would only add a per-frame message
 //! hop and a mailbox to bound, and the supervision granularity that matters — one group's

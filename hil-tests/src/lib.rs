@@ -1,5 +1,5 @@
 //! System tests, crash tests, the link emulator and benchmarks for Outpost. The tests under
-//! `tests/` start real peers (Mosquitto, pymodbus, asyncua, ...) and the gateway itself;
+//! `tests/` start real peers (Mosquitto, pymodbus, ...) and the gateway itself;
 //! `src/bin/bench.rs` runs the benchmarks.
 
 pub mod benches;

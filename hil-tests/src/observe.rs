@@ -299,7 +299,7 @@ pub fn ranges(v: &[i64]) -> Vec<std::ops::RangeInclusive<i64>> {
 
 /// Warm-up of a gateway whose MQTT devices read `(device, topic)` pairs from the broker on
 /// `broker_port`: publishes a probe reading (counter −1) on every topic until each device
-/// has stored one (its `outpost_stream_samples_total` is at least 1), so the subscriptions
+/// has stored one (its `outpost_stream_samples_stored_total` is at least 1), so the subscriptions
 /// are in place before the first counted reading. Panics after `within`.
 pub async fn warm_up(
     metrics: SocketAddr,
@@ -312,7 +312,7 @@ pub async fn warm_up(
         let m = scrape(metrics).await.unwrap_or_else(|e| panic!("{e}"));
         let ready = devices
             .iter()
-            .all(|(d, _)| m.value("outpost_stream_samples_total", &[("device", d)]) >= 1.0);
+            .all(|(d, _)| m.value("outpost_stream_samples_stored_total", &[("device", d)]) >= 1.0);
         if ready {
             return;
         }

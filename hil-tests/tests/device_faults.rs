@@ -101,7 +101,7 @@ async fn modbus_device_killed_and_restarted_5_times_resumes_with_backoff() {
             }
         })
     };
-    let mqtt_samples = || m.counter_value("outpost_stream_samples", &[("device", "steady")]);
+    let mqtt_samples = || m.counter_value("outpost_stream_samples_stored", &[("device", "steady")]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (t0, p0, c0) = (
         Instant::now(),

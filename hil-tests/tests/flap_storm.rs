@@ -1,4 +1,4 @@
-//! `flap_storm` (issue 5): 200 outages of 1–5 s each between the gateway and the hub while
+//! `flap_storm`: 200 outages of 1–5 s each between the gateway and the hub while
 //! data flows: nothing lost, nothing duplicated at the hub.
 //!
 //! Set-up, all real: Mosquitto (a test peer); two MQTT devices of the gateway, a normal one

@@ -1,4 +1,4 @@
-//! `link_schedule` (issue 5): a gateway ships a steady multi-stream load to the hub through
+//! `link_schedule`: a gateway ships a steady multi-stream load to the hub through
 //! the userspace link emulator while the link goes
 //!
 //! ```text
@@ -12,13 +12,13 @@
 //! and that once the backfill is done the hub holds every sample exactly once.
 //!
 //! **Thresholds.** Userspace forwarding on 2 shared cores, with the gateway, the hub and the
-//! load in the same debug-built process, cannot carry SPEC §2's 100 Mbit/s fiber, and a
+//! load in the same debug-built process, cannot carry the default 100 Mbit/s fiber, and a
 //! load that backlogs a 3 Mbit/s mobile link would take more CPU than there is. So the
 //! test configures its own `[link]` rate thresholds — fiber ≥ 5 Mbit/s, broadband ≥ 1.2,
 //! mobile ≥ 0.4 — and every phase sits in its class with the classifier's margins to
 //! spare, jitter included (broadband 1.7–3.1 Mbit/s, mobile 0.42–0.78). The RTT thresholds
-//! are SPEC §2's (fiber < 20 ms, satellite ≥ 500 ms). The slow phases run at real rates
-//! (0.3 Mbit/s satellite, as in the issue's example), so packet-level behaviour — one
+//! are the defaults (fiber < 20 ms, satellite ≥ 500 ms). The slow phases run at real rates
+//! (0.3 Mbit/s satellite, a typical geostationary terminal), so packet-level behaviour — one
 //! packet's serialisation time, queueing delay, QUIC loss recovery — is what a real link
 //! of that class shows. (An earlier version scaled every rate by 0.02 instead: a 6 kbit/s
 //! "satellite" link takes 1.6 s per packet and reads as an outage, and a 16-packet queue

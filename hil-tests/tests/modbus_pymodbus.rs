@@ -172,9 +172,9 @@ async fn known_values_in_all_four_tables_arrive_exactly_and_batched() {
     gw2.shutdown().await.unwrap();
     let total: usize = final_check.per_stream.values().sum();
     assert_eq!(
-        m.counter_value("outpost_stream_samples", &[("device", "pm-holding")])
-            + m.counter_value("outpost_stream_samples", &[("device", "pm-input")])
-            + m.counter_value("outpost_stream_samples", &[("device", "pm-bits")]),
+        m.counter_value("outpost_stream_samples_read", &[("device", "pm-holding")])
+            + m.counter_value("outpost_stream_samples_read", &[("device", "pm-input")])
+            + m.counter_value("outpost_stream_samples_read", &[("device", "pm-bits")]),
         total as u64,
         "every sample the drivers counted is in the outbox"
     );

@@ -1,4 +1,4 @@
-//! The MQTT source against a real Mosquitto broker (issue 3, `mqtt_mosquitto` and the MQTT
+//! The MQTT source against a real Mosquitto broker (`mqtt_mosquitto` and the MQTT
 //! part of `bad_input`): a gateway with one MQTT device subscribed to `plant/+/telemetry`,
 //! readings published with `mosquitto_pub -l` at QoS 1, and the gateway's durable outbox
 //! checked for each reading exactly once — plainly, across a broker restart and across a
@@ -118,7 +118,7 @@ async fn ten_thousand_qos1_readings_land_exactly_once() {
     check.assert_exactly_once(N);
     // Two fields per reading; every sample counted once it was durable.
     assert_eq!(
-        metrics.counter_value("outpost_stream_samples", &[("device", "plant")]),
+        metrics.counter_value("outpost_stream_samples_stored", &[("device", "plant")]),
         2 * N
     );
     assert_eq!(outbox_samples(&gw).len() as u64, 2 * N);
@@ -485,4 +485,96 @@ async fn ten_thousand_qos1_readings_reach_the_hub_sink_exactly_once() {
     assert_eq!(per_stream.values().sum::<usize>() as u64, 2 * N);
     gw.shutdown().await.unwrap();
     hub.stop().await;
+}
+
+/// A gateway with a Modbus device (the demo's simulated boiler) and an MQTT device: each
+/// device's sample count is exported under a name of its own meaning — samples read from a
+/// device (`outpost_stream_samples_read`), samples made durable (`_stored`) — with one
+/// help text each, whichever device registers first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_and_mqtt_sample_counts_each_have_a_name_and_one_meaning() {
+    use outpost_actors::demo::sim::{SimConfig, SimDevice};
+    let broker = Mosquitto::start();
+    let sim = SimDevice::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let modbus = format!(
+        r#"
+[[devices]]
+name = "boiler"
+[devices.modbus]
+address = "{}"
+[[devices.modbus.poll_groups]]
+interval = "100ms"
+[[devices.modbus.poll_groups.points]]
+stream = "boiler/temperature"
+table = "holding"
+address = 0
+type = "f32"
+"#,
+        sim.addr()
+    );
+    let devices = format!(
+        "{modbus}{}",
+        telemetry_device_toml("plant", &broker.address(), "5")
+    );
+    let m = Metrics::new();
+    let gw = Gateway::start(&config(dir.path(), "gw-names", &devices), m.clone())
+        .await
+        .unwrap();
+    wait_connected(&m, "plant").await;
+    let value = |text: &str, name: &str, device: &str| -> Option<f64> {
+        let prefix = format!("{name}_total{{device=\"{device}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    let text = loop {
+        publish_bytes(
+            broker.port(),
+            "plant/m0/telemetry",
+            1,
+            telemetry_line(n).as_bytes(),
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let text = m.encode();
+        let read = value(&text, "outpost_stream_samples_read", "boiler");
+        let stored = value(&text, "outpost_stream_samples_stored", "plant");
+        if read.is_some_and(|v| v > 0.0) && stored.is_some_and(|v| v > 0.0) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Modbus `outpost_stream_samples_read` or MQTT `outpost_stream_samples_stored` \
+             count within 20 s:\n{text}"
+        );
+    };
+    // Each name once, with its own help; the Modbus device is not counted as stored,
+    // the MQTT device not as read, and the old two-meaning name is gone.
+    let helps: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("# HELP outpost_stream_samples"))
+        .collect();
+    assert_eq!(helps.len(), 2, "{helps:?}");
+    assert!(
+        helps
+            .iter()
+            .any(|h| h.starts_with("# HELP outpost_stream_samples_read "))
+            && helps
+                .iter()
+                .any(|h| h.starts_with("# HELP outpost_stream_samples_stored ")),
+        "{helps:?}"
+    );
+    assert_eq!(
+        value(&text, "outpost_stream_samples_stored", "boiler"),
+        None
+    );
+    assert_eq!(value(&text, "outpost_stream_samples_read", "plant"), None);
+    assert!(!text.contains("outpost_stream_samples_total"), "{text}");
+    gw.shutdown().await.unwrap();
+    sim.stop();
 }

@@ -126,12 +126,12 @@ async fn tls_with_password_delivers_and_a_wrong_password_does_not() {
     .await
     .unwrap();
     let got = harness::wait_for(Duration::from_secs(20), || {
-        mg.counter_value("outpost_stream_samples", &[("device", "secure")]) >= 200
+        mg.counter_value("outpost_stream_samples_stored", &[("device", "secure")]) >= 200
     })
     .await;
     assert!(got, "readings over TLS: {}", mg.encode());
     assert_eq!(
-        mb.counter_value("outpost_stream_samples", &[("device", "secure")]),
+        mb.counter_value("outpost_stream_samples_stored", &[("device", "secure")]),
         0
     );
     assert!(

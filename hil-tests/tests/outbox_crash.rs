@@ -1,4 +1,4 @@
-//! Crash test of the durable outbox (issue 2, item 5): a writer process (`outbox_writer`)
+//! Crash test of the durable outbox: a writer process (`outbox_writer`)
 //! appends self-checking batches, awaits the durable point and prints each batch number
 //! once it is reached; we kill it with SIGKILL at random moments, 20 times, on the same
 //! directory, and after each kill reopen the outbox ourselves and check that

@@ -1,4 +1,4 @@
-//! `quota` (issue 5): a 60 s outage with a small outbox quota. Bulk is evicted first, then
+//! `quota`: a 60 s outage with a small outbox quota. Bulk is evicted first, then
 //! normal oldest-first; no critical reading is lost; a metric and a log line say what was
 //! evicted; nothing reaches the hub twice.
 //!

@@ -1,4 +1,4 @@
-//! A real gateway with `[uplink] transport = "mqtt"` (issue 5 item 5): MQTT devices → the
+//! A real gateway with `[uplink] transport = "mqtt"`: MQTT devices → the
 //! gateway (outbox, sync loop) → Mosquitto → the hub's `[mqtt_ingress]` → the hub's sink.
 //!
 //! The devices read from one broker (the site's), the uplink goes through another (the

@@ -1,6 +1,6 @@
 //! Frame codec v1: the versioned, length-prefixed, checksummed binary frames that carry
-//! samples from a gateway to the hub and acknowledgements back (SPEC §4, issue 3 item 3),
-//! and the RTT pings of the link monitor (SPEC §2).
+//! samples from a gateway to the hub and acknowledgements back,
+//! and the RTT pings of the link monitor.
 //!
 //! This module is a pure codec: no I/O, no global state. The same bytes travel as QUIC stream
 //! data and as MQTT payloads; [`next_frame`] and [`FrameBuffer`] cut a byte stream into frames,
@@ -28,7 +28,7 @@
 //! that decodes (the fuzz target checks this). Compressed frames (zstd, delta, summary) are
 //! not canonical, but `decode(encode(m)) == m` holds for all of them, floats bit for bit.
 //!
-//! The delta and summary encodings (sync modes `delta` and `summary`, SPEC §2) live in
+//! The delta and summary encodings (sync modes `delta` and `summary`) live in
 //! [`crate::encoding`]; their block layouts are in its `delta` and `summary` modules and in `FRAME_FORMAT.md`.
 //!
 //! # Byte layout (all fixed-width integers little-endian)
@@ -212,7 +212,7 @@ impl MessageType {
     }
 }
 
-/// How a Data frame's samples are encoded (the sync modes of SPEC §2).
+/// How a Data frame's samples are encoded (one per sync mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Encoding {

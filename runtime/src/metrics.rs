@@ -2,7 +2,9 @@
 //! over HTTP (`GET /metrics`).
 //!
 //! Actors ask the [`Metrics`] handle for a counter or gauge by name and label set, keep the
-//! returned handle, and update it lock-free. Metric names are `'static` literals chosen by
+//! returned handle, and update it lock-free. A name has one kind and one help text, so
+//! one meaning: registering it again as another kind or with another help is a bug
+//! (a panic in debug builds, an error log once in release builds, the first kept). Metric names are `'static` literals chosen by
 //! our code; label values may come from config or the network (stream names), which are
 //! bounded by the stream interner.
 
@@ -25,6 +27,10 @@ pub type FloatGauge = Gauge<f64, AtomicU64>;
 #[derive(Default)]
 struct Inner {
     registry: Registry,
+    /// Kind and help of every name registered, to keep each name to one meaning.
+    meanings: HashMap<&'static str, (&'static str, &'static str)>,
+    /// Names already logged as registered with two meanings.
+    conflicts: std::collections::HashSet<&'static str>,
     counters: HashMap<&'static str, Family<Labels, Counter>>,
     gauges: HashMap<&'static str, Family<Labels, Gauge>>,
     fgauges: HashMap<&'static str, Family<Labels, FloatGauge>>,
@@ -52,11 +58,34 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Checks that `name` keeps the kind and help it was first registered with.
+    fn one_meaning(inner: &mut Inner, name: &'static str, kind: &'static str, help: &'static str) {
+        let first = *inner.meanings.entry(name).or_insert((kind, help));
+        if first != (kind, help) {
+            debug_assert!(
+                false,
+                "metric {name} registered with two meanings: {first:?} and {:?}",
+                (kind, help)
+            );
+            // Logged once per name: the rest would repeat it.
+            if !inner.conflicts.insert(name) {
+                return;
+            }
+            tracing::error!(
+                metric = name,
+                first = ?first,
+                again = ?(kind, help),
+                "a metric name registered with two meanings"
+            );
+        }
+    }
+
     /// A counter (exported as `NAME_total`). Same name and labels → same counter. `help` is
     /// a phrase without a final period (the encoder adds one).
     pub fn counter(&self, name: &'static str, help: &'static str, l: &[(&str, &str)]) -> Counter {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        Self::one_meaning(inner, name, "counter", help);
         let fam = inner.counters.entry(name).or_insert_with(|| {
             let f = Family::<Labels, Counter>::default();
             inner.registry.register(name, help, f.clone());
@@ -69,6 +98,7 @@ impl Metrics {
     pub fn gauge(&self, name: &'static str, help: &'static str, l: &[(&str, &str)]) -> Gauge {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        Self::one_meaning(inner, name, "gauge", help);
         let fam = inner.gauges.entry(name).or_insert_with(|| {
             let f = Family::<Labels, Gauge>::default();
             inner.registry.register(name, help, f.clone());
@@ -86,6 +116,7 @@ impl Metrics {
     ) -> FloatGauge {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        Self::one_meaning(inner, name, "float gauge", help);
         let fam = inner.fgauges.entry(name).or_insert_with(|| {
             let f = Family::<Labels, FloatGauge>::default();
             inner.registry.register(name, help, f.clone());
@@ -102,6 +133,15 @@ impl Metrics {
             .get(name)
             .and_then(|f| f.get(&labels(l)).map(|c| c.get()))
             .unwrap_or(0)
+    }
+
+    /// Current value of an integer gauge, or `None` if it was never created.
+    pub fn gauge_value(&self, name: &'static str, l: &[(&str, &str)]) -> Option<i64> {
+        let inner = self.lock();
+        inner
+            .gauges
+            .get(name)
+            .and_then(|f| f.get(&labels(l)).map(|g| g.get()))
     }
 
     /// The whole registry in the Prometheus text exposition format.
@@ -177,6 +217,32 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "registered with two meanings")]
+    fn a_name_registered_with_another_help_is_a_bug() {
+        let m = Metrics::new();
+        m.counter("outpost_test_samples", "Samples read", &[("device", "a")]);
+        m.counter("outpost_test_samples", "Samples stored", &[("device", "b")]);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "registered with two meanings")]
+    fn a_name_registered_as_another_kind_is_a_bug() {
+        let m = Metrics::new();
+        m.counter("outpost_test_depth", "Depth", &[]);
+        m.gauge("outpost_test_depth", "Depth", &[]);
+    }
+
+    #[test]
+    fn gauge_values_are_read_back() {
+        let m = Metrics::new();
+        assert_eq!(m.gauge_value("outpost_test_level", &[]), None);
+        m.gauge("outpost_test_level", "Level", &[]).set(3);
+        assert_eq!(m.gauge_value("outpost_test_level", &[]), Some(3));
+    }
 
     #[test]
     fn counters_and_gauges_encode() {

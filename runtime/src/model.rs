@@ -1,5 +1,5 @@
 //! The data model every layer speaks: samples, interned stream ids, priority classes,
-//! link classes and sync modes (SPEC §1 and §2).
+//! link classes and sync modes (ARCHITECTURE.md explains what each class and mode means).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -200,7 +200,7 @@ impl Sample {
     }
 }
 
-/// Priority classes, highest first (SPEC §2). The discriminant is the on-disk and on-wire code.
+/// Priority classes, highest first. The discriminant is the on-disk and on-wire code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
@@ -242,7 +242,7 @@ impl Priority {
     }
 }
 
-/// Uplink classes (SPEC §2), best first.
+/// Uplink classes, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[repr(u8)]
@@ -263,7 +263,7 @@ impl LinkClass {
         LinkClass::Intermittent,
     ];
 
-    /// The sync mode SPEC §2 assigns to this class.
+    /// The sync mode that suits this class (what `[sync] mode = "auto"` follows).
     pub fn sync_mode(self) -> SyncMode {
         match self {
             LinkClass::Fiber => SyncMode::Full,
@@ -285,7 +285,7 @@ impl LinkClass {
     }
 }
 
-/// How the sync actor ships data (SPEC §2).
+/// How the sync actor ships data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]

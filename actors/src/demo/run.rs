@@ -1,9 +1,16 @@
 //! `outpost demo`: a whole Outpost on loopback with nothing installed — a simulated Modbus
 //! boiler ([`super::sim`]), the gateway of `config/demo.toml` polling it through the real
 //! Modbus driver and fusing its temperature, and a hub receiving everything over QUIC with
-//! mutual TLS, using certificates generated for the run. It prints what happens every two
-//! seconds and, when it ends, one JSON line with the figures.
+//! mutual TLS, using certificates generated for the run. It names the streams, prints their
+//! latest values (the Kalman filter's output among them) with the counts every two seconds,
+//! the link class and sync mode whenever they change, and the hub's output file once it
+//! exists; when it ends, one JSON line with the figures.
+//!
+//! The simulated boiler listens where `config/demo.toml` says (127.0.0.1:5020), so
+//! `outpost run config/demo.toml` can poll it too while the demo runs; if that port is
+//! taken, it takes a free one and says so.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -11,7 +18,7 @@ use std::time::{Duration, Instant};
 use outpost_protocols::uplink::certs::generate_bundle;
 use outpost_runtime::config::{self, Config};
 use outpost_runtime::metrics::Metrics;
-use outpost_runtime::model::Priority;
+use outpost_runtime::model::{LinkClass, Priority, Quality, Sample, StreamId, SyncMode, Value};
 use serde::Serialize;
 
 use super::sim::{SimConfig, SimDevice};
@@ -37,6 +44,8 @@ pub struct DemoReport {
     pub outbox_backlog: u64,
     pub device_restarts: u64,
     pub sink_dir: String,
+    /// The hub's output files (JSON lines, one sample per line).
+    pub sink_files: Vec<String>,
 }
 
 /// Demo failures.
@@ -68,9 +77,6 @@ pub async fn run(
         )
         .map_err(setup("certificates"))?;
     }
-    let sim = SimDevice::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::default())
-        .await
-        .map_err(setup("simulated Modbus device"))?;
     let metrics = Metrics::new();
 
     let hub_text = format!(
@@ -86,29 +92,50 @@ pub async fn run(
     let sink_dir = hub_cfg.sink_dir();
 
     let mut cfg = demo_config(dir, &certs, hub.addr)?;
-    if let Some(d) = cfg.devices.first_mut().and_then(|d| d.modbus.as_mut()) {
-        d.address = sim.addr().to_string();
-    }
+    let device = cfg
+        .devices
+        .first_mut()
+        .and_then(|d| d.modbus.as_mut())
+        .ok_or_else(|| DemoError::Setup("config/demo.toml has no Modbus device".into()))?;
+    let wanted: SocketAddr = device
+        .address
+        .parse()
+        .map_err(setup("demo device address"))?;
+    let (sim, moved) = start_device(wanted).await?;
+    device.address = sim.addr().to_string();
     cfg.metrics.listen = metrics_listen;
     let gw = Gateway::start(&cfg, metrics.clone())
         .await
         .map_err(setup("gateway"))?;
+    if moved {
+        println!(
+            "Outpost demo: {wanted} is taken (another demo?): simulated boiler at {} instead",
+            sim.addr()
+        );
+    }
     println!(
-        "Outpost demo: simulated boiler at {}, hub at {} (QUIC, mutual TLS)",
+        "Outpost demo: simulated boiler at {} (Modbus TCP), hub at {} (QUIC, mutual TLS)",
         sim.addr(),
         hub.addr
     );
+    let shown = Shown::of(&cfg)?;
+    shown.describe();
     if let Some(a) = gw.metrics_addr() {
-        println!(
-            "metrics: http://{a}/metrics    sink: {}",
-            sink_dir.display()
-        );
+        println!("metrics: http://{a}/metrics");
     }
+    println!("hub output in {}", sink_dir.display());
+    let mut latest = gw.ingest().bus().subscribe(&shown.ids(), 256);
+    let mut values: HashMap<StreamId, Sample> = HashMap::new();
 
     let started = Instant::now();
+    let at = || format!("[{:>5.1}s]", started.elapsed().as_secs_f64());
     let deadline = seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
+    // Link class, sync mode and the hub's files are looked at often, to show each change.
+    let mut watch = tokio::time::interval(Duration::from_millis(100));
+    let mut link = (None, None);
+    let mut files = Vec::new();
     loop {
         let until = async {
             match deadline {
@@ -117,17 +144,33 @@ pub async fn run(
             }
         };
         tokio::select! {
+            Some(s) = latest.recv() => {
+                values.insert(s.stream, s);
+            }
+            _ = watch.tick() => {
+                let now = link_state(&metrics);
+                if now != link {
+                    link = now;
+                    println!("{} {}", at(), describe_link(link));
+                }
+                for f in sink_files(&sink_dir) {
+                    if !files.contains(&f) {
+                        println!("{} hub output: {}", at(), f.display());
+                        files.push(f);
+                    }
+                }
+            }
             _ = tick.tick() => {
-                let r = sim.readings();
                 let st = gw.outbox().stats();
                 println!(
-                    "[{:>5.1}s] boiler {:.2} °C {:.2} bar {:.2} l/min burner {} | ingested {} delivered {} | outbox {} records",
-                    started.elapsed().as_secs_f64(),
-                    r.temperature, r.pressure, r.flow, if r.burner { "on" } else { "off" },
+                    "{} {} · ingested {} · delivered {} · outbox {} records",
+                    at(),
+                    describe_link(link),
                     ingested(&metrics),
                     metrics.counter_value("outpost_hub_samples_written", &[("gateway", "demo-gw")]),
                     st.records.iter().sum::<u64>(),
                 );
+                shown.print(&values);
             }
             _ = until => break,
             _ = signals.recv() => break,
@@ -150,6 +193,13 @@ pub async fn run(
     hub.stop().await;
     sim.stop();
     let (lines, distinct) = count_sink(&sink_dir);
+    let sink_files: Vec<String> = sink_files(&sink_dir)
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    for f in &sink_files {
+        println!("hub output: {f}");
+    }
     Ok(DemoReport {
         seconds: started.elapsed().as_secs_f64(),
         samples_ingested,
@@ -160,7 +210,174 @@ pub async fn run(
         outbox_backlog: backlog,
         device_restarts,
         sink_dir: sink_dir.display().to_string(),
+        sink_files,
     })
+}
+
+/// Starts the simulated boiler on `wanted`, or on a free port of the same host when
+/// `wanted` is taken (then `true`).
+async fn start_device(wanted: SocketAddr) -> Result<(SimDevice, bool), DemoError> {
+    match SimDevice::start(wanted, SimConfig::default()).await {
+        Ok(sim) => Ok((sim, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = SocketAddr::new(wanted.ip(), 0);
+            let sim = SimDevice::start(any, SimConfig::default())
+                .await
+                .map_err(setup("simulated Modbus device"))?;
+            Ok((sim, true))
+        }
+        Err(e) => Err(setup("simulated Modbus device")(e)),
+    }
+}
+
+/// The streams the demo shows, in config order, with what each one is.
+struct Shown {
+    streams: Vec<(StreamId, String)>,
+    /// What each stream is, for the listing at the start.
+    about: Vec<String>,
+}
+
+impl Shown {
+    fn of(cfg: &Config) -> Result<Shown, DemoError> {
+        let mut streams = Vec::new();
+        let mut about = Vec::new();
+        for d in &cfg.devices {
+            let Some(m) = &d.modbus else { continue };
+            for g in &m.poll_groups {
+                let names: Vec<&str> = g.points.iter().map(|p| p.stream.as_str()).collect();
+                about.push(format!(
+                    "{}: {} (Modbus, every {:?})",
+                    d.name,
+                    names.join(", "),
+                    g.interval.get()
+                ));
+                streams.extend(names.iter().map(|s| s.to_string()));
+            }
+        }
+        for f in &cfg.fusion {
+            let method = match f.method().map(|m| m.key()) {
+                Some("kalman") => "Kalman filter",
+                Some(k) => k,
+                None => "fusion",
+            };
+            let mut outs = f.output_streams();
+            about.push(format!(
+                "{}: {} ({method} of {})",
+                f.name,
+                outs.join(", "),
+                f.inputs.join(", ")
+            ));
+            if !f.std_outputs.is_empty() {
+                about.push(format!(
+                    "{}: {} (its standard deviation)",
+                    f.name,
+                    f.std_outputs.join(", ")
+                ));
+            }
+            outs.extend(f.std_outputs.iter().cloned());
+            streams.extend(outs);
+        }
+        let streams = streams
+            .into_iter()
+            .map(|s| {
+                StreamId::intern(&s)
+                    .map(|id| (id, s))
+                    .map_err(setup("stream name"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Shown { streams, about })
+    }
+
+    fn ids(&self) -> Vec<StreamId> {
+        self.streams.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The listing at the start.
+    fn describe(&self) {
+        println!("streams:");
+        for a in &self.about {
+            println!("  {a}");
+        }
+    }
+
+    /// One line per stream: its latest value, as the gateway has it.
+    fn print(&self, values: &HashMap<StreamId, Sample>) {
+        let width = self.streams.iter().map(|(_, n)| n.len()).max().unwrap_or(0);
+        for (id, name) in &self.streams {
+            let shown = values.get(id).map_or("(no value yet)".to_owned(), show);
+            println!("          {name:<width$}  {shown}{}", unit(name));
+        }
+    }
+}
+
+/// The unit of a stream of the simulated boiler, for the display.
+fn unit(stream: &str) -> &'static str {
+    let last = stream.rsplit('/').next().unwrap_or(stream);
+    if last.starts_with("temperature") {
+        " °C"
+    } else if last.starts_with("pressure") {
+        " bar"
+    } else if last.starts_with("flow") {
+        " l/min"
+    } else {
+        ""
+    }
+}
+
+/// A sample's value for a person: numbers with two decimals, booleans as on/off, and its
+/// quality when it is not good.
+fn show(s: &Sample) -> String {
+    let v = match &s.value {
+        Value::F64(x) => format!("{x:.2}"),
+        Value::I64(x) => x.to_string(),
+        Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+        Value::Str(x) => format!("{x:?}"),
+    };
+    match s.quality {
+        Quality::Good => v,
+        Quality::Uncertain => format!("{v} (uncertain)"),
+        Quality::Bad => format!("{v} (bad)"),
+    }
+}
+
+/// The link class and sync mode the gateway's metrics show (`None` until measured).
+fn link_state(m: &Metrics) -> (Option<LinkClass>, Option<SyncMode>) {
+    let class = m
+        .gauge_value("outpost_link_class", &[])
+        .and_then(|v| usize::try_from(v).ok())
+        .and_then(|i| LinkClass::ALL.get(i).copied());
+    let mode = m
+        .gauge_value("outpost_sync_mode", &[])
+        .and_then(|v| usize::try_from(v).ok())
+        .and_then(|i| SYNC_MODES.get(i).copied());
+    (class, mode)
+}
+
+/// The sync modes by their `outpost_sync_mode` gauge value (their on-wire code).
+const SYNC_MODES: [SyncMode; 5] = [
+    SyncMode::Full,
+    SyncMode::FullZstd,
+    SyncMode::Delta,
+    SyncMode::Summary,
+    SyncMode::StoreAndForward,
+];
+
+fn describe_link((class, mode): (Option<LinkClass>, Option<SyncMode>)) -> String {
+    format!(
+        "link {} · sync mode {}",
+        class.map_or("(not measured yet)", LinkClass::as_str),
+        mode.map_or("(not started yet)", SyncMode::as_str)
+    )
+}
+
+/// The hub's sample files (not its summaries), sorted.
+fn sink_files(sink: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = walk(sink)
+        .into_iter()
+        .filter(|f| !f.to_string_lossy().ends_with(".summary.jsonl"))
+        .collect();
+    files.sort();
+    files
 }
 
 fn ingested(m: &Metrics) -> u64 {
@@ -225,4 +442,47 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_device_takes_the_configured_port_or_a_free_one_when_it_is_taken() {
+        // A free port: the device listens there.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let free = probe.local_addr().unwrap();
+        drop(probe);
+        let (sim, moved) = start_device(free).await.unwrap();
+        assert_eq!((sim.addr(), moved), (free, false));
+        // Taken (by the first device): another free port, and the caller is told.
+        let (other, moved) = start_device(free).await.unwrap();
+        assert!(moved);
+        assert_ne!(other.addr().port(), free.port());
+        assert_eq!(other.addr().ip(), free.ip());
+        sim.stop();
+        other.stop();
+    }
+
+    #[test]
+    fn the_demo_config_names_the_port_the_device_prefers() {
+        let cfg = config::parse(DEMO_TOML, Path::new("config/demo.toml"), Path::new("."))
+            .unwrap()
+            .config;
+        let m = cfg.devices[0].modbus.as_ref().unwrap();
+        // The port the file's comment promises the demo's device.
+        assert_eq!(m.address, "127.0.0.1:5020");
+    }
+
+    #[test]
+    fn values_are_shown_for_a_person() {
+        let s = |value| Sample::new(StreamId::intern("demo/x").unwrap(), 0, value);
+        assert_eq!(show(&s(Value::F64(61.236))), "61.24");
+        assert_eq!(show(&s(Value::Bool(true))), "on");
+        let mut bad = s(Value::I64(3));
+        bad.quality = Quality::Bad;
+        assert_eq!(show(&bad), "3 (bad)");
+        assert_eq!(unit("demo/boiler/temperature_kf_std"), " °C");
+    }
 }

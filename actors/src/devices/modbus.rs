@@ -75,11 +75,7 @@ impl Counters {
         Counters {
             metrics: m.clone(),
             device: device.to_owned(),
-            samples: m.counter(
-                "outpost_stream_samples",
-                "Samples a device stream produced",
-                &l,
-            ),
+            samples: super::counters::samples_read(m, device),
             requests: m.counter(
                 "outpost_modbus_requests",
                 "Modbus requests sent (one per planned read per poll)",
@@ -104,13 +100,7 @@ impl Counters {
     }
 
     fn error(&self, kind: &str) {
-        self.metrics
-            .counter(
-                "outpost_stream_errors",
-                "Device stream errors, by kind",
-                &[("device", &self.device), ("kind", kind)],
-            )
-            .inc();
+        super::counters::stream_errors(&self.metrics, &self.device, kind).inc();
     }
 }
 

@@ -19,7 +19,7 @@
 //! newest while the broker may still redeliver it. Receipts are sized from `max_in_flight`
 //! (`outpost_runtime::storage::receipts`).
 //!
-//! Metrics (label `device`): `outpost_stream_samples` (samples made durable),
+//! Metrics (label `device`): `outpost_stream_samples_stored` (samples made durable),
 //! `outpost_stream_errors{kind}` (bad messages, by [`MappingError::kind`] plus `bad_topic`,
 //! `oversized` and `subscribe_rejected`), `outpost_mqtt_connected` (0/1),
 //! `outpost_mqtt_reconnects` (failed or ended connections),
@@ -133,11 +133,7 @@ impl Counters {
         Counters {
             metrics: metrics.clone(),
             device: device.to_owned(),
-            samples: metrics.counter(
-                "outpost_stream_samples",
-                "Samples a device stream made durable",
-                &l,
-            ),
+            samples: super::counters::samples_stored(metrics, device),
             connected: metrics.gauge(
                 "outpost_mqtt_connected",
                 "Whether the MQTT device is connected to its broker",
@@ -168,13 +164,10 @@ impl Counters {
     }
 
     fn error(&mut self, kind: &'static str, n: u64) {
-        let c = self.errors.entry(kind).or_insert_with(|| {
-            self.metrics.counter(
-                "outpost_stream_errors",
-                "Bad input on a device stream, by kind",
-                &[("device", &self.device), ("kind", kind)],
-            )
-        });
+        let c = self
+            .errors
+            .entry(kind)
+            .or_insert_with(|| super::counters::stream_errors(&self.metrics, &self.device, kind));
         c.inc_by(n);
     }
 }

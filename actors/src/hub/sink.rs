@@ -13,7 +13,7 @@
 //!
 //! # Summaries: `<gateway>/<YYYY-MM-DD>.summary.jsonl` ([`summary_file_name`])
 //!
-//! One line per window summary of a summary-encoded frame (sync mode `summary`, SPEC §2):
+//! One line per window summary of a summary-encoded frame (sync mode `summary`):
 //!
 //! ```text
 //! {"gateway":…,"stream":…,"window_start_ns":…,"window_ns":…,"first_ts_ns":…,"last_ts_ns":…,

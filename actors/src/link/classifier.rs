@@ -1,4 +1,4 @@
-//! Link classifier: maps the estimator's [`Estimate`] to the five link classes of SPEC §2,
+//! Link classifier: maps the estimator's [`Estimate`] to the five link classes,
 //! with hysteresis, and the budget of active throughput probes.
 //!
 //! Rules (thresholds from the `[link]` config section):
@@ -341,7 +341,7 @@ impl ProbeBudget {
     /// Lets the bucket hold at least two probes of `bytes` (the largest the monitor asks
     /// for, with room for the smaller one that often comes before it), as far as the hourly
     /// budget goes: a tenth of the budget may be less than the probe that proves fiber
-    /// (SPEC §2's 100 Mbit/s for 200 ms is 3.5 MB, the default budget's tenth 2 MB), which
+    /// (the default 100 Mbit/s for 200 ms is 3.5 MB, the default budget's tenth 2 MB), which
     /// then could never run. Starts full.
     pub fn holding(mut self, bytes: u64) -> Self {
         let want = bytes.saturating_mul(2).min(self.per_hour) as f64;

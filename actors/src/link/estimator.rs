@@ -1,4 +1,4 @@
-//! Uplink estimator: a pure, clock-free model of the path to the hub (SPEC §2).
+//! Uplink estimator: a pure, clock-free model of the path to the hub.
 //!
 //! It is fed timestamped observations and computes:
 //!
@@ -64,7 +64,7 @@ use outpost_protocols::uplink::quic::PathStats;
 /// and something else (the hub, the gateway's own CPU) set the pace.
 pub const CWND_FULL: f64 = 0.5;
 
-/// Tuning of [`LinkEstimator`]. The defaults aim at SPEC §2's targets: a down-grade seen
+/// Tuning of [`LinkEstimator`]. The defaults aim at the link monitor's targets: a down-grade seen
 /// within 2 s, no flapping under ±30 % rate jitter (with the classifier's margins).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EstimatorConfig {

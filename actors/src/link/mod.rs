@@ -1,4 +1,4 @@
-//! Link monitoring (SPEC §2): a pure estimator of the uplink (windowed-maximum delivery
+//! Link monitoring: a pure estimator of the uplink (windowed-maximum delivery
 //! rate, windowed-minimum RTT, loss, outages) and a classifier with hysteresis that maps it
 //! to a [`LinkClass`](outpost_runtime::model::LinkClass), plus the byte budget of active
 //! throughput probes. No I/O here: the link-monitor actor feeds these types with QUIC path

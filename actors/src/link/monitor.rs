@@ -1,4 +1,4 @@
-//! The link-monitor actor (issue 5 item 2): owns the [`LinkEstimator`] and the
+//! The link-monitor actor: owns the [`LinkEstimator`] and the
 //! [`Classifier`], feeds them with what the sync actor observes on the uplink
 //! ([`LinkEvent`]s: path statistics, frames sent and acknowledged, pings, connection
 //! attempts) and publishes the class on a watch channel the sync actor follows. Every

@@ -1,5 +1,5 @@
 //! The sync actor's pure core: which outbox records go out next, in which frame encoding,
-//! and what is kept for backfill — for every sync mode of SPEC §2. No I/O: the actor scans
+//! and what is kept for backfill — for every sync mode. No I/O: the actor scans
 //! the outbox when [`SyncCore::scans`] asks, hands the records to [`SyncCore::fill`], sends
 //! what [`SyncCore::next_frame`] and [`SyncCore::poll_summaries`] build, and applies the
 //! hub's acknowledgements with [`SyncCore::acked`].

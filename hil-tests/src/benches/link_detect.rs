@@ -9,7 +9,7 @@
 //!   → satellite 0.3 @ 700 ms RTT → outage 15 s → fiber 200
 //! ```
 //!
-//! (SPEC §2's 60 s outage shortened to 15 s to bound the run; QUIC's idle timeout is 30 s.)
+//! (A 60 s outage shortened to 15 s to bound the run; QUIC's idle timeout is 30 s.)
 //! The traffic is what the sync actor sends while it drains a backlog: 4 KB frames written
 //! back to back with at most 4 MB unacknowledged, the hub acknowledging cumulative bytes;
 //! plus an RTT ping every 200 ms on its own stream. The estimator is fed exactly as the
@@ -26,7 +26,7 @@
 //! sits in the same class relative to the thresholds as the unscaled one; RTTs are not
 //! scaled.
 //!
-//! **Scoring** against the schedule's truth (the class SPEC §2's thresholds give the
+//! **Scoring** against the schedule's truth (the class the default `[link]` thresholds give the
 //! phase's nominal rate and RTT; the 10 Mbit/s boundary phase accepts broadband or mobile):
 //! per phase, the delay from its start until the class is acceptable (a down-grade or an
 //! up-grade depending on the direction of the truth), and flaps = changes that leave the
@@ -322,7 +322,7 @@ async fn bench(forced_scale: Option<f64>) -> Result<Json, String> {
     ];
     let schedule = Schedule::new(phases.clone());
 
-    // Thresholds of SPEC §2 (config defaults), rates scaled.
+    // The default `[link]` thresholds, rates scaled.
     let mut ccfg = ClassifierConfig::default();
     ccfg.fiber_min_bps *= scale;
     ccfg.broadband_min_bps *= scale;

@@ -4,7 +4,7 @@
 //! Each round starts a fresh Mosquitto broker; `N` JSON readings ([`telemetry_line`], two
 //! fields each, so two samples) are published with four `mosquitto_pub -l` (one per plant
 //! topic). The gateway variant times from the first publish until the last sample is
-//! durable (`outpost_stream_samples` reaches `2N`: it counts after durability); the
+//! durable (`outpost_stream_samples_stored` reaches `2N`: it counts after durability); the
 //! baseline times from the first publish until `mosquitto_sub -C N` has written all `N`
 //! messages and exited. Variants alternate round by round; figures are medians. Both are
 //! given in samples/s (two per message), so `ratio` is also the ratio of message rates.
@@ -84,7 +84,7 @@ async fn gateway_round(n: u64, round: usize) -> Result<f64, String> {
     let t0 = Instant::now();
     let pubs = publish(broker.port(), n);
     let deadline = Instant::now() + Duration::from_secs(300);
-    while metrics.counter_value("outpost_stream_samples", &[("device", "plant")]) < 2 * n {
+    while metrics.counter_value("outpost_stream_samples_stored", &[("device", "plant")]) < 2 * n {
         if Instant::now() > deadline {
             return Err("the gateway did not take in every message within 300 s".into());
         }

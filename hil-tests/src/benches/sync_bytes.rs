@@ -1,4 +1,4 @@
-//! `bench -- sync_bytes [MINUTES]`: bytes on the wire per sample for each sync mode of SPEC §2,
+//! `bench -- sync_bytes [MINUTES]`: bytes on the wire per sample for each sync mode,
 //! on a seeded plant data set, against what JSON-per-sample gateways send.
 //!
 //! # Data set (seed `0x5eed_b17e`, default 10 minutes, 200 streams, 1,010 samples/s)

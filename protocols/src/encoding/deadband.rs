@@ -1,4 +1,4 @@
-//! The per-stream deadband of the `delta` sync mode (SPEC §2): decides which samples are sent
+//! The per-stream deadband of the `delta` sync mode: decides which samples are sent
 //! while the link is mobile. Pure: no I/O, no clock; the state is the last *sent* sample of
 //! each stream.
 //!

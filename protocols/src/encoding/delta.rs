@@ -1,6 +1,6 @@
 //! The `delta` body ([`Encoding::Delta`](crate::frame::Encoding::Delta)): a lossless,
 //! Gorilla-style encoding of the samples the deadband let through, built for the mobile link
-//! class (SPEC §2). The hub reconstructs exactly the frame the gateway encoded: the same
+//! class. The hub reconstructs exactly the frame the gateway encoded: the same
 //! samples in the same order, floats bit for bit (NaN payloads, ±inf, −0.0), timestamps and
 //! sequences exact.
 //!

@@ -1,4 +1,4 @@
-//! The sync-mode encodings of SPEC §2 as pure cores (issue 5, item 3): what the sync actor
+//! The sync-mode encodings as pure cores: what the sync actor
 //! puts in a frame for each link class, and how the hub reads it back.
 //!
 //! - [`deadband`]: the per-stream deadband of the `delta` mode ([`DeadbandFilter`]) — which

@@ -1,4 +1,4 @@
-//! The `summary` sync mode (satellite links, SPEC §2): per stream and time window, min, max,
+//! The `summary` sync mode (satellite links): per stream and time window, min, max,
 //! mean, stddev, last, count, first/last timestamps and the sequence range covered — and the
 //! wire form of those aggregates ([`Encoding::Summary`]).
 //!

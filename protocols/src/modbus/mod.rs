@@ -1,4 +1,4 @@
-//! Modbus pure core (SPEC §3, issue 3 item 1): point configuration, the read-request
+//! Modbus pure core: point configuration, the read-request
 //! planner that batches a poll group's points into as few requests as the protocol allows,
 //! and the mapping of each response back to the points' values. No I/O: the driver actor
 //! sends the planned requests with tokio-modbus and hands the answers to

@@ -1,4 +1,4 @@
-//! Uplink transports: how a gateway's frames reach the hub (SPEC §4).
+//! Uplink transports: how a gateway's frames reach the hub.
 //!
 //! - [`quic`]: QUIC (quinn) with TLS 1.3 and mutual authentication. The hub accepts only
 //!   client certificates signed by its CA and learns each gateway's id from its certificate.

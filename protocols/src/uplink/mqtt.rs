@@ -1,5 +1,5 @@
 //! MQTT uplink transport, gateway side: the frames of the frame codec as QoS 1 payloads,
-//! through any MQTT 3.1.1 broker (issue 5 item 5), for sites where the hub is reachable
+//! through any MQTT 3.1.1 broker, for sites where the hub is reachable
 //! only through a broker (no UDP out, a cloud broker in between, an existing MQTT
 //! infrastructure).
 //!

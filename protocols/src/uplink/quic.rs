@@ -1,4 +1,4 @@
-//! QUIC uplink transport (quinn) with TLS 1.3 and mutual authentication (SPEC §4).
+//! QUIC uplink transport (quinn) with TLS 1.3 and mutual authentication.
 //!
 //! - [`QuicServer`] (the hub) accepts only clients whose certificate chains to the configured
 //!   CA — others fail the handshake — and hands out each connection with the **gateway id

@@ -1,4 +1,4 @@
-//! Fusion groups in the gateway config (SPEC §1): the `[[fusion]]` tables, and the settings
+//! Fusion groups in the gateway config: the `[[fusion]]` tables, and the settings
 //! of the aligner and of every fusion method.
 //!
 //! The method settings live here, not beside their algorithms in `outpost-actors`, because the

@@ -125,16 +125,51 @@ impl HubConfig {
     }
 }
 
-/// Reads and validates a hub config file; relative paths are relative to its folder.
-pub fn load_hub(path: &Path) -> Result<HubConfig, ConfigErrors> {
-    let text = super::read_config_text(path)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    parse_hub(&text, path, base)
+/// A hub config that passed validation, with what it needs from this machine and did not
+/// find (certificate files, secrets), as [`super::Loaded`] is for a gateway.
+#[derive(Debug, Clone)]
+pub struct LoadedHub {
+    pub config: HubConfig,
+    pub environment: Vec<super::ConfigError>,
 }
 
-/// Parses and validates hub config text.
+impl LoadedHub {
+    /// The config, or the environment problems as errors (what `outpost hub` needs).
+    pub fn strict(self) -> Result<HubConfig, ConfigErrors> {
+        if self.environment.is_empty() {
+            Ok(self.config)
+        } else {
+            Err(ConfigErrors(self.environment))
+        }
+    }
+}
+
+/// Reads and validates a hub config file, environment problems included as errors;
+/// relative paths are relative to its folder.
+pub fn load_hub(path: &Path) -> Result<HubConfig, ConfigErrors> {
+    load_hub_checked(path)?.strict()
+}
+
+/// Reads and validates a hub config file, keeping what the machine lacks apart (what
+/// `outpost check` needs).
+pub fn load_hub_checked(path: &Path) -> Result<LoadedHub, ConfigErrors> {
+    let text = super::read_config_text(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_hub_checked(&text, path, base)
+}
+
+/// Parses and validates hub config text, environment problems included as errors.
 pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, ConfigErrors> {
-    let (mut c, doc): (HubConfig, _) = super::deserialize(text, file)?;
+    parse_hub_checked(text, file, base)?.strict()
+}
+
+/// Parses and validates hub config text. Errors come all at once, in file order; what the
+/// machine lacks (files, secrets) is returned apart.
+pub fn parse_hub_checked(text: &str, file: &Path, base: &Path) -> Result<LoadedHub, ConfigErrors> {
+    let mut read = super::deserialize::<HubConfig>(text, file)?;
+    let Some(mut c) = read.value.take() else {
+        return Err(ConfigErrors(read.errors).in_file_order());
+    };
     let fix = |p: &mut PathBuf| {
         if p.is_relative() {
             *p = base.join(&*p);
@@ -149,18 +184,20 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
     if let Some(d) = &mut c.sink.dir {
         fix(d);
     }
+    // Problems of the file, and what this machine lacks.
     let mut problems = Vec::new();
+    let mut env = Vec::new();
     let at = KeyPath::default().key("hub");
     for (key, p) in [("ca", &c.hub.ca), ("cert", &c.hub.cert)] {
         if let Err(e) = std::fs::metadata(p) {
-            problems.push((
+            env.push((
                 at.clone().key(key),
                 format!("cannot read {}: {e}", p.display()),
             ));
         }
     }
     if let Err(e) = c.hub.key.resolve() {
-        problems.push((at.clone().key("key"), e.to_string()));
+        env.push((at.clone().key("key"), e.to_string()));
     }
     if let Some(r) = &mut c.republish {
         let at = KeyPath::default().key("republish");
@@ -181,7 +218,7 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
         if let Some(pw) = &r.password
             && let Err(e) = pw.resolve()
         {
-            problems.push((at.key("password"), e.to_string()));
+            env.push((at.key("password"), e.to_string()));
         }
     }
     if let Some(m) = &mut c.mqtt_ingress {
@@ -227,7 +264,7 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
         if let Some(pw) = &m.password
             && let Err(e) = pw.resolve()
         {
-            problems.push((at.clone().key("password"), e.to_string()));
+            env.push((at.clone().key("password"), e.to_string()));
         }
         if let Some(t) = &m.tls {
             let at = at.clone().key("tls");
@@ -241,7 +278,7 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
                 if let Some(p) = p
                     && let Err(e) = std::fs::metadata(p)
                 {
-                    problems.push((
+                    env.push((
                         at.clone().key(key),
                         format!("cannot read {}: {e}", p.display()),
                     ));
@@ -250,7 +287,7 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
             if let Some(k) = &t.key
                 && let Err(e) = k.resolve()
             {
-                problems.push((at.clone().key("key"), e.to_string()));
+                env.push((at.clone().key("key"), e.to_string()));
             }
         }
         if m.reconnect.initial.get() > m.reconnect.max.get() {
@@ -260,9 +297,14 @@ pub fn parse_hub(text: &str, file: &Path, base: &Path) -> Result<HubConfig, Conf
             ));
         }
     }
-    if problems.is_empty() {
-        Ok(c)
-    } else {
-        Err(super::located(text, file, &doc, problems))
+    let problems = read.semantic(problems);
+    let mut errors = read.errors;
+    errors.extend(super::located(text, file, &read.doc, problems).0);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors).in_file_order());
     }
+    Ok(LoadedHub {
+        config: c,
+        environment: super::located(text, file, &read.doc, env).in_file_order().0,
+    })
 }

@@ -1,7 +1,14 @@
 //! Gateway config: one TOML file per gateway ([`schema`]), read with errors that name the
 //! file, line, column and key path and say what was expected; unknown keys are errors with
 //! a "did you mean"; values are range-checked; secrets may come from files or environment
-//! variables ([`types::Secret`]). `outpost check FILE` is [`load`] + printing the result.
+//! variables ([`types::Secret`]). `outpost check FILE` is [`load`] (or [`load_hub`]) +
+//! printing the result.
+//!
+//! Every problem of a file is reported at once, in file order: after a schema error
+//! (unknown key, wrong type, value out of range) the offending key or value is taken out
+//! of a working copy of the document and the copy is read again, so the next error shows
+//! too. Semantic checks (cross-key rules) run when the only schema errors were unknown
+//! keys, whose removal leaves the file's meaning intact.
 
 pub mod fusion;
 pub mod hub;
@@ -9,12 +16,16 @@ pub mod schema;
 pub mod types;
 mod validate;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use fusion::*;
-pub use hub::{HubConfig, MqttIngressSection, load_hub, parse_hub};
+pub use hub::{
+    HubConfig, LoadedHub, MqttIngressSection, load_hub, load_hub_checked, parse_hub,
+    parse_hub_checked,
+};
 pub use schema::*;
 pub use types::{Bounded, ByteSize, Dur, Secret};
 pub use validate::{topic_filter_wildcards, topic_prefix_problem};
@@ -22,8 +33,11 @@ pub use validate::{topic_filter_wildcards, topic_prefix_problem};
 /// Largest config file accepted (a config is hand-written; anything bigger is a mistake).
 pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 
+/// Most schema errors reported for one file; past them, the check stops with a note.
+pub const MAX_SCHEMA_ERRORS: usize = 100;
+
 /// One step of a key path: a table key or an array index.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Seg {
     Key(String),
     Index(usize),
@@ -89,17 +103,27 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every problem found in a config file (at least one).
+/// Every problem found in a config file (at least one), in file order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Sorts the problems in file order (problems without a place first, as they concern
+    /// the whole file).
+    fn in_file_order(mut self) -> ConfigErrors {
+        self.0.sort_by_key(|e| (e.line.is_some(), e.line, e.column));
+        self
+    }
+}
+
+/// One problem per line, without a prefix (the CLI adds `error: ` or `warning: `).
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "error: {e}")?;
+            write!(f, "{e}")?;
         }
         Ok(())
     }
@@ -134,6 +158,28 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
     parse(&text, path, base)
 }
 
+/// Which program a config file is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Gateway,
+    Hub,
+}
+
+/// A file with a top-level `[hub]` table and no `[gateway]` is a hub config; anything else
+/// (unreadable or not TOML included) is checked as a gateway config, whose errors then say
+/// what is wrong.
+pub fn kind_of(path: &Path) -> ConfigKind {
+    let Ok(text) = read_config_text(path) else {
+        return ConfigKind::Gateway;
+    };
+    match toml::de::DeTable::parse(&text) {
+        Ok(doc) if doc.get_ref().contains_key("hub") && !doc.get_ref().contains_key("gateway") => {
+            ConfigKind::Hub
+        }
+        _ => ConfigKind::Gateway,
+    }
+}
+
 /// Reads a config file, refusing one larger than [`MAX_CONFIG_BYTES`].
 fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
     let io_err = |message: String| {
@@ -156,12 +202,52 @@ fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
     std::fs::read_to_string(path).map_err(|e| io_err(format!("cannot read: {e}")))
 }
 
-/// Deserializes config text into `T`, with located errors; also returns the spanned
-/// document for locating later (semantic) errors.
+/// What [`deserialize`] read.
+struct Deserialized<'t, T> {
+    /// The value, when the file means it: no schema errors, or only unknown keys (which the
+    /// value leaves out, as their author meant it to have them). Semantic checks run on it.
+    value: Option<T>,
+    /// The schema errors, located in the file.
+    errors: Vec<ConfigError>,
+    /// What was taken out of the document to get past them.
+    taken: Vec<KeyPath>,
+    /// The spanned document, for locating later (semantic) errors.
+    doc: toml::Spanned<toml::de::DeTable<'t>>,
+}
+
+impl<T> Deserialized<'_, T> {
+    /// Semantic problems of the value, without those about a table that lost a key to a
+    /// schema error, its keys or the tables above it (a misspelt method section leaves
+    /// its group without a method, and the group's `alarm` without a use: the misspelling
+    /// is the error to report). A top-level key taken out only hides top-level problems.
+    fn semantic(&self, problems: Problems) -> Problems {
+        problems
+            .into_iter()
+            .filter(|(p, _)| {
+                !self.taken.iter().any(|t| {
+                    let table = &t.0[..t.0.len().saturating_sub(1)];
+                    if table.is_empty() {
+                        p.0.is_empty()
+                    } else {
+                        table.starts_with(&p.0) || p.0.starts_with(table)
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// Semantic problems: a key path and what is wrong there.
+type Problems = Vec<(KeyPath, String)>;
+
+/// Deserializes config text into `T`, reporting every schema error: after each, the key
+/// or value at fault is taken out of a working copy of the document and the copy is read
+/// again, until it reads, nothing more can be taken out, or [`MAX_SCHEMA_ERRORS`] are
+/// reported. A syntax error stops at once (the document cannot be read at all).
 fn deserialize<'t, T: serde::de::DeserializeOwned>(
     text: &'t str,
     file: &Path,
-) -> Result<(T, toml::Spanned<toml::de::DeTable<'t>>), ConfigErrors> {
+) -> Result<Deserialized<'t, T>, ConfigErrors> {
     let doc = toml::de::DeTable::parse(text).map_err(|e| {
         ConfigErrors(vec![locate(
             file,
@@ -172,13 +258,204 @@ fn deserialize<'t, T: serde::de::DeserializeOwned>(
             None,
         )])
     })?;
-    let de = toml::de::Deserializer::from(doc.clone());
-    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+    let mut work = doc.clone();
+    let mut taken = TakenOut::default();
+    let mut errors = Vec::new();
+    let mut only_unknown_keys = true;
+    loop {
+        let de = toml::de::Deserializer::from(work.clone());
+        let e = match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(value) => {
+                return Ok(Deserialized {
+                    value: only_unknown_keys.then_some(value),
+                    errors,
+                    taken: taken.paths,
+                    doc,
+                });
+            }
+            Err(e) => e,
+        };
+        let at = segments(e.path());
         let inner = e.into_inner();
-        ConfigErrors(vec![serde_error(file, text, &path, &inner)])
-    })?;
-    Ok((value, doc))
+        let Some(at) = at else {
+            // A place serde cannot name: report it and stop.
+            errors.push(serde_error(file, text, "", &inner));
+            break;
+        };
+        let original = taken.original(&at);
+        let shown = if original.0.is_empty() {
+            String::new()
+        } else {
+            original.to_string()
+        };
+        let message = inner.message().trim();
+        let error = serde_error(file, text, &shown, &inner);
+        // What to take out of the working copy to get past this error.
+        let (remove, report) = if let Some(field) = quoted_after(message, "unknown field `") {
+            let mut remove = at.clone();
+            if remove.0.last() != Some(&Seg::Key(field.to_owned())) {
+                remove.0.push(Seg::Key(field.to_owned()));
+            }
+            if let Some(meant) = error
+                .hint
+                .as_deref()
+                .and_then(|h| quoted_after(h, "did you mean `"))
+            {
+                let mut table = taken.original(&remove);
+                table.0.pop();
+                taken.meant.push(table.key(meant));
+            }
+            (remove, true)
+        } else if let Some(field) = quoted_after(message, "missing field `") {
+            only_unknown_keys = false;
+            // Missing because an earlier error took it out, or because it is misspelt:
+            // that error is reported already.
+            let missing = original.clone().key(field);
+            let known = taken.paths.contains(&missing) || taken.meant.contains(&missing);
+            (at.clone(), !known)
+        } else {
+            only_unknown_keys = false;
+            (at.clone(), true)
+        };
+        if report {
+            errors.push(error);
+        }
+        if errors.len() >= MAX_SCHEMA_ERRORS {
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                line: None,
+                column: None,
+                key: "(file)".into(),
+                message: format!("stopped after {MAX_SCHEMA_ERRORS} errors"),
+                hint: None,
+            });
+            break;
+        }
+        if remove.0.is_empty() || !take_out(work.get_mut(), &remove.0) {
+            break;
+        }
+        let original = taken.original(&remove);
+        taken.record(original);
+    }
+    Ok(Deserialized {
+        value: None,
+        errors,
+        taken: taken.paths,
+        doc,
+    })
+}
+
+/// `x` in `…{prefix}x`…`: the name a serde message quotes after `prefix`.
+fn quoted_after<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
+    message
+        .strip_prefix(prefix)?
+        .split_once('`')
+        .map(|(x, _)| x)
+}
+
+/// A serde path as a key path; `None` if serde could not follow it (untagged values).
+fn segments(path: &serde_path_to_error::Path) -> Option<KeyPath> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .map(|s| match s {
+            Segment::Seq { index } => Some(Seg::Index(*index)),
+            Segment::Map { key } => Some(Seg::Key(key.clone())),
+            Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(KeyPath)
+}
+
+/// What [`deserialize`] took out of its working copy: the original paths, and which
+/// array elements are gone, so a path in the copy maps back to the file.
+#[derive(Default)]
+struct TakenOut {
+    paths: Vec<KeyPath>,
+    /// The keys the unknown keys taken out were probably meant to be (their "did you mean").
+    meant: Vec<KeyPath>,
+    /// Original indices taken out of each array (by the array's original path), sorted.
+    elements: HashMap<Vec<Seg>, Vec<usize>>,
+}
+
+impl TakenOut {
+    /// The path in the file of `path` in the working copy.
+    fn original(&self, path: &KeyPath) -> KeyPath {
+        let mut out: Vec<Seg> = Vec::with_capacity(path.0.len());
+        for s in &path.0 {
+            match s {
+                Seg::Index(j) => {
+                    // The j-th element the copy still has.
+                    let mut i = *j;
+                    for gone in self.elements.get(&out).into_iter().flatten() {
+                        if *gone <= i {
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    out.push(Seg::Index(i));
+                }
+                k => out.push(k.clone()),
+            }
+        }
+        KeyPath(out)
+    }
+
+    /// Notes that the value at `original` (a path in the file) was taken out.
+    fn record(&mut self, original: KeyPath) {
+        if let Some((Seg::Index(i), array)) = original.0.split_last() {
+            let gone = self.elements.entry(array.to_vec()).or_default();
+            let at = gone.partition_point(|g| g < i);
+            gone.insert(at, *i);
+        }
+        self.paths.push(original);
+    }
+}
+
+/// Takes the key or array element at `path` out of `table`; false if there is none.
+fn take_out(table: &mut toml::de::DeTable<'_>, path: &[Seg]) -> bool {
+    use toml::de::DeValue;
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    let Seg::Key(k) = first else { return false };
+    if rest.is_empty() {
+        return table.remove(k.as_str()).is_some();
+    }
+    let Some(v) = table.get_mut(k.as_str()) else {
+        return false;
+    };
+    match v.get_mut() {
+        DeValue::Table(t) => take_out(t, rest),
+        DeValue::Array(a) => take_out_of_array(a, rest),
+        _ => false,
+    }
+}
+
+fn take_out_of_array(array: &mut toml::de::DeArray<'_>, path: &[Seg]) -> bool {
+    use toml::de::DeValue;
+    let Some((Seg::Index(i), rest)) = path.split_first() else {
+        return false;
+    };
+    if *i >= array.len() {
+        return false;
+    }
+    if rest.is_empty() {
+        let items = std::mem::replace(array, toml::de::DeArray::new());
+        *array = items
+            .into_iter()
+            .enumerate()
+            .filter(|(j, _)| j != i)
+            .map(|(_, v)| v)
+            .collect();
+        return true;
+    }
+    match array.as_mut()[*i].get_mut() {
+        DeValue::Table(t) => take_out(t, rest),
+        DeValue::Array(a) => take_out_of_array(a, rest),
+        _ => false,
+    }
 }
 
 /// Locates semantic problems (key paths) in the document.
@@ -200,15 +477,25 @@ fn located(
 }
 
 /// Parses and validates config text. `file` names it in messages; relative paths are
-/// taken relative to `base`.
+/// taken relative to `base`. Errors come all at once, in file order.
 pub fn parse(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigErrors> {
-    let (mut config, doc): (Config, _) = deserialize(text, file)?;
-    let problems = validate::validate(&config);
-    if !problems.is_empty() {
-        return Err(located(text, file, &doc, problems));
+    let mut read = deserialize::<Config>(text, file)?;
+    if let Some(config) = &read.value {
+        let problems = read.semantic(validate::validate(config));
+        let found = located(text, file, &read.doc, problems).0;
+        read.errors.extend(found);
     }
+    let Deserialized {
+        value, errors, doc, ..
+    } = read;
+    let mut config = match value {
+        Some(config) if errors.is_empty() => config,
+        _ => return Err(ConfigErrors(errors).in_file_order()),
+    };
     validate::rebase_paths(&mut config, base);
-    let environment = located(text, file, &doc, validate::environment(&config)).0;
+    let environment = located(text, file, &doc, validate::environment(&config))
+        .in_file_order()
+        .0;
     Ok(Loaded {
         config,
         environment,

@@ -36,7 +36,7 @@ pub struct Config {
     pub uplink: Option<UplinkConfig>,
     #[serde(default)]
     pub link: LinkSection,
-    /// How data is shipped in each sync mode (SPEC §2).
+    /// How data is shipped in each sync mode.
     #[serde(default)]
     pub sync: SyncSection,
     #[serde(default)]
@@ -557,7 +557,7 @@ fn default_frame_samples() -> Bounded<1, 65_535> {
     Bounded(1_000)
 }
 
-/// Thresholds of the link classes (SPEC §2).
+/// Thresholds of the link classes.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkSection {
@@ -669,7 +669,7 @@ impl Default for LinkSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncModeSetting {
-    /// Follow the link monitor's class (SPEC §2).
+    /// Follow the link monitor's class (the mode `LinkClass::sync_mode` gives).
     #[default]
     Auto,
     Full,

@@ -842,3 +842,143 @@ fn mqtt_device_limits_are_read_and_checked() {
         assert_eq!(e.key, key, "{e}");
     }
 }
+
+fn all_errors(text: &str) -> Vec<ConfigError> {
+    match parse(text, Path::new("gw.toml"), Path::new("/base")) {
+        Ok(_) => panic!("expected errors"),
+        Err(ConfigErrors(v)) => v,
+    }
+}
+
+#[test]
+fn every_schema_error_is_reported_in_file_order_with_the_file_s_paths() {
+    // Point 0 lacks its stream (taken out whole), so point 1 is the copy's point 0: its
+    // error must still name points[1]; the second device's errors name devices[1].
+    let text = r#"[gateway]
+id = "gw"
+data_dir = "d"
+
+[[devices]]
+name = "a"
+[devices.modbus]
+address = "127.0.0.1:502"
+[[devices.modbus.poll_groups]]
+interval = "1s"
+[[devices.modbus.poll_groups.points]]
+table = "holding"
+address = 0
+type = "f32"
+[[devices.modbus.poll_groups.points]]
+stream = "b"
+table = "holdin"
+address = 0
+type = "f32"
+
+[[devices]]
+name = "b"
+[devices.modbus]
+address = "127.0.0.1:502"
+unti_id = 2
+[[devices.modbus.poll_groups]]
+interval = "0s"
+[[devices.modbus.poll_groups.points]]
+stream = "c"
+table = "holding"
+address = 0
+type = "f32"
+"#;
+    let errors = all_errors(text);
+    let got: Vec<(usize, &str)> = errors
+        .iter()
+        .map(|e| (e.line.unwrap(), e.key.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (11, "devices[0].modbus.poll_groups[0].points[0].stream"),
+            (17, "devices[0].modbus.poll_groups[0].points[1].table"),
+            (line_of(text, "unti_id"), "devices[1].modbus.unti_id"),
+            (
+                line_of(text, "interval = \"0s\""),
+                "devices[1].modbus.poll_groups[0].interval"
+            ),
+        ],
+        "{errors:#?}"
+    );
+    assert_eq!(
+        errors[1].hint.as_deref(),
+        Some("did you mean `holding`?"),
+        "{}",
+        errors[1]
+    );
+}
+
+#[test]
+fn semantic_problems_come_with_misspelt_keys_but_not_those_the_misspelling_causes() {
+    // A misspelt method section leaves its group without a method: only the misspelling
+    // is reported there; the quota problem elsewhere is reported too, in file order.
+    let text = REFERENCE
+        .replace("[fusion.weighted_average]\n", "[fusion.weighted_averge]\n")
+        .replace("quota = \"1GiB\"", "quota = \"100KiB\"");
+    let errors = all_errors(&text);
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec!["storage.quota", "fusion[1].weighted_averge"],
+        "{errors:#?}"
+    );
+}
+
+#[test]
+fn schema_errors_stop_at_the_limit_with_a_note() {
+    let mut text = String::from("[gateway]\nid = \"gw\"\ndata_dir = \"d\"\n");
+    for i in 0..MAX_SCHEMA_ERRORS + 20 {
+        text.push_str(&format!("k{i} = 1\n"));
+    }
+    let errors = all_errors(&text);
+    assert_eq!(errors.len(), MAX_SCHEMA_ERRORS + 1);
+    assert!(
+        errors[0].message.contains("stopped after"),
+        "the note has no place, so it comes first: {}",
+        errors[0]
+    );
+    assert_eq!(errors[1].line, Some(4));
+}
+
+#[test]
+fn hub_config_keeps_what_the_machine_lacks_apart() {
+    const HUB: &str = include_str!("../../../config/hub.toml");
+    let dir = Path::new("/nonexistent-outpost-dir");
+    let loaded = parse_hub_checked(HUB, Path::new("hub.toml"), dir).unwrap();
+    let keys: Vec<&str> = loaded.environment.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, vec!["hub.ca", "hub.cert", "hub.key"]);
+    let e = parse_hub(HUB, Path::new("hub.toml"), dir).unwrap_err();
+    assert_eq!(e.0.len(), 3, "{e}");
+    // Every mistake at once, in file order.
+    let text = HUB
+        .replacen(
+            "listen = \"127.0.0.1:7443\"",
+            "lissen = \"127.0.0.1:7443\"",
+            1,
+        )
+        .replacen("format = \"text\"", "format = \"txt\"", 1);
+    let e = parse_hub_checked(&text, Path::new("hub.toml"), dir).unwrap_err();
+    let keys: Vec<&str> = e.0.iter().map(|e| e.key.as_str()).collect();
+    // (`listen` is missing, but the misspelling already says so.)
+    assert_eq!(keys, vec!["hub.lissen", "log.format"], "{e}");
+}
+
+#[test]
+fn a_config_file_is_told_apart_by_its_hub_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = dir.path().join("hub.toml");
+    std::fs::write(&hub, "[hub]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    assert_eq!(kind_of(&hub), ConfigKind::Hub);
+    let gw = dir.path().join("gw.toml");
+    std::fs::write(&gw, "[gateway]\nid = \"gw\"\n").unwrap();
+    assert_eq!(kind_of(&gw), ConfigKind::Gateway);
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[hub\n").unwrap();
+    assert_eq!(kind_of(&bad), ConfigKind::Gateway);
+    assert_eq!(kind_of(&dir.path().join("none.toml")), ConfigKind::Gateway);
+}

@@ -1,6 +1,6 @@
 //! Durable storage: a small ordered key-value engine trait ([`KvEngine`]), its sled
 //! implementation ([`SledEngine`]), and the [`Outbox`] built on it — the durable queue every
-//! record passes through before it leaves the gateway (SPEC §1 "Sync actor", §2, §6).
+//! record passes through before it leaves the gateway.
 //!
 //! The engine trait is deliberately small (atomic batch, ordered scan, get, flush, size) so
 //! that a failed crash test can move the outbox to another engine (redb) without touching

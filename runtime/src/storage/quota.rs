@@ -1,4 +1,4 @@
-//! The outbox's byte-quota policy (SPEC §2) as a pure function: given what each priority
+//! The outbox's byte-quota policy as a pure function: given what each priority
 //! class holds and what a batch brings, decide how many bytes of which class to evict, or
 //! refuse the batch.
 //!
