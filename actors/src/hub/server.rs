@@ -101,12 +101,19 @@ impl Hub {
             &h.data_dir.join("state"),
             &config.sink_dir(),
         )?);
+        let hs = &h.handshakes;
+        let options = ServerOptions {
+            handshake_timeout: hs.timeout.get(),
+            max_pending_handshakes: hs.max_pending.get() as usize,
+            max_pending_per_source: hs.max_pending_per_source.get() as usize,
+            retry_above: hs.retry_above.get() as usize,
+            reserved_for_known: hs.reserved_for_known.get() as usize,
+            ..ServerOptions::default()
+        };
         let server =
-            QuicServer::bind(h.listen, &tls, ServerOptions::default()).map_err(|source| {
-                HubError::Bind {
-                    addr: h.listen,
-                    source,
-                }
+            QuicServer::bind(h.listen, &tls, options).map_err(|source| HubError::Bind {
+                addr: h.listen,
+                source,
             })?;
         let addr = server.local_addr().map_err(|source| HubError::Bind {
             addr: h.listen,
@@ -167,11 +174,22 @@ async fn accept_loop(mut server: QuicServer, ingest: Arc<HubIngest>, metrics: Me
             &[("reason", result)],
         )
     };
-    let (failed, timed_out, identity, busy) = (
+    let (failed, timed_out, identity, busy, per_source) = (
         handshake("tls_failed"),
         handshake("timed_out"),
         handshake("no_gateway_id"),
         handshake("busy"),
+        handshake("per_source"),
+    );
+    let retried = metrics.counter(
+        "outpost_hub_handshakes_retried",
+        "QUIC clients asked to validate their address first (Retry), the hub being busy",
+        &[],
+    );
+    let pending = metrics.gauge(
+        "outpost_hub_handshakes_pending",
+        "QUIC handshakes in progress",
+        &[],
     );
     let mut last = server.counters();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -183,6 +201,9 @@ async fn accept_loop(mut server: QuicServer, ingest: Arc<HubIngest>, metrics: Me
                 timed_out.inc_by(now.handshakes_timed_out.saturating_sub(last.handshakes_timed_out));
                 identity.inc_by(now.identity_rejected.saturating_sub(last.identity_rejected));
                 busy.inc_by(now.refused_busy.saturating_sub(last.refused_busy));
+                per_source.inc_by(now.refused_per_source.saturating_sub(last.refused_per_source));
+                retried.inc_by(now.retried.saturating_sub(last.retried));
+                pending.set(i64::try_from(now.pending).unwrap_or(i64::MAX));
                 last = now;
             }
             conn = server.accept() => {
