@@ -32,7 +32,7 @@ impl Pki {
 }
 
 /// The hub config text: listening on `listen`, state in `data_dir`, metrics off.
-fn hub_toml(pki: &Pki, data_dir: &Path, listen: &str) -> String {
+pub fn hub_toml(pki: &Pki, data_dir: &Path, listen: &str) -> String {
     format!(
         r#"
 [hub]

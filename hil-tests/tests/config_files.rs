@@ -1,6 +1,7 @@
 //! The shipped hub config (`config/hub.toml`) is valid as written once its certificates
 //! exist (made here the way its comment says), including its commented `[republish]` and
-//! `[mqtt_ingress]` sections; a misspelt key in it is reported with its line.
+//! `[mqtt_ingress]` sections; its `[hub.handshakes]` shows the defaults; a misspelt key in
+//! it is reported with its line.
 
 use std::path::Path;
 
@@ -15,6 +16,30 @@ fn the_reference_hub_config_is_valid() {
     let _pki = Pki::new(dir.path(), &["plant-a-gw01"]); // writes certs/ca.pem, hub.pem, hub.key
     let c = config::parse_hub(HUB_TOML, Path::new("hub.toml"), dir.path()).unwrap();
     assert_eq!(c.hub.listen.port(), 7443);
+    let hs = &c.hub.handshakes;
+    assert_eq!(
+        (
+            hs.timeout.get().as_secs(),
+            hs.max_pending.get(),
+            hs.max_pending_per_source.get(),
+            hs.retry_above.get(),
+            hs.reserved_for_known.get()
+        ),
+        (10, 64, 8, 16, 16),
+        "the documented defaults"
+    );
+    assert_eq!(
+        format!("{hs:?}"),
+        format!("{:?}", config::hub::HandshakesSection::default()),
+        "config/hub.toml shows the defaults"
+    );
+    let no_room = HUB_TOML.replace("reserved_for_known = 16 ", "reserved_for_known = 64 ");
+    let e = config::parse_hub(&no_room, Path::new("hub.toml"), dir.path()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`hub.handshakes.reserved_for_known`"),
+        "{e}"
+    );
     assert!(c.republish.is_none());
     assert!(c.mqtt_ingress.is_none());
 

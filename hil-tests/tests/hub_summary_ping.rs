@@ -2,7 +2,8 @@
 //! certificate): Pings are answered on the data stream and on a second, ping-only stream
 //! that never sent a Hello; a summary frame lands in the summaries file and a delta frame in
 //! the samples file, exactly as the gateway chose to send them; streams beyond the hub's
-//! per-connection limit are refused and counted; a Data frame still needs a Hello.
+//! per-connection limit are refused and counted; a Data frame still needs a Hello (counted
+//! as `no_hello`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -348,7 +349,7 @@ async fn hub_answers_pings_and_stores_summary_and_delta_frames() {
         "{closed}"
     );
     assert_eq!(
-        metrics.counter_value("outpost_hub_bad_input", &[("kind", "identity")]),
+        metrics.counter_value("outpost_hub_bad_input", &[("kind", "no_hello")]),
         1
     );
     assert_eq!(sink_files(&sink).0.len(), sent.len(), "nothing written");

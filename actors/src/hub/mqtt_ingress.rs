@@ -11,19 +11,28 @@
 //!    frame, not from a valid up topic, a Data or Hello frame naming another gateway than
 //!    its topic, or an Ack, is counted (`outpost_hub_bad_input{kind, transport="mqtt"}`),
 //!    logged and skipped — never a panic, and the ingress carries on;
-//! 2. commits the Data frames through [`HubStore::commit_many`] (one group commit per
-//!    gateway: duplicates dropped, new samples written and made durable);
-//! 3. publishes `Ack::for_frame` of each Data frame on `<prefix>/<gateway>/down` (QoS 1);
-//! 4. only then acknowledges each message to the broker (PUBACK).
+//! 2. admits each Data frame only in its gateway's session, which a Hello starts
+//!    ([`MqttSessions`], the same rule as a QUIC stream's): data from a gateway with no
+//!    Hello is counted (`kind="no_hello"`), logged, neither written nor acknowledged to the
+//!    gateway (it keeps the data in its outbox), and the gateway is asked to start a new
+//!    session (a Hello naming it on its down topic, `outpost_hub_hello_requests`); it
+//!    reconnects, says Hello and sends the data again;
+//! 3. commits the admitted Data frames through the ingest core ([`HubIngest::commit`], as
+//!    the QUIC side does: one group commit per gateway, duplicates dropped, new samples
+//!    written and made durable, counted, republished to `[republish]`);
+//! 4. publishes `Ack::for_frame` of each Data frame on `<prefix>/<gateway>/down` (QoS 1);
+//! 5. only then acknowledges each message to the broker (PUBACK).
 //!
-//! A message the hub has not committed is therefore never acknowledged: if the hub stops or
-//! its storage fails (the connection is then dropped on purpose), the broker delivers it
-//! again on the next connection, and the de-duplication makes that harmless. A lost Ack is
-//! harmless too: the gateway resends, the hub drops the duplicates and acknowledges again.
+//! A message the hub has not committed is therefore never acknowledged to the broker,
+//! except a refused one (garbage, or data without a Hello, which its gateway still holds):
+//! if the hub stops or its storage fails (the connection is then dropped on purpose), the
+//! broker delivers it again on the next connection, and the de-duplication makes that
+//! harmless. A lost Ack is harmless too: the gateway resends, the hub drops the duplicates
+//! and acknowledges again.
 //!
 //! # Identity
 //!
-//! The gateway is the one the topic names; a Data frame must carry the same id. Nothing in
+//! The gateway is the one the topic names; a Hello and a Data frame must carry the same id. Nothing in
 //! MQTT proves who published: the **broker's authentication and ACLs** are what stop a
 //! client from writing another gateway's `up` topic or any `down` topic. Configure them
 //! (`config/hub.toml` shows a Mosquitto ACL); without them any client of the broker can
@@ -43,17 +52,16 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_protocols::frame::{self, Ack, DataFrame, Message};
+use outpost_protocols::frame::{self, DataFrame, Hello, Message};
 use outpost_protocols::uplink::mqtt::{down_topic, gateway_of_up_topic, up_filter};
 use outpost_runtime::config::MqttIngressSection;
 use outpost_runtime::metrics::Metrics;
-use outpost_runtime::model::now_ns;
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
-use super::store::HubStore;
+use super::ingest::{Group, HubIngest, MqttSessions, Transport};
 
 /// Most messages committed together.
 pub const MAX_GROUP: usize = 64;
@@ -167,9 +175,13 @@ pub struct MqttIngress {
 
 impl MqttIngress {
     /// Starts the ingress task; the first connection attempt begins at once.
-    pub fn start(opts: MqttIngressOptions, store: Arc<HubStore>, metrics: Metrics) -> MqttIngress {
+    pub fn start(
+        opts: MqttIngressOptions,
+        ingest: Arc<HubIngest>,
+        metrics: Metrics,
+    ) -> MqttIngress {
         tracing::info!(broker = %format!("{}:{}", opts.host, opts.port), filter = %up_filter(&opts.topic_prefix), "MQTT ingress starting");
-        let task = tokio::spawn(run(opts, store, Counters::new(metrics)));
+        let task = tokio::spawn(run(opts, ingest, Counters::new(metrics)));
         MqttIngress { task }
     }
 
@@ -181,15 +193,13 @@ impl MqttIngress {
     }
 }
 
-/// The ingress's metrics (the QUIC side's names, with `transport="mqtt"`).
+/// The ingress's own metrics (what it commits is counted by [`HubIngest`]).
 struct Counters {
-    metrics: Metrics,
     connections: Counter,
     disconnects: Counter,
     connected: Gauge,
     messages: Counter,
-    acks: Counter,
-    storage_errors: Counter,
+    hello_requests: Counter,
 }
 
 impl Counters {
@@ -215,54 +225,20 @@ impl Counters {
                 "Messages received by the hub's MQTT ingress",
                 &[TRANSPORT],
             ),
-            acks: metrics.counter(
-                "outpost_hub_acks_sent",
-                "Acknowledgements sent to gateways",
+            hello_requests: metrics.counter(
+                "outpost_hub_hello_requests",
+                "Gateways behind a broker asked for a new session (their data came without a Hello)",
                 &[TRANSPORT],
             ),
-            storage_errors: metrics.counter(
-                "outpost_hub_storage_errors",
-                "Commits that failed (the data stays unacknowledged)",
-                &[TRANSPORT],
-            ),
-            metrics,
         }
-    }
-
-    fn bad(&self, kind: &str) {
-        self.metrics
-            .counter(
-                "outpost_hub_bad_input",
-                "Rejected input from gateways",
-                &[("kind", kind), TRANSPORT],
-            )
-            .inc();
-    }
-
-    fn written(&self, gateway: &str, written: usize, duplicates: usize) {
-        let l = [("gateway", gateway), TRANSPORT];
-        self.metrics
-            .counter(
-                "outpost_hub_samples_written",
-                "Samples written to the sink",
-                &l,
-            )
-            .inc_by(written as u64);
-        self.metrics
-            .counter(
-                "outpost_hub_duplicates",
-                "Samples received again and dropped",
-                &l,
-            )
-            .inc_by(duplicates as u64);
     }
 }
 
 /// What one message is, once checked (pure: [`classify`]).
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
-    /// A Hello whose id matches the topic: nothing to do over MQTT (the topic says who).
-    Hello { gateway: String },
+    /// A Hello whose id matches the topic: it starts the gateway's session.
+    Hello { gateway: String, hello: Hello },
     /// A Data frame from the gateway its topic names.
     Data { gateway: String, frame: DataFrame },
 }
@@ -295,6 +271,7 @@ pub fn classify(prefix: &str, topic: &str, payload: &[u8]) -> Result<Incoming, R
     match frame::decode(payload) {
         Ok(Message::Hello(h)) if h.gateway_id == gw => Ok(Incoming::Hello {
             gateway: gw.to_owned(),
+            hello: h,
         }),
         Ok(Message::Hello(h)) => Err(identity(&h.gateway_id)),
         Ok(Message::Data(d)) if d.gateway_id == gw => Ok(Incoming::Data {
@@ -322,6 +299,8 @@ pub fn classify(prefix: &str, topic: &str, payload: &[u8]) -> Result<Incoming, R
 enum Request {
     /// An Ack frame for a gateway's down topic.
     Ack { topic: String, payload: Vec<u8> },
+    /// A Hello naming a gateway, on its down topic: asks it for a new session.
+    AskHello { topic: String, payload: Vec<u8> },
     /// The acknowledgement of a broker message.
     PubAck(rumqttc::Publish),
 }
@@ -345,12 +324,19 @@ fn build(opts: &MqttIngressOptions) -> (AsyncClient, EventLoop) {
     AsyncClient::new(o, REQUEST_CHANNEL)
 }
 
-async fn run(opts: MqttIngressOptions, store: Arc<HubStore>, c: Counters) {
+async fn run(opts: MqttIngressOptions, ingest: Arc<HubIngest>, c: Counters) {
     let mut backoff = Backoff::new(opts.reconnect);
+    // Kept across connections to the broker: a gateway's session is its own, not ours.
+    let mut sessions = MqttSessions::default();
     loop {
         let (client, lp) = build(&opts);
         let mut connected_at = None;
-        let why = serve(&opts, &client, lp, &store, &c, &mut connected_at).await;
+        let mut ctx = Ctx {
+            ingest: &ingest,
+            sessions: &mut sessions,
+            c: &c,
+        };
+        let why = serve(&opts, &client, lp, &mut ctx, &mut connected_at).await;
         c.connected.set(0);
         c.disconnects.inc();
         let (attempt, retry_in) =
@@ -360,19 +346,26 @@ async fn run(opts: MqttIngressOptions, store: Arc<HubStore>, c: Counters) {
     }
 }
 
+/// What the ingress keeps while it runs.
+struct Ctx<'a> {
+    ingest: &'a Arc<HubIngest>,
+    sessions: &'a mut MqttSessions,
+    c: &'a Counters,
+}
+
 /// Serves one connection; returns why it ended.
 async fn serve(
     opts: &MqttIngressOptions,
     client: &AsyncClient,
     mut lp: EventLoop,
-    store: &Arc<HubStore>,
-    c: &Counters,
+    ctx: &mut Ctx<'_>,
     connected_at: &mut Option<Instant>,
 ) -> String {
+    let c = ctx.c;
     let filter = up_filter(&opts.topic_prefix);
     let mut queue: VecDeque<Request> = VecDeque::new();
     loop {
-        flush(client, &mut queue, c);
+        flush(client, &mut queue, ctx.ingest, c);
         let event = match lp.poll().await {
             Ok(e) => e,
             Err(e) => return e.to_string(),
@@ -419,7 +412,7 @@ async fn serve(
                         Err(e) => return e.to_string(),
                     }
                 }
-                match handle_batch(&opts.topic_prefix, batch, store, c).await {
+                match handle_batch(&opts.topic_prefix, batch, ctx).await {
                     Ok(requests) => queue.extend(requests),
                     // Dropping the connection without acknowledging: the broker delivers
                     // these messages again after the backoff.
@@ -432,10 +425,10 @@ async fn serve(
 }
 
 /// Hands queued requests to the event loop while its channel has room, in order.
-fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, c: &Counters) {
+fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, ingest: &HubIngest, c: &Counters) {
     while let Some(r) = queue.front() {
         let sent = match r {
-            Request::Ack { topic, payload } => client
+            Request::Ack { topic, payload } | Request::AskHello { topic, payload } => client
                 .try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
                 .is_ok(),
             Request::PubAck(p) => client.try_ack(p).is_ok(),
@@ -443,11 +436,24 @@ fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, c: &Counters) {
         if !sent {
             return; // full: the next event makes room
         }
-        if matches!(r, Request::Ack { .. }) {
-            c.acks.inc();
+        match r {
+            Request::Ack { .. } => ingest.acks_sent(Transport::Mqtt, 1),
+            Request::AskHello { .. } => {
+                c.hello_requests.inc();
+            }
+            Request::PubAck(_) => {}
         }
         queue.pop_front();
     }
+}
+
+/// What one message of a batch leads to.
+#[derive(Default)]
+struct Slot {
+    /// The (gateway, index in its group) of its Data frame, if admitted.
+    data: Option<(String, usize)>,
+    /// The request for a new session it caused, if any.
+    ask: Option<Request>,
 }
 
 /// Checks, commits and acknowledges one batch; `Err` when the store failed (nothing of the
@@ -455,71 +461,76 @@ fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, c: &Counters) {
 async fn handle_batch(
     prefix: &str,
     batch: Vec<rumqttc::Publish>,
-    store: &Arc<HubStore>,
-    c: &Counters,
+    ctx: &mut Ctx<'_>,
 ) -> Result<Vec<Request>, String> {
-    // Per message: the (gateway, index in its group) of its Data frame, if any.
-    let mut slots: Vec<Option<(String, usize)>> = Vec::with_capacity(batch.len());
+    let now = Instant::now();
+    let mut slots: Vec<Slot> = Vec::with_capacity(batch.len());
     let mut groups: BTreeMap<String, Vec<DataFrame>> = BTreeMap::new();
     for p in &batch {
-        c.messages.inc();
+        ctx.c.messages.inc();
         match classify(prefix, &p.topic, &p.payload) {
             Ok(Incoming::Data { gateway, frame }) => {
-                let g = groups.entry(gateway.clone()).or_default();
-                g.push(frame);
-                slots.push(Some((gateway, g.len() - 1)));
+                match ctx.sessions.data(&gateway, &frame, now) {
+                    Ok(()) => {
+                        let g = groups.entry(gateway.clone()).or_default();
+                        g.push(frame);
+                        slots.push(Slot {
+                            data: Some((gateway, g.len() - 1)),
+                            ask: None,
+                        });
+                    }
+                    Err(r) => {
+                        ctx.ingest.bad(Transport::Mqtt, r.refusal.kind());
+                        let ask = if r.ask_hello {
+                            hello_request(prefix, &gateway)
+                        } else {
+                            None
+                        };
+                        if r.ask_hello {
+                            tracing::warn!(%gateway, error = %r.refusal, "MQTT ingress: data refused (not acknowledged); asking the gateway for a new session");
+                        } else {
+                            tracing::debug!(%gateway, error = %r.refusal, "MQTT ingress: data refused");
+                        }
+                        slots.push(Slot { data: None, ask });
+                    }
+                }
             }
-            Ok(Incoming::Hello { gateway }) => {
-                tracing::debug!(%gateway, "MQTT ingress: hello");
-                slots.push(None);
+            Ok(Incoming::Hello { gateway, hello }) => {
+                if let Err(r) = ctx.sessions.hello(&gateway, &hello) {
+                    ctx.ingest.bad(Transport::Mqtt, r.kind());
+                    tracing::warn!(kind = r.kind(), error = %r, "MQTT ingress: message skipped");
+                } else {
+                    tracing::debug!(%gateway, "MQTT ingress: hello");
+                }
+                slots.push(Slot::default());
             }
             Err(r) => {
-                c.bad(r.kind);
+                ctx.ingest.bad(Transport::Mqtt, r.kind);
                 tracing::warn!(kind = r.kind, error = %r.detail, "MQTT ingress: message skipped");
-                slots.push(None);
+                slots.push(Slot::default());
             }
         }
     }
-    let groups = if groups.is_empty() {
-        groups
-    } else {
-        let store = store.clone();
-        let (groups, result) = tokio::task::spawn_blocking(move || {
-            let arrival = now_ns();
-            let done: Result<Vec<_>, String> = groups
-                .iter()
-                .map(|(gw, frames)| {
-                    store
-                        .commit_many(gw, frames, arrival)
-                        .map_err(|e| format!("gateway {gw:?}: {e}"))
-                })
-                .collect();
-            (groups, done)
-        })
+    let groups: Vec<Group> = groups
+        .into_iter()
+        .map(|(gateway, frames)| Group { gateway, frames })
+        .collect();
+    // Dropping the connection on an error: the broker delivers the batch again.
+    let done = ctx
+        .ingest
+        .commit(Transport::Mqtt, groups)
         .await
-        .map_err(|e| format!("commit task failed: {e}"))?;
-        match result {
-            Ok(done) => {
-                for ((gw, _), done) in groups.iter().zip(&done) {
-                    let written: usize = done.iter().map(|d| d.written).sum();
-                    let dups: usize = done.iter().map(|d| d.duplicates).sum();
-                    c.written(gw, written, dups);
-                }
-            }
-            Err(e) => {
-                c.storage_errors.inc();
-                tracing::error!(error = %e, "hub cannot store data from the MQTT ingress");
-                return Err(format!("storage error: {e}"));
-            }
-        }
-        groups
-    };
+        .map_err(|e| format!("storage error: {e}"))?;
+    let acks: BTreeMap<&str, &[frame::Ack]> = done
+        .iter()
+        .map(|a| (a.gateway.as_str(), a.acks.as_slice()))
+        .collect();
     let mut requests = Vec::with_capacity(2 * batch.len());
-    for (p, slot) in batch.into_iter().zip(slots) {
-        if let Some((gw, i)) = slot
-            && let Some(f) = groups.get(&gw).and_then(|g| g.get(i))
+    for (p, Slot { data, ask }) in batch.into_iter().zip(slots) {
+        if let Some((gw, i)) = data
+            && let Some(ack) = acks.get(gw.as_str()).and_then(|a| a.get(i))
         {
-            match frame::encode(&Message::Ack(Ack::for_frame(f))) {
+            match frame::encode(&Message::Ack(ack.clone())) {
                 Ok(payload) => requests.push(Request::Ack {
                     topic: down_topic(prefix, &gw),
                     payload,
@@ -528,15 +539,35 @@ async fn handle_batch(
                 Err(e) => tracing::error!(gateway = %gw, error = %e, "cannot encode an ack"),
             }
         }
+        requests.extend(ask);
         requests.push(Request::PubAck(p));
     }
     Ok(requests)
 }
 
+/// The request for a new session sent to `gateway`: a Hello naming it, on its down topic.
+fn hello_request(prefix: &str, gateway: &str) -> Option<Request> {
+    let hello = Message::Hello(Hello {
+        gateway_id: gateway.to_owned(),
+        max_version: frame::VERSION,
+    });
+    match frame::encode(&hello) {
+        Ok(payload) => Some(Request::AskHello {
+            topic: down_topic(prefix, gateway),
+            payload,
+        }),
+        // Cannot happen for an id that came from a valid topic.
+        Err(e) => {
+            tracing::error!(%gateway, error = %e, "cannot encode a hello");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_protocols::frame::{Encoding, Hello};
+    use outpost_protocols::frame::{Ack, Encoding};
     use outpost_runtime::model::{Priority, Sample, StreamId, Value};
 
     fn data(gw: &str, seqs: &[u64]) -> Vec<u8> {
@@ -568,12 +599,15 @@ mod tests {
             max_version: 1,
         }))
         .unwrap();
-        assert_eq!(
-            classify("outpost", "outpost/gw-1/up", &hello),
-            Ok(Incoming::Hello {
-                gateway: "gw-1".into()
-            })
-        );
+        match classify("outpost", "outpost/gw-1/up", &hello) {
+            Ok(Incoming::Hello { gateway, hello }) => {
+                assert_eq!(
+                    (gateway.as_str(), hello.gateway_id.as_str()),
+                    ("gw-1", "gw-1")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The hub's network side: accepts gateways over QUIC (mutual TLS: only certificates the
 //! configured CA signed), checks that each gateway's Hello names the id in its
 //! certificate, decodes frames (every byte is hostile: errors are counted and the
-//! connection is closed, the hub carries on), commits them through [`HubStore`] and
-//! acknowledges.
+//! connection is closed, the hub carries on), commits them through the ingest core
+//! ([`HubIngest`], shared with the MQTT ingress: de-duplication, sink, metrics, republish)
+//! and acknowledges.
 //!
 //! # Streams
 //!
@@ -17,7 +18,10 @@
 //! # Messages
 //!
 //! - Hello: must name the certificate's gateway id. It is per stream: a Data frame needs a
-//!   Hello earlier *on the same stream* (streams are not ordered with each other).
+//!   Hello earlier *on the same stream* (streams are not ordered with each other). A stream
+//!   is one [`Session`]; a refused Hello or Data frame is counted
+//!   (`outpost_hub_bad_input{kind="identity"|"no_hello"}`) and closes the connection (the
+//!   gateway reconnects, says Hello and sends again what is unacknowledged).
 //! - Data: committed (grouped with the Data frames already buffered behind it), then
 //!   acknowledged on the same stream.
 //! - Ping: answered at once with a Pong on the same stream, Hello or not: it reveals nothing
@@ -29,17 +33,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_protocols::frame::{self, Ack, DataFrame, FrameBuffer, Message};
-use outpost_protocols::mqtt::publisher::{MqttPublisher, PublisherOptions};
+use outpost_protocols::frame::{self, FrameBuffer, Message};
 use outpost_protocols::uplink::quic::{
     self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicConnection, QuicServer, ServerOptions,
     ServerTls,
 };
 use outpost_runtime::config::HubConfig;
 use outpost_runtime::metrics::Metrics;
-use outpost_runtime::model::now_ns;
 use prometheus_client::metrics::counter::Counter;
 
+use super::ingest::{Group, HubIngest, Refusal, Republish, Session, Transport};
 use super::store::{HubStore, HubStoreError};
 
 /// Close code for a protocol violation (undecodable frame, wrong gateway id in a frame).
@@ -98,56 +101,39 @@ impl Hub {
             &h.data_dir.join("state"),
             &config.sink_dir(),
         )?);
+        let hs = &h.handshakes;
+        let options = ServerOptions {
+            handshake_timeout: hs.timeout.get(),
+            max_pending_handshakes: hs.max_pending.get() as usize,
+            max_pending_per_source: hs.max_pending_per_source.get() as usize,
+            retry_above: hs.retry_above.get() as usize,
+            reserved_for_known: hs.reserved_for_known.get() as usize,
+            ..ServerOptions::default()
+        };
         let server =
-            QuicServer::bind(h.listen, &tls, ServerOptions::default()).map_err(|source| {
-                HubError::Bind {
-                    addr: h.listen,
-                    source,
-                }
+            QuicServer::bind(h.listen, &tls, options).map_err(|source| HubError::Bind {
+                addr: h.listen,
+                source,
             })?;
         let addr = server.local_addr().map_err(|source| HubError::Bind {
             addr: h.listen,
             source,
         })?;
-        let republish = config.republish.as_ref().map(|r| {
-            let (host, port) = r
-                .broker
-                .rsplit_once(':')
-                .map(|(h, p)| (h.to_owned(), p.parse().unwrap_or(1883)))
-                .unwrap_or_else(|| (r.broker.clone(), 1883));
-            let credentials = r.username.clone().map(|u| {
-                let pw = r
-                    .password
-                    .as_ref()
-                    .and_then(|p| p.resolve_string().ok())
-                    .unwrap_or_default();
-                (u, pw)
-            });
-            tracing::info!(broker = %r.broker, prefix = %r.topic_prefix, "republishing samples over MQTT");
-            Republish {
-                prefix: r.topic_prefix.trim_end_matches('/').to_owned(),
-                publisher: MqttPublisher::start(PublisherOptions {
-                    host,
-                    port,
-                    client_id: r.client_id.clone().unwrap_or_else(|| "outpost-hub".into()),
-                    credentials,
-                    qos: r.qos.get() as u8,
-                    queue: r.queue.get() as usize,
-                    backoff_initial: Duration::from_millis(200),
-                    backoff_max: Duration::from_secs(30),
-                }),
-            }
-        });
+        let ingest = Arc::new(HubIngest::new(
+            store.clone(),
+            metrics.clone(),
+            config.republish.as_ref().map(Republish::start),
+        ));
         let mqtt_ingress = match &config.mqtt_ingress {
             Some(m) => Some(super::mqtt_ingress::MqttIngress::start(
                 super::mqtt_ingress::MqttIngressOptions::from_config(m)
                     .map_err(HubError::MqttIngress)?,
-                store.clone(),
+                ingest.clone(),
                 metrics.clone(),
             )),
             None => None,
         };
-        let task = tokio::spawn(accept_loop(server, store.clone(), metrics, republish));
+        let task = tokio::spawn(accept_loop(server, ingest, metrics));
         tracing::info!(%addr, sink = %config.sink_dir().display(), "hub listening");
         Ok(Hub {
             addr,
@@ -173,42 +159,7 @@ impl Hub {
     }
 }
 
-/// Where written samples are republished (optional).
-#[derive(Clone)]
-struct Republish {
-    prefix: String,
-    publisher: MqttPublisher,
-}
-
-impl Republish {
-    fn samples(&self, gateway: &str, frame: &DataFrame, idx: &[usize], dropped: &Counter) {
-        for &i in idx {
-            let Some(s) = frame.samples.get(i) else {
-                continue;
-            };
-            let topic = format!("{}/{gateway}/{}", self.prefix, frame.stream_name(s));
-            let payload = serde_json::json!({
-                "seq": s.seq,
-                "ts_ns": s.ts_ns,
-                "value": s.value,
-                "quality": s.quality,
-            });
-            if !self
-                .publisher
-                .publish(topic, payload.to_string().into_bytes())
-            {
-                dropped.inc();
-            }
-        }
-    }
-}
-
-async fn accept_loop(
-    mut server: QuicServer,
-    store: Arc<HubStore>,
-    metrics: Metrics,
-    republish: Option<Republish>,
-) {
+async fn accept_loop(mut server: QuicServer, ingest: Arc<HubIngest>, metrics: Metrics) {
     let accepted = metrics.counter(
         "outpost_hub_connections",
         "Gateway connections accepted",
@@ -223,11 +174,22 @@ async fn accept_loop(
             &[("reason", result)],
         )
     };
-    let (failed, timed_out, identity, busy) = (
+    let (failed, timed_out, identity, busy, per_source) = (
         handshake("tls_failed"),
         handshake("timed_out"),
         handshake("no_gateway_id"),
         handshake("busy"),
+        handshake("per_source"),
+    );
+    let retried = metrics.counter(
+        "outpost_hub_handshakes_retried",
+        "QUIC clients asked to validate their address first (Retry), the hub being busy",
+        &[],
+    );
+    let pending = metrics.gauge(
+        "outpost_hub_handshakes_pending",
+        "QUIC handshakes in progress",
+        &[],
     );
     let mut last = server.counters();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -239,17 +201,19 @@ async fn accept_loop(
                 timed_out.inc_by(now.handshakes_timed_out.saturating_sub(last.handshakes_timed_out));
                 identity.inc_by(now.identity_rejected.saturating_sub(last.identity_rejected));
                 busy.inc_by(now.refused_busy.saturating_sub(last.refused_busy));
+                per_source.inc_by(now.refused_per_source.saturating_sub(last.refused_per_source));
+                retried.inc_by(now.retried.saturating_sub(last.retried));
+                pending.set(i64::try_from(now.pending).unwrap_or(i64::MAX));
                 last = now;
             }
             conn = server.accept() => {
                 let Some(conn) = conn else { break };
                 accepted.inc();
-                let store = store.clone();
+                let ingest = ingest.clone();
                 let metrics = metrics.clone();
-                let republish = republish.clone();
                 conns.spawn(async move {
                     let id = conn.gateway_id.clone();
-                    if let Err(e) = serve_gateway(conn, store, &metrics, republish).await {
+                    if let Err(e) = serve_gateway(conn, ingest, &metrics).await {
                         tracing::info!(gateway = %id, reason = %e, "gateway connection ended");
                     }
                 });
@@ -263,27 +227,14 @@ async fn accept_loop(
 struct ConnCtx {
     gw: String,
     conn: QuicConnection,
-    store: Arc<HubStore>,
-    metrics: Metrics,
-    republish: Option<Republish>,
-    republish_dropped: Counter,
-    written: Counter,
-    dups: Counter,
-    summaries: Counter,
-    summary_dups: Counter,
+    ingest: Arc<HubIngest>,
     pongs: Counter,
 }
 
 impl ConnCtx {
     /// Counts rejected input of `kind`.
     fn bad(&self, kind: &'static str) {
-        self.metrics
-            .counter(
-                "outpost_hub_bad_input",
-                "Rejected input from gateways",
-                &[("kind", kind)],
-            )
-            .inc();
+        self.ingest.bad(Transport::Quic, kind);
     }
 
     /// Counts a frame error and closes the connection for it.
@@ -298,37 +249,18 @@ impl ConnCtx {
 /// most [`MAX_STREAMS_PER_CONNECTION`] at once) and serves each in its own task.
 async fn serve_gateway(
     conn: GatewayConnection,
-    store: Arc<HubStore>,
+    ingest: Arc<HubIngest>,
     metrics: &Metrics,
-    republish: Option<Republish>,
 ) -> Result<(), String> {
     let gw = conn.gateway_id.clone();
-    let per_gw =
-        |name: &'static str, help: &'static str| metrics.counter(name, help, &[("gateway", &gw)]);
     let ctx = Arc::new(ConnCtx {
         conn: conn.connection.clone(),
-        store,
-        metrics: metrics.clone(),
-        republish,
-        republish_dropped: metrics.counter(
-            "outpost_hub_republish_dropped",
-            "Samples not republished over MQTT because the broker was slow or away",
-            &[],
+        ingest,
+        pongs: metrics.counter(
+            "outpost_hub_pongs_sent",
+            "Pings answered with a Pong",
+            &[("gateway", &gw)],
         ),
-        written: per_gw("outpost_hub_samples_written", "Samples written to the sink"),
-        dups: per_gw(
-            "outpost_hub_duplicates",
-            "Samples received again and dropped",
-        ),
-        summaries: per_gw(
-            "outpost_hub_summaries_written",
-            "Window summaries written to the summaries sink",
-        ),
-        summary_dups: per_gw(
-            "outpost_hub_summary_duplicates",
-            "Window summaries received again and dropped",
-        ),
-        pongs: per_gw("outpost_hub_pongs_sent", "Pings answered with a Pong"),
         gw: gw.clone(),
     });
     let refused = metrics.counter(
@@ -405,7 +337,7 @@ async fn serve_stream(
     let c = &ctx.conn;
     let mut buf = FrameBuffer::new();
     let mut chunk = vec![0u8; 64 * 1024];
-    let mut hello_seen = false;
+    let mut session = Session::new(gw.clone());
     // A message read while grouping data frames, handled next.
     let mut pending: Option<Message> = None;
     loop {
@@ -433,15 +365,11 @@ async fn serve_stream(
         };
         match msg {
             Message::Hello(h) => {
-                if h.gateway_id != *gw {
-                    ctx.bad("identity");
+                if let Err(r) = session.hello(&h) {
+                    ctx.bad(r.kind());
                     c.close(CLOSE_BAD_IDENTITY, b"hello does not match certificate");
-                    return Err(format!(
-                        "hello names {:?} but the certificate says {gw:?}",
-                        h.gateway_id
-                    ));
+                    return Err(r.to_string());
                 }
-                hello_seen = true;
             }
             Message::Ping(p) => {
                 let pong = frame::encode(&Message::Pong(p.pong()))
@@ -465,47 +393,39 @@ async fn serve_stream(
                         Err(e) => return Err(ctx.frame_error(&e)),
                     }
                 }
-                if !hello_seen || frames.iter().any(|f| f.gateway_id != *gw) {
-                    ctx.bad("identity");
-                    c.close(CLOSE_BAD_IDENTITY, b"frame from another gateway");
-                    return Err("data frame without hello or with another gateway id".into());
+                if let Err(r) = session.admit(&frames) {
+                    ctx.bad(r.kind());
+                    let why: &[u8] = match r {
+                        Refusal::NoHello(_) => b"data before hello",
+                        Refusal::Identity { .. } => b"frame from another gateway",
+                    };
+                    c.close(CLOSE_BAD_IDENTITY, why);
+                    return Err(r.to_string());
                 }
-                let store = ctx.store.clone();
-                let gw2 = gw.clone();
-                let (frames, res) = tokio::task::spawn_blocking(move || {
-                    let r = store.commit_many(&gw2, &frames, now_ns());
-                    (frames, r)
-                })
-                .await
-                .map_err(|e| {
-                    c.close(CLOSE_STORAGE, b"hub storage error");
-                    format!("commit task failed: {e}")
-                })?;
-                let done = match res {
+                let group = Group {
+                    gateway: gw.clone(),
+                    frames,
+                };
+                let done = match ctx.ingest.commit(Transport::Quic, vec![group]).await {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::error!(gateway = %gw, error = %e, "hub cannot store data");
                         c.close(CLOSE_STORAGE, b"hub storage error");
                         return Err(e.to_string());
                     }
                 };
                 let mut acks = Vec::new();
-                for (frame, done) in frames.iter().zip(&done) {
-                    ctx.written.inc_by(done.written as u64);
-                    ctx.dups.inc_by(done.duplicates as u64);
-                    ctx.summaries.inc_by(done.summaries_written as u64);
-                    ctx.summary_dups.inc_by(done.summary_duplicates as u64);
-                    if let Some(r) = &ctx.republish {
-                        r.samples(gw, frame, &done.written_idx, &ctx.republish_dropped);
-                    }
+                let mut n = 0;
+                for ack in done.into_iter().flat_map(|d| d.acks) {
                     acks.extend(
-                        frame::encode(&Message::Ack(Ack::for_frame(frame)))
+                        frame::encode(&Message::Ack(ack))
                             .map_err(|e| format!("cannot encode ack: {e}"))?,
                     );
+                    n += 1;
                 }
                 quic::send_all(&mut send, &acks)
                     .await
                     .map_err(|e| e.to_string())?;
+                ctx.ingest.acks_sent(Transport::Quic, n);
             }
             Message::Ack(_) => {
                 ctx.bad("unexpected_ack");

@@ -5,8 +5,11 @@
 //!   read from the client certificate** (subject CN, else the first DNS SAN; it must follow
 //!   the gateway id rule, [`super::is_valid_gateway_id`]). The hub compares it with the id a
 //!   gateway claims in its Hello. Handshakes run concurrently in the background with a
-//!   deadline and a cap on how many are in progress, so a silent or slow peer cannot stall
-//!   the others; every outcome is counted ([`ServerCounters`]).
+//!   deadline, so a silent or slow peer cannot stall the others. Which clients are taken on
+//!   is decided by [`admission`]: a cap on handshakes in progress, in all and per source
+//!   address, QUIC address validation (Retry) under load, and slots kept for sources that
+//!   authenticated before, so a flood of handshakes that never finish cannot lock gateways
+//!   out. Every outcome is counted ([`ServerCounters`]).
 //! - [`QuicClient`] (the gateway) verifies the hub's certificate against the same CA and the
 //!   server name it was given, and presents its own certificate.
 //!
@@ -22,9 +25,9 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
@@ -33,12 +36,15 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 pub use quinn::{ConnectionError, RecvStream, SendStream};
 
+use self::admission::{Admission, AdmissionLimits, Decision, Refused, Ticket};
 use super::is_valid_gateway_id;
+
+pub mod admission;
 
 /// The ALPN protocol id of Outpost's uplink, version 1.
 pub const ALPN: &[u8] = b"outpost/1";
@@ -289,8 +295,18 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// Deadline for a client to complete the handshake.
     pub handshake_timeout: Duration,
-    /// Handshakes in progress at most; further clients are refused until one finishes.
+    /// Handshakes in progress at most; further clients are refused until one finishes
+    /// (see [`admission`] for this and the next three).
     pub max_pending_handshakes: usize,
+    /// Handshakes in progress per source (IPv4 address, IPv6 /64) at most, counted apart
+    /// for validated and unvalidated addresses.
+    pub max_pending_per_source: usize,
+    /// From this many handshakes in progress on, clients must validate their address first
+    /// (a QUIC Retry: one more round trip). 0: always.
+    pub retry_above: usize,
+    /// Of `max_pending_handshakes`, slots only sources that authenticated within
+    /// [`admission::KNOWN_FOR`] may use.
+    pub reserved_for_known: usize,
     /// Authenticated connections waiting for [`QuicServer::accept`] at most.
     pub accept_backlog: usize,
     /// Bi-directional streams a peer may have open at once.
@@ -304,8 +320,23 @@ impl Default for ServerOptions {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 64,
+            max_pending_per_source: 8,
+            retry_above: 16,
+            reserved_for_known: 16,
             accept_backlog: 16,
             max_bidi_streams: 16,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The admission limits of these options.
+    pub fn limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_pending: self.max_pending_handshakes,
+            max_pending_per_source: self.max_pending_per_source,
+            retry_above: self.retry_above,
+            reserved_for_known: self.reserved_for_known,
         }
     }
 }
@@ -493,8 +524,15 @@ pub struct ServerCounters {
     pub handshakes_timed_out: u64,
     /// Valid certificates that named no usable gateway id.
     pub identity_rejected: u64,
-    /// Clients refused because `max_pending_handshakes` were in progress.
+    /// Clients refused because every handshake slot they may use was taken.
     pub refused_busy: u64,
+    /// Clients refused because their source had `max_pending_per_source` validated
+    /// handshakes in progress.
+    pub refused_per_source: u64,
+    /// Clients sent a Retry (asked to validate their address first).
+    pub retried: u64,
+    /// Handshakes in progress now.
+    pub pending: u64,
 }
 
 #[derive(Default)]
@@ -504,6 +542,9 @@ struct Counters {
     handshakes_timed_out: AtomicU64,
     identity_rejected: AtomicU64,
     refused_busy: AtomicU64,
+    refused_per_source: AtomicU64,
+    retried: AtomicU64,
+    pending: AtomicU64,
 }
 
 impl Counters {
@@ -518,6 +559,9 @@ impl Counters {
             handshakes_timed_out: self.handshakes_timed_out.load(Ordering::Relaxed),
             identity_rejected: self.identity_rejected.load(Ordering::Relaxed),
             refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            refused_per_source: self.refused_per_source.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            pending: self.pending.load(Ordering::Relaxed),
         }
     }
 }
@@ -575,6 +619,9 @@ impl QuicServer {
             return Err(QuicError::InvalidOptions(
                 "max_pending_handshakes and accept_backlog must be at least 1".into(),
             ));
+        }
+        if let Some(p) = opts.limits().problem() {
+            return Err(QuicError::InvalidOptions(p));
         }
         let crypto = server_crypto(tls)?;
         let crypto = QuicServerConfig::try_from(crypto).map_err(|e| QuicError::Tls {
@@ -637,57 +684,151 @@ impl QuicServer {
     }
 }
 
-/// Runs until the endpoint closes: hands each incoming client to its own handshake task.
+/// The admission state shared by the accept loop and the handshake tasks.
+type Shared = Arc<Mutex<Admission>>;
+
+fn lock(a: &Shared) -> std::sync::MutexGuard<'_, Admission> {
+    a.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A handshake slot, given back when dropped (also when its task is aborted).
+struct Slot {
+    admission: Shared,
+    counters: Arc<Counters>,
+    ticket: Ticket,
+    authenticated: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut a = lock(&self.admission);
+        a.finished(self.ticket, self.authenticated, Instant::now());
+        self.counters
+            .pending
+            .store(a.pending() as u64, Ordering::Relaxed);
+    }
+}
+
+/// How often at most refused clients are logged (a flood would fill the log otherwise).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs until the endpoint closes: decides for each incoming client ([`Admission`]) and
+/// hands the ones taken on to their own handshake task.
 async fn accept_loop(
     endpoint: Endpoint,
     tx: mpsc::Sender<GatewayConnection>,
     counters: Arc<Counters>,
     opts: ServerOptions,
 ) {
-    let permits = Arc::new(Semaphore::new(opts.max_pending_handshakes));
+    let admission: Shared = Arc::new(Mutex::new(Admission::new(opts.limits())));
+    let mut logged: Option<Instant> = None;
+    let mut unlogged = 0u64;
     while let Some(incoming) = endpoint.accept().await {
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            Counters::bump(&counters.refused_busy);
-            tracing::warn!(
-                remote = %incoming.remote_address(),
-                limit = opts.max_pending_handshakes,
-                "too many QUIC handshakes in progress: refusing client"
-            );
-            incoming.refuse();
-            continue;
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        let decision = {
+            let mut a = lock(&admission);
+            let d = a.decide(remote.ip(), validated, Instant::now());
+            counters
+                .pending
+                .store(a.pending() as u64, Ordering::Relaxed);
+            d
         };
-        let tx = tx.clone();
-        let counters = Arc::clone(&counters);
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            match handshake(incoming, endpoint, opts.handshake_timeout).await {
-                Ok(conn) => {
-                    Counters::bump(&counters.accepted);
-                    tracing::info!(
-                        gateway = %conn.gateway_id,
-                        remote = %conn.connection.remote_address(),
-                        "gateway connected over QUIC"
-                    );
-                    // Holding the permit while the backlog is full slows new handshakes
-                    // down instead of queueing connections without bound.
-                    if let Err(mpsc::error::SendError(conn)) = tx.send(conn).await {
-                        conn.connection
-                            .close(CLOSE_SHUTDOWN, b"hub is not accepting connections");
-                    }
+        let refused = match decision {
+            Decision::Accept(ticket) => {
+                let slot = Slot {
+                    admission: Arc::clone(&admission),
+                    counters: Arc::clone(&counters),
+                    ticket,
+                    authenticated: false,
+                };
+                spawn_handshake(
+                    incoming,
+                    slot,
+                    endpoint.clone(),
+                    tx.clone(),
+                    &counters,
+                    opts,
+                );
+                continue;
+            }
+            Decision::Retry => match incoming.retry() {
+                Ok(()) => {
+                    Counters::bump(&counters.retried);
+                    tracing::debug!(%remote, "QUIC client asked to validate its address (Retry)");
+                    continue;
                 }
+                // Cannot happen for an unvalidated client; refused then.
                 Err(e) => {
-                    let counter = match &e {
-                        QuicError::HandshakeTimedOut { .. } => &counters.handshakes_timed_out,
-                        QuicError::Identity { .. } => &counters.identity_rejected,
-                        _ => &counters.handshakes_failed,
-                    };
-                    Counters::bump(counter);
-                    tracing::warn!(error = %e, "QUIC client rejected");
+                    e.into_incoming().refuse();
+                    Refused::Busy
+                }
+            },
+            Decision::Refuse(why) => {
+                incoming.refuse();
+                why
+            }
+        };
+        Counters::bump(match refused {
+            Refused::Busy => &counters.refused_busy,
+            Refused::PerSource => &counters.refused_per_source,
+        });
+        unlogged += 1;
+        if logged.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_INTERVAL) {
+            tracing::warn!(
+                %remote,
+                reason = ?refused,
+                refused = unlogged,
+                pending = lock(&admission).pending(),
+                limit = opts.max_pending_handshakes,
+                per_source = opts.max_pending_per_source,
+                "too many QUIC handshakes in progress: refusing clients"
+            );
+            logged = Some(Instant::now());
+            unlogged = 0;
+        }
+    }
+}
+
+/// Runs one handshake taken on in its own task; its slot is given back when it ends.
+fn spawn_handshake(
+    incoming: quinn::Incoming,
+    mut slot: Slot,
+    endpoint: Endpoint,
+    tx: mpsc::Sender<GatewayConnection>,
+    counters: &Arc<Counters>,
+    opts: ServerOptions,
+) {
+    let counters = Arc::clone(counters);
+    tokio::spawn(async move {
+        match handshake(incoming, endpoint, opts.handshake_timeout).await {
+            Ok(conn) => {
+                Counters::bump(&counters.accepted);
+                slot.authenticated = true;
+                tracing::info!(
+                    gateway = %conn.gateway_id,
+                    remote = %conn.connection.remote_address(),
+                    "gateway connected over QUIC"
+                );
+                // Holding the slot while the backlog is full slows new handshakes down
+                // instead of queueing connections without bound.
+                if let Err(mpsc::error::SendError(conn)) = tx.send(conn).await {
+                    conn.connection
+                        .close(CLOSE_SHUTDOWN, b"hub is not accepting connections");
                 }
             }
-            drop(permit);
-        });
-    }
+            Err(e) => {
+                let counter = match &e {
+                    QuicError::HandshakeTimedOut { .. } => &counters.handshakes_timed_out,
+                    QuicError::Identity { .. } => &counters.identity_rejected,
+                    _ => &counters.handshakes_failed,
+                };
+                Counters::bump(counter);
+                tracing::warn!(error = %e, "QUIC client rejected");
+            }
+        }
+        drop(slot);
+    });
 }
 
 /// Completes one server-side handshake and identifies the gateway.
@@ -1458,6 +1599,7 @@ mod tests {
         let opts = ServerOptions {
             handshake_timeout: Duration::from_millis(500),
             max_pending_handshakes: 1,
+            reserved_for_known: 0,
             ..ServerOptions::default()
         };
         let mut server = QuicServer::bind(loopback(), &pki.server, opts).unwrap();
@@ -1471,14 +1613,21 @@ mod tests {
         silent_a.send_to(&first, addr).await.unwrap();
         // Let the hub take the first into a handshake before the second arrives.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(server.counters(), ServerCounters::default());
+        assert_eq!(
+            server.counters(),
+            ServerCounters {
+                pending: 1,
+                ..ServerCounters::default()
+            }
+        );
         silent_b.send_to(&second, addr).await.unwrap();
-        // The second finds the only handshake slot taken: refused at once.
-        let c = counters_reach(&server, |c| c.refused_busy == 1).await;
-        assert_eq!(c.refused_busy, 1, "{c:?}");
+        // The second finds the only handshake slot taken: asked to validate its address,
+        // which a replayed Initial never does; it holds nothing.
+        let c = counters_reach(&server, |c| c.retried == 1).await;
+        assert_eq!((c.retried, c.pending), (1, 1), "{c:?}");
         // The first is given up at the deadline, which frees the slot for a real gateway.
         let c = counters_reach(&server, |c| c.handshakes_timed_out == 1).await;
-        assert_eq!(c.handshakes_timed_out, 1, "{c:?}");
+        assert_eq!((c.handshakes_timed_out, c.pending), (1, 0), "{c:?}");
         let _conn = pki
             .client("gw-9")
             .connect(addr, "outpost-hub")
@@ -1490,6 +1639,107 @@ mod tests {
             .unwrap();
         assert_eq!(gw.gateway_id, "gw-9");
         assert_eq!(server.counters().accepted, 1);
+    }
+
+    /// The first datagrams (Initial packets) of `n` real client connections, each from its
+    /// own endpoint, caught by a UDP socket that never answers.
+    async fn captured_initials(pki: &Pki, n: usize) -> Vec<Vec<u8>> {
+        let trap = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+        let trap_addr = trap.local_addr().unwrap();
+        let client = pki.client("gw-1");
+        let connecting: Vec<_> = (0..n)
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move { c.connect(trap_addr, "outpost-hub").await })
+            })
+            .collect();
+        let mut from = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while out.len() < n {
+            let (len, src) = tokio::time::timeout(WAIT, trap.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            // A client's first datagram is its Initial; later ones are resends.
+            if from.insert(src) {
+                out.push(buf[..len].to_vec());
+            }
+        }
+        for c in connecting {
+            c.abort();
+        }
+        out
+    }
+
+    /// Sends `initials` to `hub` from `sockets`, round robin, paced so that the kernel's
+    /// receive buffer does not drop them.
+    async fn flood(sockets: &[tokio::net::UdpSocket], initials: &[Vec<u8>], hub: SocketAddr) {
+        for (i, p) in initials.iter().enumerate() {
+            sockets[i % sockets.len()].send_to(p, hub).await.unwrap();
+            if i % 16 == 15 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_half_open_handshakes_does_not_lock_a_gateway_out() {
+        let pki = Pki::new();
+        let mut server = pki.server();
+        let addr = server.local_addr().unwrap();
+        // 240 handshakes that will never finish (real Initials replayed by sockets that
+        // never answer), from two sockets on the gateway's own address and two on another.
+        let initials = captured_initials(&pki, 240).await;
+        let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+        let mut sockets = Vec::new();
+        for ip in [
+            Ipv4Addr::LOCALHOST.into(),
+            other,
+            Ipv4Addr::LOCALHOST.into(),
+            other,
+        ] {
+            sockets.push(
+                tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+                    .await
+                    .unwrap(),
+            );
+        }
+        flood(&sockets, &initials, addr).await;
+        // Every one of them was taken on or turned away.
+        let handled = |c: ServerCounters| {
+            c.pending + c.retried + c.refused_busy + c.refused_per_source >= initials.len() as u64
+        };
+        let c = counters_reach(&server, handled).await;
+        assert!(handled(c), "{c:?}");
+        // While the flood goes on, a gateway connects with the sync loop's own deadline
+        // (3 s), from the loopback address the flood also uses: it gets in at the first
+        // attempt.
+        let again = flood(&sockets, &initials, addr);
+        let gateway = QuicClient::new(
+            &pki.client_tls("gw-9"),
+            ClientOptions {
+                connect_timeout: Duration::from_secs(3),
+                bind: Some(loopback()),
+                ..ClientOptions::default()
+            },
+        )
+        .unwrap();
+        let (_, conn) = tokio::join!(again, gateway.connect(addr, "outpost-hub"));
+        let c = server.counters();
+        let _conn = conn.unwrap_or_else(|e| panic!("the gateway was locked out: {e}; {c:?}"));
+        let gw = tokio::time::timeout(WAIT, server.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(gw.gateway_id, "gw-9");
+        // The flood beyond the first few per source was sent a Retry (both times), which
+        // these replaying sockets never answer: it holds no handshake slot.
+        let retried = |c: ServerCounters| c.retried >= 2 * initials.len() as u64 - 32;
+        let c = counters_reach(&server, retried).await;
+        assert!(retried(c), "{c:?}");
+        assert_eq!(c.accepted, 1, "{c:?}");
+        assert!(c.pending <= 16, "{c:?}");
     }
 
     #[test]
@@ -1519,6 +1769,12 @@ mod tests {
             QuicServer::bind(loopback(), &pki.server, no_backlog),
             Err(QuicError::InvalidOptions(_))
         ));
+        let no_room = ServerOptions {
+            max_pending_handshakes: 8,
+            ..ServerOptions::default()
+        };
+        let e = QuicServer::bind(loopback(), &pki.server, no_room).unwrap_err();
+        assert!(e.to_string().contains("reserved_for_known"), "{e}");
 
         let mut tls = pki.client_tls("gw-1");
         let good = tls.clone();

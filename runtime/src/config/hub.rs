@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::schema::{BackoffConfig, LogSection, MetricsSection, TlsClientConfig};
-use super::types::{Dur, Secret};
+use super::types::{Bounded, Dur, Secret};
 use super::{ConfigErrors, KeyPath};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -105,6 +105,68 @@ pub struct HubSection {
     /// The hub's certificate (PEM) and private key.
     pub cert: PathBuf,
     pub key: Secret,
+    /// `[hub.handshakes]`: how the QUIC listener keeps handshakes that never finish from
+    /// locking gateways out.
+    #[serde(default)]
+    pub handshakes: HandshakesSection,
+}
+
+/// `[hub.handshakes]`. A handshake in progress holds a slot until it finishes or times out.
+/// Clients that have not shown they receive what the hub sends to their address are taken
+/// on only below `retry_above` handshakes in progress and within their source's share;
+/// beyond, they are asked to validate their address first (a QUIC Retry: one more round
+/// trip, no state held), which a spoofed or replayed Initial never does. A source is an
+/// IPv4 address or an IPv6 /64.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandshakesSection {
+    /// Deadline for a gateway to complete its handshake. Default 10 s.
+    #[serde(default = "default_handshake_timeout")]
+    pub timeout: Dur<100, 120_000>,
+    /// Handshakes in progress at most. Default 64.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: Bounded<1, 65_536>,
+    /// Handshakes in progress per source at most, counted apart for validated and
+    /// unvalidated addresses (so Initials spoofed with a gateway's address cannot use up its
+    /// share). Default 8.
+    #[serde(default = "default_max_pending_per_source")]
+    pub max_pending_per_source: Bounded<1, 65_536>,
+    /// From this many handshakes in progress on, clients validate their address first.
+    /// 0: always. Default 16.
+    #[serde(default = "default_retry_above")]
+    pub retry_above: Bounded<0, 65_536>,
+    /// Of `max_pending`, slots only sources that completed a handshake in the last 24 h may
+    /// use. Smaller than `max_pending`. Default 16.
+    #[serde(default = "default_reserved_for_known")]
+    pub reserved_for_known: Bounded<0, 65_535>,
+}
+
+impl Default for HandshakesSection {
+    fn default() -> Self {
+        HandshakesSection {
+            timeout: default_handshake_timeout(),
+            max_pending: default_max_pending(),
+            max_pending_per_source: default_max_pending_per_source(),
+            retry_above: default_retry_above(),
+            reserved_for_known: default_reserved_for_known(),
+        }
+    }
+}
+
+fn default_handshake_timeout() -> Dur<100, 120_000> {
+    Dur::from_millis(10_000)
+}
+fn default_max_pending() -> Bounded<1, 65_536> {
+    Bounded(64)
+}
+fn default_max_pending_per_source() -> Bounded<1, 65_536> {
+    Bounded(8)
+}
+fn default_retry_above() -> Bounded<0, 65_536> {
+    Bounded(16)
+}
+fn default_reserved_for_known() -> Bounded<0, 65_535> {
+    Bounded(16)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -198,6 +260,16 @@ pub fn parse_hub_checked(text: &str, file: &Path, base: &Path) -> Result<LoadedH
     }
     if let Err(e) = c.hub.key.resolve() {
         env.push((at.clone().key("key"), e.to_string()));
+    }
+    let hs = &c.hub.handshakes;
+    if hs.reserved_for_known.get() >= hs.max_pending.get() {
+        problems.push((
+            at.clone().key("handshakes").key("reserved_for_known"),
+            format!(
+                "must be smaller than `max_pending` ({}): the other slots are all unknown gateways may use",
+                hs.max_pending.get()
+            ),
+        ));
     }
     if let Some(r) = &mut c.republish {
         let at = KeyPath::default().key("republish");
