@@ -27,13 +27,14 @@ use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{DnsName, ServerName};
+use time::{OffsetDateTime, Time};
 
 use super::is_valid_gateway_id;
 
@@ -377,36 +378,19 @@ fn base_params(common_name: &str, days: u64) -> CertificateParams {
     dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "Outpost");
     params.distinguished_name = dn;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let start = now.saturating_sub(BACKDATE);
-    let end = now.saturating_add(Duration::from_secs(days.saturating_mul(24 * 3600)));
-    let (y, m, d) = civil_from_days(days_since_epoch(start));
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = civil_from_days(days_since_epoch(end));
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    (params.not_before, params.not_after) = validity(OffsetDateTime::now_utc(), days);
     params
 }
 
-/// Whole days in `since_epoch` (validity is counted in days: midnight UTC).
-fn days_since_epoch(since_epoch: Duration) -> i64 {
-    i64::try_from(since_epoch.as_secs() / 86_400).unwrap_or(i64::MAX / 2)
-}
-
-/// Proleptic Gregorian date of day `z` counted from 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    (y as i32, m as u8, d as u8)
+/// Validity of a certificate made at `now` for `days` days, in whole days (midnight UTC):
+/// from the day before `now` to the day `days` after it.
+fn validity(now: OffsetDateTime, days: u64) -> (OffsetDateTime, OffsetDateTime) {
+    let midnight = |t: OffsetDateTime| t.replace_time(Time::MIDNIGHT);
+    let days = i64::try_from(days).unwrap_or(i64::MAX);
+    let end = now
+        .checked_add(time::Duration::days(days.min(3_650_000)))
+        .unwrap_or(now);
+    (midnight(now - BACKDATE), midnight(end))
 }
 
 /// Writes `contents` to a new file (never replacing one); `secret` files get mode 0600.
@@ -446,13 +430,28 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(59), (1970, 3, 1));
-        assert_eq!(civil_from_days(10_957), (2000, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    fn validity_is_whole_days_from_the_day_before() {
+        use time::Month;
+        let at = |y, m, d, h| {
+            time::Date::from_calendar_date(y, m, d)
+                .unwrap()
+                .with_hms(h, 30, 0)
+                .unwrap()
+                .assume_utc()
+        };
+        let day = |y, m, d| at(y, m, d, 0).replace_time(Time::MIDNIGHT);
+        assert_eq!(
+            validity(at(2024, Month::March, 1, 0), 1),
+            (day(2024, Month::February, 29), day(2024, Month::March, 2))
+        );
+        assert_eq!(
+            validity(at(2026, Month::January, 1, 23), LEAF_VALIDITY_DAYS),
+            (day(2025, Month::December, 31), day(2028, Month::April, 5))
+        );
+        assert_eq!(
+            validity(at(1970, Month::January, 2, 12), CA_VALIDITY_DAYS).0,
+            day(1970, Month::January, 1)
+        );
     }
 
     #[test]
