@@ -245,3 +245,40 @@ fn demo_runs_with_nothing_installed_and_reports_json() {
     assert_eq!(v["duplicates"].as_u64().unwrap(), 0, "{v}");
     assert!(stdout.contains("boiler"), "{stdout}");
 }
+
+/// A gateway id the frame codec, the hub or an MQTT topic could not carry is refused by
+/// `check` (located at the key) and by `certs`, instead of a gateway that reconnects for
+/// ever.
+#[test]
+fn check_and_certs_refuse_a_gateway_id_the_uplink_could_not_use() {
+    for bad in ["_gw", ".gw", "-gw", ".."] {
+        let text = reference().replacen("id = \"plant-a-gw01\"", &format!("id = \"{bad}\""), 1);
+        let line = text[..text.find(&format!("id = \"{bad}\"")).unwrap()]
+            .matches('\n')
+            .count()
+            + 1;
+        let (ok, err) = check_text(&text);
+        assert!(!ok, "{bad}: check passed");
+        assert!(
+            err.contains(&format!("gw.toml:{line}:6: `gateway.id`")),
+            "{bad}: {err}"
+        );
+        assert!(err.contains("invalid gateway id"), "{bad}: {err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = outpost()
+            .arg("certs")
+            .arg("--out")
+            .arg(dir.path().join("certs"))
+            .args(["--hub-name", "localhost", &format!("--gateway={bad}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}: certs made a certificate");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("invalid gateway id"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!dir.path().join("certs").exists(), "{bad}: files written");
+    }
+}

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::frame::{self, Ack, DataFrame, Message};
 use outpost_protocols::uplink::mqtt::{down_topic, gateway_of_up_topic, up_filter};
-use outpost_runtime::config::MqttIngressSection;
+use outpost_runtime::config::{GatewayId, MqttIngressSection};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::now_ns;
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
@@ -262,9 +262,12 @@ impl Counters {
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
     /// A Hello whose id matches the topic: nothing to do over MQTT (the topic says who).
-    Hello { gateway: String },
+    Hello { gateway: GatewayId },
     /// A Data frame from the gateway its topic names.
-    Data { gateway: String, frame: DataFrame },
+    Data {
+        gateway: GatewayId,
+        frame: DataFrame,
+    },
 }
 
 /// Why a message is skipped.
@@ -294,11 +297,11 @@ pub fn classify(prefix: &str, topic: &str, payload: &[u8]) -> Result<Incoming, R
     };
     match frame::decode(payload) {
         Ok(Message::Hello(h)) if h.gateway_id == gw => Ok(Incoming::Hello {
-            gateway: gw.to_owned(),
+            gateway: gw.clone(),
         }),
         Ok(Message::Hello(h)) => Err(identity(&h.gateway_id)),
         Ok(Message::Data(d)) if d.gateway_id == gw => Ok(Incoming::Data {
-            gateway: gw.to_owned(),
+            gateway: gw.clone(),
             frame: d,
         }),
         Ok(Message::Data(d)) => Err(identity(&d.gateway_id)),
@@ -459,8 +462,8 @@ async fn handle_batch(
     c: &Counters,
 ) -> Result<Vec<Request>, String> {
     // Per message: the (gateway, index in its group) of its Data frame, if any.
-    let mut slots: Vec<Option<(String, usize)>> = Vec::with_capacity(batch.len());
-    let mut groups: BTreeMap<String, Vec<DataFrame>> = BTreeMap::new();
+    let mut slots: Vec<Option<(GatewayId, usize)>> = Vec::with_capacity(batch.len());
+    let mut groups: BTreeMap<GatewayId, Vec<DataFrame>> = BTreeMap::new();
     for p in &batch {
         c.messages.inc();
         match classify(prefix, &p.topic, &p.payload) {
@@ -546,7 +549,7 @@ mod tests {
             .map(|q| Sample::new(s, *q as i64, Value::I64(*q as i64)))
             .collect();
         let f = DataFrame::from_samples(
-            gw,
+            &gw.parse().unwrap(),
             Priority::Normal,
             Encoding::Raw,
             seqs.iter().copied().zip(samples.iter()),
@@ -564,14 +567,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let hello = frame::encode(&Message::Hello(Hello {
-            gateway_id: "gw-1".into(),
+            gateway_id: "gw-1".parse().unwrap(),
             max_version: 1,
         }))
         .unwrap();
         assert_eq!(
             classify("outpost", "outpost/gw-1/up", &hello),
             Ok(Incoming::Hello {
-                gateway: "gw-1".into()
+                gateway: "gw-1".parse().unwrap()
             })
         );
     }
@@ -598,10 +601,11 @@ mod tests {
         let n = flipped.len();
         flipped[n / 2] ^= 0xff;
         assert_eq!(kind("outpost/gw-1/up", &flipped), "checksum");
-        let ack = frame::encode(&Message::Ack(Ack::from_seqs("gw-1", [1]))).unwrap();
+        let ack =
+            frame::encode(&Message::Ack(Ack::from_seqs(&"gw-1".parse().unwrap(), [1]))).unwrap();
         assert_eq!(kind("outpost/gw-1/up", &ack), "unexpected_ack");
         let hello = frame::encode(&Message::Hello(Hello {
-            gateway_id: "gw-2".into(),
+            gateway_id: "gw-2".parse().unwrap(),
             max_version: 1,
         }))
         .unwrap();

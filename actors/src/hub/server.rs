@@ -35,7 +35,7 @@ use outpost_protocols::uplink::quic::{
     self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicConnection, QuicServer, ServerOptions,
     ServerTls,
 };
-use outpost_runtime::config::HubConfig;
+use outpost_runtime::config::{GatewayId, HubConfig};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::now_ns;
 use prometheus_client::metrics::counter::Counter;
@@ -261,7 +261,7 @@ async fn accept_loop(
 
 /// What every stream of one gateway connection shares.
 struct ConnCtx {
-    gw: String,
+    gw: GatewayId,
     conn: QuicConnection,
     store: Arc<HubStore>,
     metrics: Metrics,

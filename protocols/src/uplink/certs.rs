@@ -36,7 +36,7 @@ use rcgen::{
 use rustls::pki_types::{DnsName, ServerName};
 use time::{OffsetDateTime, Time};
 
-use super::is_valid_gateway_id;
+use outpost_runtime::config::GatewayId;
 
 /// Days the CA certificate is valid for.
 pub const CA_VALIDITY_DAYS: u64 = 3650;
@@ -57,9 +57,6 @@ pub enum CertError {
     /// A hub name is neither a DNS name nor an IP address.
     #[error("invalid hub name {0:?}: expected a DNS name (e.g. outpost-hub) or an IP address")]
     InvalidHubName(String),
-    /// A gateway id breaks the gateway id rule.
-    #[error("invalid gateway id {0:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`")]
-    InvalidGatewayId(String),
     /// A gateway id would collide with the CA's or the hub's files.
     #[error("gateway id {0:?} is reserved (its files would replace the CA's or the hub's)")]
     ReservedGatewayId(String),
@@ -109,7 +106,7 @@ impl std::fmt::Debug for CertifiedPem {
 #[derive(Debug, Clone)]
 pub struct GatewayPem {
     /// The gateway id (subject CN of the certificate).
-    pub id: String,
+    pub id: GatewayId,
     /// Certificate and key.
     pub pem: CertifiedPem,
 }
@@ -146,7 +143,7 @@ pub struct Bundle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayFiles {
     /// The gateway id.
-    pub id: String,
+    pub id: GatewayId,
     /// `<id>.pem`.
     pub cert: PathBuf,
     /// `<id>.key` (0600).
@@ -218,10 +215,8 @@ impl CertificateAuthority {
     }
 
     /// A gateway (TLS client) certificate whose subject CN is `gateway_id`.
-    pub fn issue_gateway(&self, gateway_id: &str) -> Result<CertifiedPem, CertError> {
-        if !is_valid_gateway_id(gateway_id) {
-            return Err(CertError::InvalidGatewayId(gateway_id.to_string()));
-        }
+    pub fn issue_gateway(&self, gateway_id: &GatewayId) -> Result<CertifiedPem, CertError> {
+        let gateway_id = gateway_id.as_str();
         let mut params = base_params(gateway_id, LEAF_VALIDITY_DAYS);
         if DnsName::try_from(gateway_id).is_ok() && gateway_id.parse::<IpAddr>().is_err() {
             let name = gateway_id
@@ -254,7 +249,7 @@ impl CertificateAuthority {
 
 /// Generates a CA, a hub certificate for `hub_names` and one certificate per gateway id,
 /// in memory. Checks every name and id before generating anything.
-pub fn generate_pem(hub_names: &[String], gateways: &[String]) -> Result<BundlePem, CertError> {
+pub fn generate_pem(hub_names: &[String], gateways: &[GatewayId]) -> Result<BundlePem, CertError> {
     check_names(hub_names, gateways)?;
     let ca = CertificateAuthority::new("Outpost CA")?;
     let hub = ca.issue_hub(hub_names)?;
@@ -281,7 +276,7 @@ pub fn generate_pem(hub_names: &[String], gateways: &[String]) -> Result<BundleP
 pub fn generate_bundle(
     out_dir: &Path,
     hub_names: &[String],
-    gateways: &[String],
+    gateways: &[GatewayId],
 ) -> Result<Bundle, CertError> {
     check_names(hub_names, gateways)?;
     let bundle = Bundle {
@@ -329,8 +324,8 @@ pub fn generate_bundle(
     Ok(bundle)
 }
 
-/// Checks hub names and gateway ids: valid, not reserved, no duplicates.
-fn check_names(hub_names: &[String], gateways: &[String]) -> Result<(), CertError> {
+/// Checks hub names (valid) and gateway ids (not reserved, no duplicates).
+fn check_names(hub_names: &[String], gateways: &[GatewayId]) -> Result<(), CertError> {
     if hub_names.is_empty() {
         return Err(CertError::NoHubName);
     }
@@ -339,15 +334,12 @@ fn check_names(hub_names: &[String], gateways: &[String]) -> Result<(), CertErro
     }
     let mut seen: Vec<String> = Vec::with_capacity(gateways.len());
     for id in gateways {
-        if !is_valid_gateway_id(id) {
-            return Err(CertError::InvalidGatewayId(id.clone()));
-        }
         let folded = id.to_ascii_lowercase();
         if RESERVED_NAMES.contains(&folded.as_str()) {
-            return Err(CertError::ReservedGatewayId(id.clone()));
+            return Err(CertError::ReservedGatewayId(id.to_string()));
         }
         if seen.contains(&folded) {
-            return Err(CertError::DuplicateGatewayId(id.clone()));
+            return Err(CertError::DuplicateGatewayId(id.to_string()));
         }
         seen.push(folded);
     }
@@ -429,6 +421,10 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn ids(v: &[&str]) -> Vec<GatewayId> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
     #[test]
     fn validity_is_whole_days_from_the_day_before() {
         use time::Month;
@@ -458,7 +454,7 @@ mod tests {
     fn in_memory_bundle_parses() {
         let b = generate_pem(
             &names(&["outpost-hub", "127.0.0.1"]),
-            &names(&["gw-1", "gw_2"]),
+            &ids(&["gw-1", "gw_2"]),
         )
         .unwrap();
         for pem in [&b.ca, &b.hub, &b.gateways[0].pem, &b.gateways[1].pem] {
@@ -483,16 +479,16 @@ mod tests {
             generate_pem(&names(&["bad name"]), &[]),
             Err(CertError::InvalidHubName(_))
         ));
+        // Gateway ids come as `GatewayId`s: what breaks the rule never gets here.
+        for bad in ["gw/1", "_gw", ".gw", "-gw", ".."] {
+            assert!(bad.parse::<GatewayId>().is_err(), "{bad}");
+        }
         assert!(matches!(
-            generate_pem(&ok, &names(&["gw/1"])),
-            Err(CertError::InvalidGatewayId(_))
-        ));
-        assert!(matches!(
-            generate_pem(&ok, &names(&["HUB"])),
+            generate_pem(&ok, &ids(&["HUB"])),
             Err(CertError::ReservedGatewayId(_))
         ));
         assert!(matches!(
-            generate_pem(&ok, &names(&["gw1", "GW1"])),
+            generate_pem(&ok, &ids(&["gw1", "GW1"])),
             Err(CertError::DuplicateGatewayId(_))
         ));
         // A hub-only bundle is fine.
@@ -506,7 +502,7 @@ mod tests {
         let bundle = generate_bundle(
             &out,
             &names(&["outpost-hub", "localhost", "127.0.0.1"]),
-            &names(&["gw-1", "gw-2"]),
+            &ids(&["gw-1", "gw-2"]),
         )
         .unwrap();
         assert_eq!(bundle.gateways[1].cert, out.join("gw-2.pem"));
@@ -554,7 +550,7 @@ mod tests {
 
         // A second run into the same folder refuses and leaves the files alone.
         let before = fs::read(&bundle.ca_key).unwrap();
-        let again = generate_bundle(&out, &names(&["localhost"]), &names(&["gw-3"]));
+        let again = generate_bundle(&out, &names(&["localhost"]), &ids(&["gw-3"]));
         assert!(matches!(again, Err(CertError::Exists(p)) if p == bundle.ca_cert));
         assert_eq!(fs::read(&bundle.ca_key).unwrap(), before);
         assert!(!out.join("gw-3.pem").exists());

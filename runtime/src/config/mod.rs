@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub use fusion::*;
 pub use hub::{HubConfig, MqttIngressSection, load_hub, parse_hub};
 pub use schema::*;
-pub use types::{Bounded, ByteSize, Dur, Secret};
+pub use types::{Bounded, ByteSize, Dur, GatewayId, GatewayIdError, Secret};
 pub use validate::{topic_filter_wildcards, topic_prefix_problem};
 
 /// Largest config file accepted (a config is hand-written; anything bigger is a mistake).
