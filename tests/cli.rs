@@ -72,10 +72,11 @@ fn check_reports_a_misspelt_key_with_line_column_and_key() {
 #[test]
 fn check_reports_an_out_of_range_value_with_line_column_and_key() {
     let text = reference().replacen("interval = \"1s\"", "interval = \"0ms\"", 1);
-    let line = text[..text.find("interval = \"0ms\"").unwrap()]
+    // At the start of a line: `commit_interval = "0ms"` comes earlier in the file.
+    let line = text[..text.find("\ninterval = \"0ms\"").unwrap()]
         .matches('\n')
         .count()
-        + 1;
+        + 2;
     let (ok, err) = check_text(&text);
     assert!(!ok);
     assert!(
