@@ -2,7 +2,9 @@
 //! data type and all four word/byte orders; a gateway polls it through the real driver, and
 //! the samples (decoded from the outbox) match the values exactly. Reads are batched: the
 //! request counter shows one request per contiguous run per poll. The client's writes
-//! (FC 5, 6, 15, 16) are checked against pymodbus and against the demo's simulator.
+//! (FC 5, 6, 15, 16) are checked against pymodbus and against the demo's simulator. A
+//! register the device does not map, in the middle of a batched block or in a bridged gap,
+//! costs only its own point: the neighbours keep delivering.
 //!
 //! Needs `OUTPOST_PYTHON` (see `outpost_hil::peers::pymodbus::INSTALL`).
 

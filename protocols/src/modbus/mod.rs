@@ -7,6 +7,9 @@
 //! The configuration schema is the gateway's (`outpost_runtime::config::ModbusDeviceConfig`,
 //! documented in `config/reference.toml`); the types here are the driver's view of it, built
 //! with the `From` conversions below, so there is one schema and one place to document it.
+//!
+//! [`schedule`] adapts a poll group's plan, poll after poll, to what the device refuses
+//! (a batched read answered with "illegal data address").
 
 pub mod client;
 pub mod codec;
