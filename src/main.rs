@@ -62,9 +62,10 @@ enum Command {
         /// A name (DNS name or IP address) gateways use for the hub; repeat for several.
         #[arg(long = "hub-name", required = true)]
         hub_names: Vec<String>,
-        /// A gateway id (its certificate's CN); repeat for several.
+        /// A gateway id (its certificate's CN; 1-64 ASCII letters, digits, `-`, `_`, `.`,
+        /// starting with a letter or digit); repeat for several.
         #[arg(long = "gateway", required = true)]
-        gateways: Vec<String>,
+        gateways: Vec<outpost_runtime::config::GatewayId>,
     },
 }
 
@@ -179,7 +180,11 @@ fn hub(config: outpost_runtime::config::HubConfig) -> anyhow::Result<()> {
     })
 }
 
-fn certs(out: &std::path::Path, hub_names: &[String], gateways: &[String]) -> anyhow::Result<()> {
+fn certs(
+    out: &std::path::Path,
+    hub_names: &[String],
+    gateways: &[outpost_runtime::config::GatewayId],
+) -> anyhow::Result<()> {
     let b = outpost_protocols::uplink::certs::generate_bundle(out, hub_names, gateways)
         .with_context(|| format!("cannot create certificates in {}", out.display()))?;
     println!(

@@ -71,12 +71,12 @@ fn check_reports_a_misspelt_key_with_line_column_and_key() {
 
 #[test]
 fn check_reports_an_out_of_range_value_with_line_column_and_key() {
-    let text = reference().replacen("\ninterval = \"1s\"", "\ninterval = \"0ms\"", 1);
-    // (`commit_interval = "0ms"` comes earlier: find the key at the start of a line.)
-    let line = text[..text.find("\ninterval = \"0ms\"").unwrap() + 1]
+    let text = reference().replacen("interval = \"1s\"", "interval = \"0ms\"", 1);
+    // At the start of a line: `commit_interval = "0ms"` comes earlier in the file.
+    let line = text[..text.find("\ninterval = \"0ms\"").unwrap()]
         .matches('\n')
         .count()
-        + 1;
+        + 2;
     let (ok, err) = check_text(&text);
     assert!(!ok);
     assert!(
@@ -534,4 +534,41 @@ fn demo_device_listens_where_config_demo_toml_says_or_says_why_not() {
             || stdout.contains("127.0.0.1:5020 is taken"),
         "{stdout}"
     );
+}
+
+/// A gateway id the frame codec, the hub or an MQTT topic could not carry is refused by
+/// `check` (located at the key) and by `certs`, instead of a gateway that reconnects for
+/// ever.
+#[test]
+fn check_and_certs_refuse_a_gateway_id_the_uplink_could_not_use() {
+    for bad in ["_gw", ".gw", "-gw", ".."] {
+        let text = reference().replacen("id = \"plant-a-gw01\"", &format!("id = \"{bad}\""), 1);
+        let line = text[..text.find(&format!("id = \"{bad}\"")).unwrap()]
+            .matches('\n')
+            .count()
+            + 1;
+        let (ok, err) = check_text(&text);
+        assert!(!ok, "{bad}: check passed");
+        assert!(
+            err.contains(&format!("gw.toml:{line}:6: `gateway.id`")),
+            "{bad}: {err}"
+        );
+        assert!(err.contains("invalid gateway id"), "{bad}: {err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = outpost()
+            .arg("certs")
+            .arg("--out")
+            .arg(dir.path().join("certs"))
+            .args(["--hub-name", "localhost", &format!("--gateway={bad}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad}: certs made a certificate");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("invalid gateway id"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!dir.path().join("certs").exists(), "{bad}: files written");
+    }
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::Priority;
 use outpost_runtime::supervisor::{ChildSpec, Restart};
@@ -25,7 +26,7 @@ pub struct DeviceContext {
     pub ingest: Ingest,
     pub metrics: Metrics,
     /// The gateway's id (e.g. for MQTT client ids).
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
 }
 
 /// A driver run: resolves when the device connection ends. `Err` makes the actor fail and
@@ -178,7 +179,7 @@ mod tests {
             priority: Priority::Normal,
             ingest,
             metrics: m.clone(),
-            gateway_id: "gw".into(),
+            gateway_id: "gw".parse().unwrap(),
         };
         let spec = SupervisorSpec::new("devices-test", Strategy::OneForOne, m.clone())
             .with_backoff(BackoffPolicy::new(

@@ -10,7 +10,8 @@ Spec:
      "coils": [true, false, ...],            # from address 0
      "discrete_inputs": [false, true, ...],  # from address 0
      "holding": [POINT, ...], "input": [POINT, ...],
-     "holding_size": 64, "input_size": 64}  # registers served from address 0
+     "holding_size": 64, "input_size": 64,  # registers served from address 0
+     "holding_invalid": [15]}               # addresses that answer exception 2 (optional)
 
     POINT = {"address": 10, "type": "f32", "word_order": "little", "byte_order": "big",
              "value": 123.5}
@@ -43,6 +44,20 @@ def encode(point):
     return [int.from_bytes(w, "big") for w in words]
 
 
+def register_blocks(regs, invalid):
+    """The registers as simulator blocks, leaving out the `invalid` addresses: the
+    simulator answers any read that touches a gap between blocks with exception 2."""
+    blocks, start = [], None
+    for a in range(len(regs) + 1):
+        ok = a < len(regs) and a not in invalid
+        if ok and start is None:
+            start = a
+        elif not ok and start is not None:
+            blocks.append(SimData(start, values=regs[start:a], datatype=DataType.REGISTERS))
+            start = None
+    return blocks
+
+
 def registers(points, size):
     regs = [0] * size
     for p in points:
@@ -62,7 +77,7 @@ async def main():
         simdata=(
             [SimData(0, values=co, datatype=DataType.BITS)],
             [SimData(0, values=di, datatype=DataType.BITS)],
-            [SimData(0, values=hr, datatype=DataType.REGISTERS)],
+            register_blocks(hr, set(spec.get("holding_invalid", []))),
             [SimData(0, values=ir, datatype=DataType.REGISTERS)],
         ),
     )

@@ -17,7 +17,10 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path, gateways: &[&str]) -> Pki {
-        let gws: Vec<String> = gateways.iter().map(|g| g.to_string()).collect();
+        let gws: Vec<outpost_runtime::config::GatewayId> = gateways
+            .iter()
+            .map(|g| g.parse().expect("a test gateway id"))
+            .collect();
         let bundle = generate_bundle(
             &dir.join("certs"),
             &["outpost-hub".into(), "localhost".into(), "127.0.0.1".into()],

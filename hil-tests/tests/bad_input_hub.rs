@@ -97,7 +97,7 @@ async fn hostile_peers_are_counted_and_do_not_disturb_good_gateways() {
     let c = evil.connect(addr, "localhost").await.unwrap();
     let (mut s, _r) = c.open_bi().await.unwrap();
     let hello = frame::encode(&Message::Hello(Hello {
-        gateway_id: "evil".into(),
+        gateway_id: "evil".parse().unwrap(),
         max_version: 1,
     }))
     .unwrap();
@@ -113,7 +113,7 @@ async fn hostile_peers_are_counted_and_do_not_disturb_good_gateways() {
     let c = evil.connect(addr, "localhost").await.unwrap();
     let (mut s, _r) = c.open_bi().await.unwrap();
     let hello = frame::encode(&Message::Hello(Hello {
-        gateway_id: "other".into(),
+        gateway_id: "other".parse().unwrap(),
         max_version: 1,
     }))
     .unwrap();

@@ -34,6 +34,10 @@ use outpost_runtime::config::{self, HubConfig};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Priority, Sample, StreamId, Value};
 
+fn id(s: &str) -> outpost_runtime::config::GatewayId {
+    s.parse().unwrap()
+}
+
 const GW_QUIC: &str = "gw-quic";
 const GW_MQTT: &str = "gw-mqtt";
 const MQTT: (&str, &str) = ("transport", "mqtt");
@@ -72,7 +76,7 @@ async fn start_hub(cfg: &HubConfig, metrics: &Metrics) -> Hub {
 
 fn hello(gw: &str) -> Vec<u8> {
     frame::encode(&Message::Hello(Hello {
-        gateway_id: gw.into(),
+        gateway_id: id(gw),
         max_version: frame::VERSION,
     }))
     .unwrap()
@@ -88,7 +92,7 @@ fn raw(gw: &str, first: u64, n: u64) -> Vec<u8> {
         })
         .collect();
     let f = DataFrame::from_samples(
-        gw,
+        &id(gw),
         Priority::Normal,
         Encoding::Raw,
         samples.iter().map(|(q, s)| (*q, s)),
@@ -109,7 +113,7 @@ fn summaries(gw: &str) -> Vec<u8> {
     let windows = agg.flush();
     assert_eq!(windows.len() as u64, WINDOWS);
     frame::encode(&Message::Data(DataFrame::from_summaries(
-        gw,
+        &id(gw),
         Priority::Normal,
         &windows,
     )))
@@ -170,7 +174,7 @@ async fn over_quic(pki: &Pki, hub: &Hub, frames: &[Vec<u8>], acks: usize) -> Vec
 }
 
 async fn mqtt_session(broker: &Mosquitto) -> MqttUplinkSession {
-    let mut opts = MqttUplinkOptions::new("127.0.0.1", broker.port(), GW_MQTT);
+    let mut opts = MqttUplinkOptions::new("127.0.0.1", broker.port(), &id(GW_MQTT));
     opts.keep_alive = Duration::from_secs(2);
     opts.connect_timeout = Duration::from_secs(5);
     MqttUplinkSession::connect(&opts)

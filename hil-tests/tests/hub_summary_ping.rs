@@ -137,7 +137,7 @@ async fn hub_answers_pings_and_stores_summary_and_delta_frames() {
     // 1. Pings on the data stream, after the Hello.
     let mut data = Stream::open(&conn).await;
     data.send(&Message::Hello(Hello {
-        gateway_id: GW.into(),
+        gateway_id: GW.parse().unwrap(),
         max_version: frame::VERSION,
     }))
     .await;
@@ -184,7 +184,7 @@ async fn hub_answers_pings_and_stores_summary_and_delta_frames() {
     }
     let windows = agg.flush();
     assert_eq!(windows.len(), 6);
-    let summary = DataFrame::from_summaries(GW, Priority::Normal, &windows);
+    let summary = DataFrame::from_summaries(&GW.parse().unwrap(), Priority::Normal, &windows);
     data.send(&Message::Data(summary)).await;
     match data.next().await {
         // Summaries are not acknowledged: their samples stay in the outbox for backfill.
@@ -208,7 +208,7 @@ async fn hub_answers_pings_and_stores_summary_and_delta_frames() {
     let outcome = filter.filter(records.iter().map(|(q, s)| (*q, s)));
     assert!(!outcome.skipped.is_empty() && outcome.send.len() > 10);
     let delta = DataFrame::from_filtered(
-        GW,
+        &GW.parse().unwrap(),
         Priority::Normal,
         Encoding::Delta,
         records.iter().map(|(q, s)| (*q, s)),
@@ -334,7 +334,7 @@ async fn hub_answers_pings_and_stores_summary_and_delta_frames() {
     // 6. A Data frame on a stream without a Hello (here: the ping-only one) is refused and
     // closes the connection, as before.
     let stray = DataFrame::from_samples(
-        GW,
+        &GW.parse().unwrap(),
         Priority::Normal,
         Encoding::Raw,
         [(5000u64, &Sample::new(temp, t0, Value::F64(1.0)))],

@@ -43,7 +43,7 @@ fn frame(gateway: &str, first: u64, n: u64) -> Frame {
         })
         .collect();
     let f = DataFrame::from_samples(
-        gateway,
+        &gateway.parse().unwrap(),
         Priority::Normal,
         Encoding::Raw,
         seqs.iter().copied().zip(samples.iter()),
@@ -70,7 +70,7 @@ struct TestGateway {
 
 impl TestGateway {
     fn new(port: u16) -> TestGateway {
-        let mut opts = MqttUplinkOptions::new("127.0.0.1", port, GW);
+        let mut opts = MqttUplinkOptions::new("127.0.0.1", port, &GW.parse().unwrap());
         opts.keep_alive = Duration::from_secs(2);
         opts.connect_timeout = Duration::from_secs(2);
         opts.max_in_flight = 4;
@@ -97,7 +97,7 @@ impl TestGateway {
                 }
             };
             let hello = frame::encode(&Message::Hello(Hello {
-                gateway_id: GW.into(),
+                gateway_id: GW.parse().unwrap(),
                 max_version: frame::VERSION,
             }))
             .unwrap();

@@ -214,7 +214,8 @@ async fn every_reading_reaches_the_hub_once_through_mosquitto_across_a_broker_re
 
     // Another client connects with the gateway's client id: the broker drops the gateway's
     // connection, the gateway connects again.
-    let mut intruder = MqttUplinkOptions::new("127.0.0.1", cloud.port(), "intruder");
+    let mut intruder =
+        MqttUplinkOptions::new("127.0.0.1", cloud.port(), &"intruder".parse().unwrap());
     intruder.client_id = format!("outpost-{GATEWAY}-uplink");
     intruder.connect_timeout = Duration::from_secs(5);
     let session = MqttUplinkSession::connect(&intruder)

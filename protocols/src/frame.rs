@@ -116,6 +116,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::model::{
     MAX_STR_LEN, Priority, Quality, Sample, StreamId, StreamNameError, Value,
 };
@@ -143,8 +144,8 @@ pub const MAX_SAMPLES_PER_FRAME: usize = 65_536;
 pub const MAX_STREAMS_PER_FRAME: usize = 4_096;
 /// Most sequence ranges in one Ack.
 pub const MAX_ACK_RANGES: usize = 16_384;
-/// Longest gateway id, in bytes.
-pub const MAX_GATEWAY_ID_LEN: usize = 64;
+/// Longest gateway id, in bytes ([`GatewayId::MAX_LEN`]).
+pub const MAX_GATEWAY_ID_LEN: usize = GatewayId::MAX_LEN;
 /// Most padding bytes in a [`Ping`] (64 KiB: a throughput probe, not a bulk transfer).
 pub const MAX_PING_PAD: u32 = 64 * 1024;
 /// Bytes of a Ping body before its padding: nonce, sent_ns, padding length.
@@ -293,8 +294,8 @@ impl Message {
 /// Not an authentication: the hub must check the id against the TLS client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// The gateway's id (see [`validate_gateway_id`]).
-    pub gateway_id: String,
+    /// The gateway's id.
+    pub gateway_id: GatewayId,
     /// Highest frame version the sender can decode (≥ 1).
     pub max_version: u8,
 }
@@ -356,7 +357,7 @@ pub struct FrameSample {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataFrame {
     /// The sending gateway's id.
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// Priority class of every sample in the frame.
     pub priority: Priority,
     /// Body encoding on the wire. [`Encoding::Delta`] needs strictly increasing sequences
@@ -382,7 +383,7 @@ impl DataFrame {
     /// stream table and the sequence bounds are derived from them (an empty frame gets
     /// bounds `0 ..= 0`). The result is checked by [`encode`], not here.
     pub fn from_samples<'a>(
-        gateway_id: &str,
+        gateway_id: &GatewayId,
         priority: Priority,
         encoding: Encoding,
         samples: impl IntoIterator<Item = (u64, &'a Sample)>,
@@ -411,7 +412,7 @@ impl DataFrame {
             (lo, hi) = (0, 0);
         }
         DataFrame {
-            gateway_id: gateway_id.to_string(),
+            gateway_id: gateway_id.clone(),
             priority,
             encoding,
             first_seq: lo,
@@ -475,31 +476,36 @@ impl SeqRange {
     }
 }
 
+/// A set of sequences (any order, duplicates allowed) as sorted, merged inclusive ranges.
+pub fn seq_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<SeqRange> {
+    let mut v: Vec<u64> = seqs.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    let mut ranges: Vec<SeqRange> = Vec::new();
+    for s in v {
+        match ranges.last_mut() {
+            Some(r) if r.last.checked_add(1) == Some(s) => r.last = s,
+            _ => ranges.push(SeqRange { first: s, last: s }),
+        }
+    }
+    ranges
+}
+
 /// The hub's acknowledgement: these sequences of this gateway are durable at the hub.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
     /// The gateway the sequences belong to.
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// Disjoint inclusive ranges in increasing order.
     pub ranges: Vec<SeqRange>,
 }
 
 impl Ack {
     /// Acknowledges a set of sequences (any order, duplicates allowed), merged into ranges.
-    pub fn from_seqs(gateway_id: &str, seqs: impl IntoIterator<Item = u64>) -> Ack {
-        let mut v: Vec<u64> = seqs.into_iter().collect();
-        v.sort_unstable();
-        v.dedup();
-        let mut ranges: Vec<SeqRange> = Vec::new();
-        for s in v {
-            match ranges.last_mut() {
-                Some(r) if r.last.checked_add(1) == Some(s) => r.last = s,
-                _ => ranges.push(SeqRange { first: s, last: s }),
-            }
-        }
+    pub fn from_seqs(gateway_id: &GatewayId, seqs: impl IntoIterator<Item = u64>) -> Ack {
         Ack {
-            gateway_id: gateway_id.to_string(),
-            ranges,
+            gateway_id: gateway_id.clone(),
+            ranges: seq_ranges(seqs),
         }
     }
 
@@ -614,14 +620,6 @@ impl FrameError {
 /// encoder refuses anything the decoder would reject).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
-    /// See [`validate_gateway_id`].
-    #[error("invalid gateway id {id:?}: {reason}")]
-    GatewayId {
-        /// The id.
-        id: String,
-        /// What is wrong.
-        reason: &'static str,
-    },
     /// A stream table entry is not a valid stream name.
     #[error("invalid stream name {name:?}: {reason}")]
     StreamName {
@@ -701,28 +699,6 @@ pub enum EncodeError {
     Compress(String),
 }
 
-/// Checks a gateway id: 1..=[`MAX_GATEWAY_ID_LEN`] bytes of `[A-Za-z0-9._-]`, starting with
-/// an ASCII letter or digit (so it is safe as a file-name component: no `/`, no `..`).
-pub fn validate_gateway_id(id: &str) -> Result<(), &'static str> {
-    let b = id.as_bytes();
-    if b.is_empty() {
-        return Err("empty");
-    }
-    if b.len() > MAX_GATEWAY_ID_LEN {
-        return Err("longer than 64 bytes");
-    }
-    if !b[0].is_ascii_alphanumeric() {
-        return Err("must start with an ASCII letter or digit");
-    }
-    if !b
-        .iter()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-    {
-        return Err("only ASCII letters, digits, '.', '_' and '-' are allowed");
-    }
-    Ok(())
-}
-
 /// The checks `StreamId::intern` applies, so a decoded name always interns.
 pub(crate) fn validate_stream_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
@@ -768,13 +744,6 @@ pub(crate) fn put_short_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn check_gateway_id(id: &str) -> Result<(), EncodeError> {
-    validate_gateway_id(id).map_err(|reason| EncodeError::GatewayId {
-        id: id.to_string(),
-        reason,
-    })
-}
-
 /// Encodes `msg` into one frame, compressing zstd bodies at [`DEFAULT_ZSTD_LEVEL`].
 pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
     encode_with_level(msg, DEFAULT_ZSTD_LEVEL)
@@ -789,7 +758,6 @@ pub fn encode_with_level(msg: &Message, zstd_level: i32) -> Result<Vec<u8>, Enco
     out.extend_from_slice(&[0; 4]);
     match msg {
         Message::Hello(h) => {
-            check_gateway_id(&h.gateway_id)?;
             if h.max_version == 0 {
                 return Err(EncodeError::HelloVersion);
             }
@@ -832,7 +800,6 @@ pub fn encode_with_level(msg: &Message, zstd_level: i32) -> Result<Vec<u8>, Enco
 }
 
 fn encode_data(out: &mut Vec<u8>, d: &DataFrame, zstd_level: i32) -> Result<(), EncodeError> {
-    check_gateway_id(&d.gateway_id)?;
     if !d.encoding.is_supported() {
         return Err(EncodeError::UnsupportedEncoding(d.encoding));
     }
@@ -1001,7 +968,6 @@ fn encode_block(out: &mut Vec<u8>, d: &DataFrame) -> Result<(), EncodeError> {
 }
 
 fn encode_ack(out: &mut Vec<u8>, a: &Ack) -> Result<(), EncodeError> {
-    check_gateway_id(&a.gateway_id)?;
     if a.ranges.len() > MAX_ACK_RANGES {
         return Err(EncodeError::LimitExceeded {
             what: "ack ranges",
@@ -1130,13 +1096,12 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn gateway_id(&mut self) -> Result<String, FrameError> {
+    fn gateway_id(&mut self) -> Result<GatewayId, FrameError> {
         let id = self.short_str("gateway id")?;
-        validate_gateway_id(id).map_err(|reason| FrameError::Malformed {
+        GatewayId::parse(id).map_err(|e| FrameError::Malformed {
             field: "gateway id",
-            reason,
-        })?;
-        Ok(id.to_string())
+            reason: e.reason(),
+        })
     }
 
     pub(crate) fn finish(&self, field: &'static str) -> Result<(), FrameError> {
@@ -1590,6 +1555,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn gw(id: &str) -> GatewayId {
+        GatewayId::parse(id).unwrap()
+    }
+
     fn sample(name: &str, ts: i64, value: Value, quality: Quality) -> Sample {
         Sample {
             stream: StreamId::intern(name).unwrap(),
@@ -1682,7 +1651,7 @@ mod tests {
     fn data(encoding: Encoding) -> DataFrame {
         let recs = all_kinds();
         DataFrame::from_samples(
-            "gw-01",
+            &gw("gw-01"),
             Priority::Normal,
             encoding,
             recs.iter().map(|(q, s)| (*q, s)),
@@ -1904,7 +1873,7 @@ mod tests {
             }
         }
         DataFrame {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             priority: Priority::Normal,
             encoding: Encoding::Delta,
             first_seq: 1000,
@@ -1955,7 +1924,7 @@ mod tests {
             })
             .collect();
         let raw = DataFrame::from_samples(
-            "gw",
+            &gw("gw"),
             Priority::Bulk,
             Encoding::Raw,
             recs.iter().map(|(q, s)| (*q, s)),
@@ -1971,18 +1940,18 @@ mod tests {
     #[test]
     fn empty_frames_round_trip() {
         for enc in [Encoding::Raw, Encoding::Zstd] {
-            let d = DataFrame::from_samples("gw", Priority::Control, enc, []);
+            let d = DataFrame::from_samples(&gw("gw"), Priority::Control, enc, []);
             assert_eq!((d.first_seq, d.last_seq), (0, 0));
             let bytes = encode(&Message::Data(d.clone())).unwrap();
             assert_eq!(decode(&bytes).unwrap(), Message::Data(d));
         }
-        let a = Ack::from_seqs("gw", []);
+        let a = Ack::from_seqs(&gw("gw"), []);
         assert_eq!(
             decode(&encode(&Message::Ack(a.clone())).unwrap()).unwrap(),
             Message::Ack(a)
         );
         let h = Hello {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             max_version: 1,
         };
         assert_eq!(
@@ -1993,7 +1962,7 @@ mod tests {
 
     #[test]
     fn ack_merges_sequences_into_ranges() {
-        let a = Ack::from_seqs("gw", [5, 3, 4, 9, 10, 3, u64::MAX, 0]);
+        let a = Ack::from_seqs(&gw("gw"), [5, 3, 4, 9, 10, 3, u64::MAX, 0]);
         assert_eq!(
             a.ranges,
             vec![
@@ -2011,7 +1980,7 @@ mod tests {
         let back = decode(&encode(&Message::Ack(a.clone())).unwrap()).unwrap();
         assert_eq!(back, Message::Ack(a));
         let whole = Ack {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             ranges: vec![SeqRange {
                 first: 0,
                 last: u64::MAX,
@@ -2036,7 +2005,7 @@ mod tests {
     #[test]
     fn encoder_refuses_what_the_decoder_would_reject() {
         let bad_ack = Ack {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             ranges: vec![
                 SeqRange { first: 5, last: 9 },
                 SeqRange { first: 9, last: 12 },
@@ -2044,7 +2013,7 @@ mod tests {
         };
         assert_eq!(encode(&Message::Ack(bad_ack)), Err(EncodeError::AckRanges));
         let after_max = Ack {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             ranges: vec![
                 SeqRange {
                     first: 0,
@@ -2057,19 +2026,6 @@ mod tests {
             encode(&Message::Ack(after_max)),
             Err(EncodeError::AckRanges)
         );
-        for id in ["", "../etc", "gw/1", "-gw", &"g".repeat(65)] {
-            let h = Hello {
-                gateway_id: id.into(),
-                max_version: 1,
-            };
-            assert!(
-                matches!(
-                    encode(&Message::Hello(h)),
-                    Err(EncodeError::GatewayId { .. })
-                ),
-                "{id:?}"
-            );
-        }
         let mut d = data(Encoding::Raw);
         d.encoding = Encoding::Delta;
         assert_eq!(
@@ -2112,7 +2068,7 @@ mod tests {
     fn max_sizes_round_trip_and_one_more_is_refused() {
         // The most samples, each as small as possible.
         let mut d = DataFrame {
-            gateway_id: "g".repeat(MAX_GATEWAY_ID_LEN),
+            gateway_id: gw(&"g".repeat(MAX_GATEWAY_ID_LEN)),
             priority: Priority::Bulk,
             encoding: Encoding::Raw,
             first_seq: u64::MAX - MAX_SAMPLES_PER_FRAME as u64,
@@ -2145,7 +2101,7 @@ mod tests {
 
         // The most streams, with the longest names.
         let mut d = DataFrame {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             priority: Priority::Normal,
             encoding: Encoding::Raw,
             first_seq: 0,
@@ -2170,7 +2126,7 @@ mod tests {
 
         // The most ack ranges.
         let mut a = Ack {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             ranges: (0..MAX_ACK_RANGES as u64)
                 .map(|i| SeqRange {
                     first: 3 * i,
@@ -2194,7 +2150,7 @@ mod tests {
         // A block over MAX_BLOCK_LEN: long strings.
         let s = Value::text(&"z".repeat(255));
         let d = DataFrame {
-            gateway_id: "gw".into(),
+            gateway_id: gw("gw"),
             priority: Priority::Normal,
             encoding: Encoding::Zstd,
             first_seq: 0,
@@ -2275,9 +2231,13 @@ mod tests {
             encode(&Message::Data(data(Encoding::Zstd))).unwrap(),
             encode(&Message::Data(delta_data())).unwrap(),
             encode(&Message::Data(summary_data())).unwrap(),
-            encode(&Message::Ack(Ack::from_seqs("gw-01", [1, 2, 3, 7, 1000]))).unwrap(),
+            encode(&Message::Ack(Ack::from_seqs(
+                &gw("gw-01"),
+                [1, 2, 3, 7, 1000],
+            )))
+            .unwrap(),
             encode(&Message::Hello(Hello {
-                gateway_id: "gw-01".into(),
+                gateway_id: gw("gw-01"),
                 max_version: 1,
             }))
             .unwrap(),
@@ -2686,6 +2646,22 @@ mod tests {
                 ..
             })
         ));
+        // A Hello naming an id outside the gateway id rule.
+        for id in ["_gw", "../etc", "gw/1", "-gw", ".", "gw+"] {
+            let mut b = vec![id.len() as u8];
+            b.extend_from_slice(id.as_bytes());
+            b.push(1);
+            assert!(
+                matches!(
+                    decode(&envelope(1, 1, &b)),
+                    Err(FrameError::Malformed {
+                        field: "gateway id",
+                        ..
+                    })
+                ),
+                "{id:?}"
+            );
+        }
         let mut b = data_prefix(0, 0, 0);
         b[3] = b'.';
         b.extend_from_slice(&[0, 0]);
@@ -2816,7 +2792,7 @@ mod tests {
                     })
                     .collect();
                 DataFrame {
-                    gateway_id: "gw-prop".into(),
+                    gateway_id: gw("gw-prop"),
                     priority: Priority::from_u8(prio).unwrap(),
                     encoding: if z { Encoding::Zstd } else { Encoding::Raw },
                     first_seq: first,
@@ -2914,7 +2890,7 @@ mod tests {
                     })
                     .collect();
                 DataFrame {
-                    gateway_id: "gw-prop".into(),
+                    gateway_id: gw("gw-prop"),
                     priority: Priority::from_u8(prio).unwrap(),
                     encoding: Encoding::Delta,
                     first_seq: first,
@@ -3067,7 +3043,7 @@ mod tests {
 
         #[test]
         fn ack_round_trips(seqs in proptest::collection::vec(any::<u64>(), 0..200)) {
-            let a = Ack::from_seqs("gw", seqs.iter().copied());
+            let a = Ack::from_seqs(&gw("gw"), seqs.iter().copied());
             for s in &seqs { prop_assert!(a.contains(*s)); }
             let m = Message::Ack(a);
             prop_assert_eq!(decode(&encode(&m).unwrap()).unwrap(), m);

@@ -67,7 +67,7 @@ fn decode_peak(bytes: &[u8]) -> usize {
 
 fn frame(streams: Vec<String>, samples: Vec<FrameSample>, encoding: Encoding) -> Vec<u8> {
     let d = DataFrame {
-        gateway_id: "gw".into(),
+        gateway_id: "gw".parse().unwrap(),
         priority: Priority::Normal,
         encoding,
         first_seq: 0,
@@ -137,7 +137,7 @@ fn largest_frames_decode_within_the_declared_bound() {
             })
             .collect();
         let d = DataFrame {
-            gateway_id: "gw".into(),
+            gateway_id: "gw".parse().unwrap(),
             priority: Priority::Normal,
             encoding: Encoding::Summary,
             first_seq: 0,
@@ -193,7 +193,7 @@ fn largest_frames_decode_within_the_declared_bound() {
         (
             "max ack ranges",
             frame::encode(&Message::Ack(Ack {
-                gateway_id: "gw".into(),
+                gateway_id: "gw".parse().unwrap(),
                 ranges: (0..MAX_ACK_RANGES as u64)
                     .map(|i| SeqRange {
                         first: 2 * i,

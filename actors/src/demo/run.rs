@@ -73,7 +73,7 @@ pub async fn run(
         generate_bundle(
             &certs,
             &["localhost".into(), "127.0.0.1".into()],
-            &["demo-gw".into()],
+            &["demo-gw".parse().map_err(setup("gateway id"))?],
         )
         .map_err(setup("certificates"))?;
     }

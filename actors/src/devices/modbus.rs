@@ -3,14 +3,19 @@
 //! allows one request at a time per connection, so the client sits behind a mutex and a
 //! group holds it for one request at a time).
 //!
-//! Each group's points are batched by the planner ([`plan_reads`]) once, at start. A
-//! response's samples are timestamped when it arrives and carry quality `Good`, or `Bad`
+//! Each group's points are batched by the planner ([`plan_reads`]) at start; a
+//! [`ReadScheduler`] per group then adapts the plan to what the device refuses (a batched
+//! read that answers "illegal data address" is split to find the address, the rest is
+//! polled without it, the bad address is retried alone at a slower rate; each finding and
+//! each recovery is logged once). A response's samples are timestamped when it arrives and carry quality `Good`, or `Bad`
 //! when a float register holds NaN or an infinity (the value is kept as the device gave it).
 //!
 //! Failure policy:
 //! - the device answers with an **exception**: counted (`outpost_modbus_exceptions{device,
-//!   code}`), logged when a request's exception changes, the request's points give no
-//!   samples this round; never fatal, the other requests and groups go on;
+//!   code}`), the request's points give no samples this round; never fatal, the other
+//!   requests and groups go on. Exception 2 (illegal data address) is handled by the
+//!   scheduler as above (`outpost_modbus_unreadable{device}` counts the points and joins
+//!   it currently keeps out); other codes are logged when a request's exception changes;
 //! - a **request fails** (timeout, broken connection, malformed answer): counted; the client
 //!   drops the connection and the next request re-opens it at once. A transient failure is
 //!   so retried once, in the next request, without restarting the actor. After
@@ -22,17 +27,20 @@
 //! An `Err` makes the supervisor restart the actor with backoff (`[supervision]`), which is
 //! where waiting for an unreachable device belongs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_protocols::modbus::client::{ClientError, Exception, ModbusTcpClient, ReadData};
-use outpost_protocols::modbus::{
-    BatchConfig, PointConfig, ReadRequest, plan_reads, validate_points,
+use outpost_protocols::modbus::schedule::{
+    ILLEGAL_DATA_ADDRESS, Job, Outcome, ReadKind, ReadScheduler,
 };
+use outpost_protocols::modbus::{BatchConfig, PointConfig, Table, validate_points};
 use outpost_runtime::config::ModbusDeviceConfig;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{Quality, Sample, StreamId, Value, now_ns};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Mutex;
 use tokio::time::MissedTickBehavior;
 
@@ -54,9 +62,8 @@ pub fn driver(cfg: ModbusDeviceConfig) -> DriverFn {
 /// One poll group, planned.
 struct Group {
     interval: Duration,
-    points: Vec<PointConfig>,
     streams: Vec<StreamId>,
-    requests: Vec<ReadRequest>,
+    schedule: ReadScheduler,
 }
 
 /// The device's counters, created once per run.
@@ -67,12 +74,13 @@ struct Counters {
     samples: Counter,
     requests: Counter,
     timeouts: Counter,
+    unreadable: Gauge,
 }
 
 impl Counters {
     fn new(m: &Metrics, device: &str) -> Counters {
         let l = [("device", device)];
-        Counters {
+        let c = Counters {
             metrics: m.clone(),
             device: device.to_owned(),
             samples: super::counters::samples_read(m, device),
@@ -86,7 +94,16 @@ impl Counters {
                 "Modbus requests that got no answer within the timeout",
                 &l,
             ),
-        }
+            unreadable: m.gauge(
+                "outpost_modbus_unreadable",
+                "Points the device refuses (exception 2) plus pairs of points it refuses to \
+                 read in one request, now kept out of the poll and retried slowly",
+                &l,
+            ),
+        };
+        // A new run finds out afresh what the device refuses.
+        c.unreadable.set(0);
+        c
     }
 
     fn exception(&self, e: Exception) {
@@ -124,8 +141,7 @@ fn plan(cfg: &ModbusDeviceConfig) -> Result<Vec<Group>, String> {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Group {
                 interval: g.interval.get(),
-                requests: plan_reads(&points, &batch),
-                points,
+                schedule: ReadScheduler::new(points, batch, g.interval.get()),
                 streams,
             })
         })
@@ -147,7 +163,7 @@ async fn run(cfg: &ModbusDeviceConfig, ctx: DeviceContext) -> Result<(), String>
         device = %ctx.name,
         addr = %client.addr(),
         groups = groups.len(),
-        requests = groups.iter().map(|g| g.requests.len()).sum::<usize>(),
+        requests = groups.iter().map(|g| g.schedule.plan().len()).sum::<usize>(),
         "modbus device connected"
     );
     let conn = Arc::new(Mutex::new(Conn {
@@ -169,19 +185,24 @@ async fn run(cfg: &ModbusDeviceConfig, ctx: DeviceContext) -> Result<(), String>
 
 /// Polls one group forever; returns only with the error that ends the driver.
 async fn poll_group(
-    g: Group,
+    mut g: Group,
     conn: Arc<Mutex<Conn>>,
     ctx: DeviceContext,
     c: Counters,
 ) -> Result<(), String> {
     let mut tick = tokio::time::interval(g.interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    // The last exception of each request, to log changes only.
-    let mut last_exc: Vec<Option<Exception>> = vec![None; g.requests.len()];
+    // The last exception other than "illegal data address" of each read, to log changes
+    // only (bounded: one entry per distinct read the scheduler makes).
+    let mut last_exc: HashMap<(Table, u16, u16), Exception> = HashMap::new();
+    let mut unreadable = 0i64;
     loop {
         tick.tick().await;
-        let mut samples = Vec::with_capacity(g.points.len());
-        for (ri, req) in g.requests.iter().enumerate() {
+        let mut samples = Vec::with_capacity(g.schedule.points().len());
+        g.schedule
+            .start_poll(tokio::time::Instant::now().into_std());
+        while let Some(job) = g.schedule.next_read() {
+            let req = &job.request;
             let (res, ts) = {
                 let mut conn = conn.lock().await;
                 c.requests.inc();
@@ -214,23 +235,47 @@ async fn poll_group(
                 }
                 (res, ts)
             };
+            let outcome = match &res {
+                Ok(Ok(_)) => Outcome::Data,
+                Ok(Err(exc)) => Outcome::Exception(exc.0),
+                Err(_) => Outcome::Failed,
+            };
+            let key = (req.table, req.address, req.count);
             match res {
                 Ok(Ok(data)) => {
-                    last_exc[ri] = None;
-                    decode_into(&g, req, &data, ts, &mut samples, &ctx.name, &c);
+                    last_exc.remove(&key);
+                    if job.delivers() {
+                        decode_into(&g, &job, &data, ts, &mut samples, &ctx.name, &c);
+                    }
                 }
                 Ok(Err(exc)) => {
                     c.exception(exc);
-                    if last_exc[ri] != Some(exc) {
+                    // Exception 2 is the scheduler's: it logs what it finds, once.
+                    if exc.0 != ILLEGAL_DATA_ADDRESS
+                        && job.kind == ReadKind::Plan
+                        && last_exc.get(&key) != Some(&exc)
+                    {
                         tracing::warn!(
                             device = %ctx.name, table = req.table.as_str(),
                             address = req.address, count = req.count, %exc,
                             "modbus device answered with an exception"
                         );
-                        last_exc[ri] = Some(exc);
+                        last_exc.insert(key, exc);
                     }
                 }
                 Err(_) => {} // counted and logged above
+            }
+            let now = tokio::time::Instant::now().into_std();
+            if let Some(f) = g.schedule.report(&job, outcome, now) {
+                let message = f.message(g.schedule.points());
+                if f.is_recovery() {
+                    tracing::info!(device = %ctx.name, "{message}");
+                } else {
+                    tracing::warn!(device = %ctx.name, "{message}");
+                }
+                let n = (g.schedule.unreadable().count() + g.schedule.kept_apart().count()) as i64;
+                c.unreadable.inc_by(n - unreadable);
+                unreadable = n;
             }
         }
         if !samples.is_empty() {
@@ -248,14 +293,14 @@ async fn poll_group(
 
 fn decode_into(
     g: &Group,
-    req: &ReadRequest,
+    job: &Job,
     data: &ReadData,
     ts: i64,
     out: &mut Vec<Sample>,
     device: &str,
     c: &Counters,
 ) {
-    match req.decode(&g.points, data.as_response()) {
+    match job.request.decode(g.schedule.points(), data.as_response()) {
         Ok(values) => {
             for (i, value) in values {
                 let Some(&stream) = g.streams.get(i) else {
@@ -323,12 +368,12 @@ type = "bool"
         assert_eq!(gs.len(), 2);
         assert_eq!(gs[0].interval, Duration::from_millis(250));
         // 0..3 contiguous, 4 after a one-register gap: two reads with max_gap 0.
-        assert_eq!(gs[0].requests.len(), 2);
-        assert_eq!(gs[1].requests.len(), 1);
+        assert_eq!(gs[0].schedule.plan().len(), 2);
+        assert_eq!(gs[1].schedule.plan().len(), 1);
         assert_eq!(&*gs[1].streams[0].name(), "t/plan/d");
         let mut c2 = c.clone();
         c2.max_gap = outpost_runtime::config::Bounded(1);
-        assert_eq!(plan(&c2).unwrap()[0].requests.len(), 1);
+        assert_eq!(plan(&c2).unwrap()[0].schedule.plan().len(), 1);
     }
 
     /// `config/demo.toml`'s points, read from the demo's simulated boiler through a whole

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::frame::{Ack, DataFrame, Hello};
 use outpost_protocols::mqtt::publisher::{MqttPublisher, PublisherOptions};
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::config::hub::RepublishSection;
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{TimestampNs, now_ns};
@@ -102,15 +103,15 @@ fn quoted(s: &str) -> String {
 /// One session of one gateway (pure): over QUIC a stream, over MQTT what follows a Hello.
 #[derive(Debug, Clone)]
 pub struct Session {
-    gateway: String,
+    gateway: GatewayId,
     hello: bool,
 }
 
 impl Session {
     /// A session of `gateway`, the id its transport vouches for; no Hello yet.
-    pub fn new(gateway: impl Into<String>) -> Session {
+    pub fn new(gateway: GatewayId) -> Session {
         Session {
-            gateway: gateway.into(),
+            gateway,
             hello: false,
         }
     }
@@ -130,7 +131,7 @@ impl Session {
         if h.gateway_id != self.gateway {
             return Err(Refusal::Identity {
                 claimed: quoted(&h.gateway_id),
-                actual: self.gateway.clone(),
+                actual: self.gateway.to_string(),
             });
         }
         self.hello = true;
@@ -143,11 +144,11 @@ impl Session {
         if let Some(f) = frames.iter().find(|f| f.gateway_id != self.gateway) {
             return Err(Refusal::Identity {
                 claimed: quoted(&f.gateway_id),
-                actual: self.gateway.clone(),
+                actual: self.gateway.to_string(),
             });
         }
         if !self.hello {
-            return Err(Refusal::NoHello(self.gateway.clone()));
+            return Err(Refusal::NoHello(self.gateway.to_string()));
         }
         Ok(())
     }
@@ -220,11 +221,11 @@ impl MqttSessions {
 
     /// The entry of `gateway`, made the most recent (created, forgetting the least recent
     /// one when full).
-    fn touch(&mut self, gateway: &str) -> &mut Entry {
+    fn touch(&mut self, gateway: &GatewayId) -> &mut Entry {
         let stamp = self.next;
         self.next += 1;
-        self.order.push_back((gateway.to_owned(), stamp));
-        if !self.map.contains_key(gateway) {
+        self.order.push_back((gateway.to_string(), stamp));
+        if !self.map.contains_key(gateway.as_str()) {
             while self.map.len() >= self.capacity {
                 let Some((old, s)) = self.order.pop_front() else {
                     break;
@@ -240,17 +241,20 @@ impl MqttSessions {
             self.order
                 .retain(|(g, s)| map.get(g).is_some_and(|e| e.stamp == *s) || *s == stamp);
         }
-        let e = self.map.entry(gateway.to_owned()).or_insert_with(|| Entry {
-            session: Session::new(gateway),
-            stamp,
-            asked: None,
-        });
+        let e = self
+            .map
+            .entry(gateway.to_string())
+            .or_insert_with(|| Entry {
+                session: Session::new(gateway.clone()),
+                stamp,
+                asked: None,
+            });
         e.stamp = stamp;
         e
     }
 
     /// A Hello from `gateway` (the topic's): its session starts (again).
-    pub fn hello(&mut self, gateway: &str, h: &Hello) -> Result<(), Refusal> {
+    pub fn hello(&mut self, gateway: &GatewayId, h: &Hello) -> Result<(), Refusal> {
         let e = self.touch(gateway);
         e.session.hello(h)?;
         e.asked = None;
@@ -259,7 +263,12 @@ impl MqttSessions {
 
     /// A Data frame from `gateway` (the topic's) at `now`: admitted, or refused (and
     /// whether to ask the gateway for a new session now).
-    pub fn data(&mut self, gateway: &str, frame: &DataFrame, now: Instant) -> Result<(), Refused> {
+    pub fn data(
+        &mut self,
+        gateway: &GatewayId,
+        frame: &DataFrame,
+        now: Instant,
+    ) -> Result<(), Refused> {
         let ask_every = self.ask_every;
         let e = self.touch(gateway);
         match e.session.admit(std::slice::from_ref(frame)) {
@@ -358,14 +367,14 @@ pub enum IngestError {
 /// Data frames of one gateway, committed together.
 #[derive(Debug, Clone)]
 pub struct Group {
-    pub gateway: String,
+    pub gateway: GatewayId,
     pub frames: Vec<DataFrame>,
 }
 
 /// The acknowledgements of one [`Group`], one per frame, in order.
 #[derive(Debug, Clone)]
 pub struct Acks {
-    pub gateway: String,
+    pub gateway: GatewayId,
     pub acks: Vec<Ack>,
 }
 
@@ -462,7 +471,7 @@ impl HubIngest {
                 .store
                 .commit_many(&g.gateway, &g.frames, arrival)
                 .map_err(|source| IngestError::Store {
-                    gateway: g.gateway.clone(),
+                    gateway: g.gateway.to_string(),
                     source,
                 })?;
             self.count(t, &g.gateway, &done);
@@ -517,12 +526,16 @@ impl HubIngest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(s: &str) -> GatewayId {
+        s.parse().unwrap()
+    }
     use outpost_protocols::frame::{Encoding, VERSION};
     use outpost_runtime::model::{Priority, Sample, StreamId, Value};
 
     fn hello(gw: &str) -> Hello {
         Hello {
-            gateway_id: gw.into(),
+            gateway_id: id(gw),
             max_version: VERSION,
         }
     }
@@ -534,7 +547,7 @@ mod tests {
             .map(|q| Sample::new(s, *q as i64, Value::I64(*q as i64)))
             .collect();
         DataFrame::from_samples(
-            gw,
+            &id(gw),
             Priority::Normal,
             Encoding::Raw,
             seqs.iter().copied().zip(samples.iter()),
@@ -543,7 +556,7 @@ mod tests {
 
     #[test]
     fn a_session_needs_a_hello_naming_its_gateway_before_data() {
-        let mut s = Session::new("gw-1");
+        let mut s = Session::new(id("gw-1"));
         assert_eq!(
             s.admit(&[data("gw-1", &[1])]),
             Err(Refusal::NoHello("gw-1".into()))
@@ -565,33 +578,37 @@ mod tests {
         let mut m = MqttSessions::new(8, Duration::from_secs(5));
         let t0 = Instant::now();
         let d = data("gw-1", &[1]);
-        let first = m.data("gw-1", &d, t0).unwrap_err();
+        let first = m.data(&id("gw-1"), &d, t0).unwrap_err();
         assert_eq!(first.refusal.kind(), "no_hello");
         assert!(first.ask_hello);
         // Not asked again until the interval has passed.
         assert!(
-            !m.data("gw-1", &d, t0 + Duration::from_secs(1))
+            !m.data(&id("gw-1"), &d, t0 + Duration::from_secs(1))
                 .unwrap_err()
                 .ask_hello
         );
         assert!(
-            m.data("gw-1", &d, t0 + Duration::from_secs(5))
+            m.data(&id("gw-1"), &d, t0 + Duration::from_secs(5))
                 .unwrap_err()
                 .ask_hello
         );
         // Another gateway is asked on its own.
-        assert!(m.data("gw-2", &d_for("gw-2"), t0).unwrap_err().ask_hello);
+        assert!(
+            m.data(&id("gw-2"), &d_for("gw-2"), t0)
+                .unwrap_err()
+                .ask_hello
+        );
         // After the Hello, data is admitted; a Hello naming another gateway is not.
-        m.hello("gw-1", &hello("gw-1")).unwrap();
+        m.hello(&id("gw-1"), &hello("gw-1")).unwrap();
         assert!(m.has_session("gw-1"));
-        m.data("gw-1", &d, t0).unwrap();
+        m.data(&id("gw-1"), &d, t0).unwrap();
         assert_eq!(
-            m.hello("gw-3", &hello("gw-1")).unwrap_err().kind(),
+            m.hello(&id("gw-3"), &hello("gw-1")).unwrap_err().kind(),
             "identity"
         );
         assert!(!m.has_session("gw-3"));
         // Data naming another gateway than its topic: identity, and no request.
-        let wrong = m.data("gw-1", &data("gw-9", &[1]), t0).unwrap_err();
+        let wrong = m.data(&id("gw-1"), &data("gw-9", &[1]), t0).unwrap_err();
         assert_eq!(wrong.refusal.kind(), "identity");
         assert!(!wrong.ask_hello);
         assert!(m.has_session("gw-1"));
@@ -606,20 +623,20 @@ mod tests {
         let mut m = MqttSessions::new(3, Duration::from_secs(5));
         let now = Instant::now();
         for gw in ["a", "b", "c"] {
-            m.hello(gw, &hello(gw)).unwrap();
+            m.hello(&id(gw), &hello(gw)).unwrap();
         }
         // "a" heard again: "b" is now the least recent.
-        m.data("a", &d_for("a"), now).unwrap();
-        m.hello("d", &hello("d")).unwrap();
+        m.data(&id("a"), &d_for("a"), now).unwrap();
+        m.hello(&id("d"), &hello("d")).unwrap();
         assert_eq!(m.len(), 3);
         assert!(m.has_session("a") && m.has_session("c") && m.has_session("d"));
         assert!(!m.has_session("b"));
         // A forgotten gateway is asked again, and so on, for many gateways: the memory
         // stays bounded.
-        assert!(m.data("b", &d_for("b"), now).unwrap_err().ask_hello);
+        assert!(m.data(&id("b"), &d_for("b"), now).unwrap_err().ask_hello);
         for i in 0..10_000 {
             let gw = format!("g{}", i % 50);
-            m.hello(&gw, &hello(&gw)).unwrap();
+            m.hello(&id(&gw), &hello(&gw)).unwrap();
         }
         assert_eq!(m.len(), 3);
         assert!(m.order.len() <= 2 * 3 + 16 + 1, "{}", m.order.len());

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::frame::{self, DataFrame, Hello, Message};
 use outpost_protocols::uplink::mqtt::{down_topic, gateway_of_up_topic, up_filter};
-use outpost_runtime::config::MqttIngressSection;
+use outpost_runtime::config::{GatewayId, MqttIngressSection};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::supervisor::{Backoff, BackoffPolicy};
 use prometheus_client::metrics::counter::Counter;
@@ -238,9 +238,12 @@ impl Counters {
 #[derive(Debug, PartialEq)]
 pub enum Incoming {
     /// A Hello whose id matches the topic: it starts the gateway's session.
-    Hello { gateway: String, hello: Hello },
+    Hello { gateway: GatewayId, hello: Hello },
     /// A Data frame from the gateway its topic names.
-    Data { gateway: String, frame: DataFrame },
+    Data {
+        gateway: GatewayId,
+        frame: DataFrame,
+    },
 }
 
 /// Why a message is skipped.
@@ -270,12 +273,12 @@ pub fn classify(prefix: &str, topic: &str, payload: &[u8]) -> Result<Incoming, R
     };
     match frame::decode(payload) {
         Ok(Message::Hello(h)) if h.gateway_id == gw => Ok(Incoming::Hello {
-            gateway: gw.to_owned(),
+            gateway: gw.clone(),
             hello: h,
         }),
         Ok(Message::Hello(h)) => Err(identity(&h.gateway_id)),
         Ok(Message::Data(d)) if d.gateway_id == gw => Ok(Incoming::Data {
-            gateway: gw.to_owned(),
+            gateway: gw.clone(),
             frame: d,
         }),
         Ok(Message::Data(d)) => Err(identity(&d.gateway_id)),
@@ -451,7 +454,7 @@ fn flush(client: &AsyncClient, queue: &mut VecDeque<Request>, ingest: &HubIngest
 #[derive(Default)]
 struct Slot {
     /// The (gateway, index in its group) of its Data frame, if admitted.
-    data: Option<(String, usize)>,
+    data: Option<(GatewayId, usize)>,
     /// The request for a new session it caused, if any.
     ask: Option<Request>,
 }
@@ -465,7 +468,7 @@ async fn handle_batch(
 ) -> Result<Vec<Request>, String> {
     let now = Instant::now();
     let mut slots: Vec<Slot> = Vec::with_capacity(batch.len());
-    let mut groups: BTreeMap<String, Vec<DataFrame>> = BTreeMap::new();
+    let mut groups: BTreeMap<GatewayId, Vec<DataFrame>> = BTreeMap::new();
     for p in &batch {
         ctx.c.messages.inc();
         match classify(prefix, &p.topic, &p.payload) {
@@ -546,9 +549,9 @@ async fn handle_batch(
 }
 
 /// The request for a new session sent to `gateway`: a Hello naming it, on its down topic.
-fn hello_request(prefix: &str, gateway: &str) -> Option<Request> {
+fn hello_request(prefix: &str, gateway: &GatewayId) -> Option<Request> {
     let hello = Message::Hello(Hello {
-        gateway_id: gateway.to_owned(),
+        gateway_id: gateway.clone(),
         max_version: frame::VERSION,
     });
     match frame::encode(&hello) {
@@ -577,7 +580,7 @@ mod tests {
             .map(|q| Sample::new(s, *q as i64, Value::I64(*q as i64)))
             .collect();
         let f = DataFrame::from_samples(
-            gw,
+            &gw.parse().unwrap(),
             Priority::Normal,
             Encoding::Raw,
             seqs.iter().copied().zip(samples.iter()),
@@ -595,7 +598,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let hello = frame::encode(&Message::Hello(Hello {
-            gateway_id: "gw-1".into(),
+            gateway_id: "gw-1".parse().unwrap(),
             max_version: 1,
         }))
         .unwrap();
@@ -632,10 +635,11 @@ mod tests {
         let n = flipped.len();
         flipped[n / 2] ^= 0xff;
         assert_eq!(kind("outpost/gw-1/up", &flipped), "checksum");
-        let ack = frame::encode(&Message::Ack(Ack::from_seqs("gw-1", [1]))).unwrap();
+        let ack =
+            frame::encode(&Message::Ack(Ack::from_seqs(&"gw-1".parse().unwrap(), [1]))).unwrap();
         assert_eq!(kind("outpost/gw-1/up", &ack), "unexpected_ack");
         let hello = frame::encode(&Message::Hello(Hello {
-            gateway_id: "gw-2".into(),
+            gateway_id: "gw-2".parse().unwrap(),
             max_version: 1,
         }))
         .unwrap();

@@ -38,7 +38,7 @@ use outpost_protocols::uplink::quic::{
     self, CLOSE_BAD_IDENTITY, GatewayConnection, QuicConnection, QuicServer, ServerOptions,
     ServerTls,
 };
-use outpost_runtime::config::HubConfig;
+use outpost_runtime::config::{GatewayId, HubConfig};
 use outpost_runtime::metrics::Metrics;
 use prometheus_client::metrics::counter::Counter;
 
@@ -225,7 +225,7 @@ async fn accept_loop(mut server: QuicServer, ingest: Arc<HubIngest>, metrics: Me
 
 /// What every stream of one gateway connection shares.
 struct ConnCtx {
-    gw: String,
+    gw: GatewayId,
     conn: QuicConnection,
     ingest: Arc<HubIngest>,
     pongs: Counter,

@@ -131,22 +131,11 @@ pub fn summary_file_name(gateway: &str, arrival_ns: TimestampNs) -> String {
 
 /// `YYYY-MM-DD` of a UTC timestamp.
 fn day(ns: TimestampNs) -> String {
-    let (y, m, d) = civil_from_days(ns.div_euclid(86_400 * 1_000_000_000));
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    // Every i64 of ns is within the years time handles (1677-2262).
+    let d = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
 /// Appends JSON lines (samples or summaries) to per-gateway daily files.
@@ -293,6 +282,8 @@ mod tests {
             "gw/2000-02-29.jsonl"
         );
         assert_eq!(file_name("gw", -1), "gw/1969-12-31.jsonl");
+        assert_eq!(file_name("gw", i64::MIN), "gw/1677-09-21.jsonl");
+        assert_eq!(file_name("gw", i64::MAX), "gw/2262-04-11.jsonl");
         assert_eq!(
             summary_file_name("gw", 1_700_000_000_000_000_000),
             "gw/2023-11-14.summary.jsonl"

@@ -365,7 +365,7 @@ mod tests {
             .map(|q| Sample::new(s, *q as i64, Value::I64(*q as i64)))
             .collect();
         DataFrame::from_samples(
-            "gw",
+            &"gw".parse().unwrap(),
             Priority::Normal,
             Encoding::Raw,
             seqs.iter().copied().zip(samples.iter()),
@@ -459,7 +459,8 @@ mod tests {
             );
             seq += 2;
         }
-        let mut d = DataFrame::from_summaries("gw", Priority::Normal, &agg.flush());
+        let mut d =
+            DataFrame::from_summaries(&"gw".parse().unwrap(), Priority::Normal, &agg.flush());
         assert_eq!(d.summaries.len(), 4);
         d.last_seq = 140;
         d.samples.push(FrameSample {

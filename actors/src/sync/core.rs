@@ -68,6 +68,7 @@ use outpost_protocols::encoding::{
     applies_deadband, encoding_for,
 };
 use outpost_protocols::frame::{Ack, DataFrame, Encoding};
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::model::{LinkClass, Priority, Sample, SyncMode};
 use outpost_runtime::storage::Seq;
 
@@ -141,7 +142,7 @@ const BACKFILL: [Lane; 2] = [
 /// Settings of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// Most samples per frame.
     pub max_frame_samples: usize,
     /// Most samples in flight (sent, unacknowledged).

@@ -62,7 +62,10 @@ impl Outbox {
 
     /// Acknowledges `frames` and deletes what the core says.
     fn ack(&mut self, core: &mut SyncCore, frames: &[Outgoing]) -> usize {
-        let ack = Ack::from_seqs("gw", frames.iter().flat_map(|f| f.seqs.iter().copied()));
+        let ack = Ack::from_seqs(
+            &"gw".parse().unwrap(),
+            frames.iter().flat_map(|f| f.seqs.iter().copied()),
+        );
         let (done, _) = core.acked(&ack);
         for id in &done {
             self.recs.remove(id);
@@ -73,7 +76,7 @@ impl Outbox {
 
 fn cfg() -> CoreConfig {
     CoreConfig {
-        gateway_id: "gw".into(),
+        gateway_id: "gw".parse().unwrap(),
         max_frame_samples: 10,
         window: 40,
         backfill: true,
@@ -143,8 +146,14 @@ fn acknowledging_a_frame_gives_back_exactly_the_bytes_it_was_sent_with() {
     let f = core.next_frame().expect("a frame");
     assert_eq!(f.seqs.len(), 7);
     core.commit(f.lane, &f.seqs, 1_003);
-    let (first, b1) = core.acked(&Ack::from_seqs("gw", f.seqs[..3].iter().copied()));
-    let (rest, b2) = core.acked(&Ack::from_seqs("gw", f.seqs[3..].iter().copied()));
+    let (first, b1) = core.acked(&Ack::from_seqs(
+        &"gw".parse().unwrap(),
+        f.seqs[..3].iter().copied(),
+    ));
+    let (rest, b2) = core.acked(&Ack::from_seqs(
+        &"gw".parse().unwrap(),
+        f.seqs[3..].iter().copied(),
+    ));
     assert_eq!(first.len() + rest.len(), 7);
     assert_eq!(b1 + b2, 1_003);
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use outpost_protocols::encoding::{Deadband, DeadbandConfig, SummaryConfig};
 use outpost_protocols::frame::DataFrame;
-use outpost_runtime::config::{Config, DeadbandSpec, SyncModeSetting};
+use outpost_runtime::config::{Config, DeadbandSpec, GatewayId, SyncModeSetting};
 use outpost_runtime::metrics::Metrics;
 use outpost_runtime::model::{LinkClass, Priority, SyncMode, now_ns};
 use outpost_runtime::record;
@@ -58,7 +58,7 @@ pub struct SyncOptions {
 /// Everything the sync loop needs.
 #[derive(Clone)]
 pub struct SyncContext {
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// The transport and where it goes.
     pub uplink: UplinkSettings,
     pub options: SyncOptions,

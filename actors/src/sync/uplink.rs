@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use outpost_protocols::frame::{self, Ack, DataFrame, EncodeError, FrameBuffer, Hello, Message};
 use outpost_protocols::uplink::mqtt::{MqttUplinkOptions, MqttUplinkSession};
 use outpost_protocols::uplink::quic::{self, ClientOptions, ClientTls, QuicClient, QuicConnection};
-use outpost_runtime::config::{UplinkConfig, UplinkTransport};
+use outpost_runtime::config::{GatewayId, UplinkConfig, UplinkTransport};
 use outpost_runtime::model::LinkClass;
 use tokio::sync::mpsc;
 
@@ -67,7 +67,7 @@ impl UplinkSettings {
     /// (QUIC), or the password and TLS files (`[uplink.mqtt]`). The config validator
     /// reports missing keys at their place; a config built in code may skip it, so they are
     /// checked here too.
-    pub fn from_config(gateway_id: &str, u: &UplinkConfig) -> Result<UplinkSettings, String> {
+    pub fn from_config(gateway_id: &GatewayId, u: &UplinkConfig) -> Result<UplinkSettings, String> {
         match u.transport {
             UplinkTransport::Quic => {
                 let need = |key: &str| {
@@ -225,13 +225,13 @@ impl Connection {
     /// ([`Link::send`]).
     pub async fn open(
         self,
-        gateway_id: &str,
+        gateway_id: &GatewayId,
         link: &LinkHandle,
         ping_interval: Duration,
         send_timeout: Duration,
     ) -> Result<Link, String> {
         let hello = frame::encode(&Message::Hello(Hello {
-            gateway_id: gateway_id.to_owned(),
+            gateway_id: gateway_id.clone(),
             max_version: frame::VERSION,
         }))
         .map_err(|e| e.to_string())?;
@@ -713,7 +713,7 @@ mod tests {
             })
             .collect();
         DataFrame::from_samples(
-            "gw-split",
+            &"gw-split".parse().unwrap(),
             Priority::Normal,
             encoding,
             samples.iter().map(|(q, s)| (*q, s)),
@@ -758,7 +758,7 @@ mod tests {
         let mut u = uplink_of(
             "[uplink]\ntransport = \"mqtt\"\n[uplink.mqtt]\nbroker = \"broker.example:1883\"\nmax_payload = \"64KiB\"\n",
         );
-        let s = UplinkSettings::from_config("gw-1", &u).unwrap();
+        let s = UplinkSettings::from_config(&"gw-1".parse().unwrap(), &u).unwrap();
         assert_eq!(s.target(), "mqtt://broker.example:1883");
         match &s {
             UplinkSettings::Mqtt(o) => {
@@ -769,7 +769,9 @@ mod tests {
         }
         // The QUIC keys are not needed; a missing [uplink.mqtt] is named.
         u.mqtt = None;
-        let e = UplinkSettings::from_config("gw-1", &u).err().unwrap();
+        let e = UplinkSettings::from_config(&"gw-1".parse().unwrap(), &u)
+            .err()
+            .unwrap();
         assert!(e.contains("[uplink.mqtt] is missing"), "{e}");
     }
 
@@ -778,10 +780,14 @@ mod tests {
         let mut u = uplink_of(
             "[uplink]\nhub = \"127.0.0.1:7443\"\nserver_name = \"hub\"\nca = \"/nonexistent/ca.pem\"\ncert = \"/nonexistent/gw.pem\"\nkey = { file = \"/nonexistent/gw.key\" }\n",
         );
-        let e = UplinkSettings::from_config("gw-1", &u).err().unwrap();
+        let e = UplinkSettings::from_config(&"gw-1".parse().unwrap(), &u)
+            .err()
+            .unwrap();
         assert!(e.contains("/nonexistent/ca.pem"), "{e}");
         u.hub = None;
-        let e = UplinkSettings::from_config("gw-1", &u).err().unwrap();
+        let e = UplinkSettings::from_config(&"gw-1".parse().unwrap(), &u)
+            .err()
+            .unwrap();
         assert!(e.contains("uplink.hub is missing"), "{e}");
     }
 
@@ -832,7 +838,7 @@ mod tests {
             })
             .collect();
         let f = DataFrame::from_samples(
-            "gw-split",
+            &"gw-split".parse().unwrap(),
             Priority::Normal,
             Encoding::Raw,
             samples.iter().map(|(q, s)| (*q, s)),
@@ -855,7 +861,7 @@ mod tests {
             })
             .collect();
         let f = DataFrame::from_samples(
-            "gw-split",
+            &"gw-split".parse().unwrap(),
             Priority::Normal,
             Encoding::Zstd,
             samples.iter().map(|(q, s)| (*q, s)),

@@ -325,7 +325,7 @@ pub fn run(args: &[String]) -> Result<Json, String> {
             .iter()
             .map(|(q, s)| {
                 frame_bytes(DataFrame::from_samples(
-                    GATEWAY,
+                    &GATEWAY.parse().unwrap(),
                     Priority::Critical,
                     enc,
                     [(*q, s)],
@@ -374,7 +374,7 @@ pub fn run(args: &[String]) -> Result<Json, String> {
                 skipped: Vec::new(),
             };
             let d = DataFrame::from_filtered(
-                GATEWAY,
+                &GATEWAY.parse().unwrap(),
                 Priority::Normal,
                 Encoding::Delta,
                 pending.drain(..),
@@ -410,7 +410,7 @@ pub fn run(args: &[String]) -> Result<Json, String> {
         summary_frames += 1;
         summaries += closed.len();
         frame_bytes(DataFrame::from_summaries(
-            GATEWAY,
+            &GATEWAY.parse().unwrap(),
             Priority::Normal,
             &closed,
         ))
@@ -418,21 +418,26 @@ pub fn run(args: &[String]) -> Result<Json, String> {
     for batch in normal.chunks(FRAME_RECORDS) {
         let refs = || batch.iter().map(|(q, s)| (*q, s));
         full += frame_bytes(DataFrame::from_samples(
-            GATEWAY,
+            &GATEWAY.parse().unwrap(),
             Priority::Normal,
             Encoding::Raw,
             refs(),
         ))?;
         full_zstd += frame_bytes(DataFrame::from_samples(
-            GATEWAY,
+            &GATEWAY.parse().unwrap(),
             Priority::Normal,
             Encoding::Zstd,
             refs(),
         ))?;
 
         let outcome = filter.filter(refs());
-        let d =
-            DataFrame::from_filtered(GATEWAY, Priority::Normal, Encoding::Delta, refs(), &outcome);
+        let d = DataFrame::from_filtered(
+            &GATEWAY.parse().unwrap(),
+            Priority::Normal,
+            Encoding::Delta,
+            refs(),
+            &outcome,
+        );
         sent += d.samples.len();
         for (name, _, z) in
             delta::column_sizes(&d, frame::DEFAULT_ZSTD_LEVEL).map_err(|e| e.to_string())?

@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::model::{Priority, Quality, Sample, StreamId, Value};
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +141,7 @@ impl FilterOutcome {
     /// The skipped sequences as sorted, merged inclusive ranges (compact for the sync
     /// actor's *kept for backfill* set).
     pub fn skipped_ranges(&self) -> Vec<SeqRange> {
-        crate::frame::Ack::from_seqs("", self.skipped.iter().copied()).ranges
+        crate::frame::seq_ranges(self.skipped.iter().copied())
     }
 }
 
@@ -257,7 +258,7 @@ impl DataFrame {
     /// among *all* records — the poll and register order — which is what the delta encoding
     /// predicts stream indices from; streams with nothing sent are left out.
     pub fn from_filtered<'a>(
-        gateway_id: &str,
+        gateway_id: &GatewayId,
         priority: Priority,
         encoding: Encoding,
         records: impl IntoIterator<Item = (u64, &'a Sample)>,
@@ -303,7 +304,7 @@ impl DataFrame {
             (lo, hi) = (0, 0);
         }
         DataFrame {
-            gateway_id: gateway_id.to_string(),
+            gateway_id: gateway_id.clone(),
             priority,
             encoding,
             first_seq: lo,
@@ -436,7 +437,7 @@ mod tests {
         );
         assert_eq!(f.tracked_streams(), 2);
         let d = DataFrame::from_filtered(
-            "gw",
+            &GatewayId::parse("gw").unwrap(),
             Priority::Normal,
             Encoding::Delta,
             recs.iter().map(|(q, s)| (*q, s)),

@@ -51,6 +51,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use outpost_runtime::config::GatewayId;
 use outpost_runtime::model::{MAX_STR_LEN, Priority, Quality, Sample, StreamId, Value};
 use serde::{Deserialize, Serialize};
 
@@ -365,7 +366,7 @@ impl DataFrame {
     /// Builds a summary frame ([`Encoding::Summary`], no raw samples) from closed windows;
     /// the stream table and the sequence bounds are derived from them.
     pub fn from_summaries(
-        gateway_id: &str,
+        gateway_id: &GatewayId,
         priority: Priority,
         summaries: &[StreamSummary],
     ) -> DataFrame {
@@ -390,7 +391,7 @@ impl DataFrame {
             (lo, hi) = (0, 0);
         }
         DataFrame {
-            gateway_id: gateway_id.to_string(),
+            gateway_id: gateway_id.clone(),
             priority,
             encoding: Encoding::Summary,
             first_seq: lo,

@@ -7,9 +7,13 @@
 //! The configuration schema is the gateway's (`outpost_runtime::config::ModbusDeviceConfig`,
 //! documented in `config/reference.toml`); the types here are the driver's view of it, built
 //! with the `From` conversions below, so there is one schema and one place to document it.
+//!
+//! [`schedule`] adapts a poll group's plan, poll after poll, to what the device refuses
+//! (a batched read answered with "illegal data address").
 
 pub mod client;
 pub mod codec;
+pub mod schedule;
 
 use std::collections::HashSet;
 
@@ -438,8 +442,20 @@ impl ReadRequest {
 /// here: each request starts at the lowest uncovered point and reaches as far as allowed.
 /// Points that fail [`PointConfig::validate`] are left out.
 pub fn plan_reads(points: &[PointConfig], batch: &BatchConfig) -> Vec<ReadRequest> {
+    plan_reads_with(points, batch, |_| true, |_, _, _| true)
+}
+
+/// [`plan_reads`] over the points `include` accepts, joining point `p` to a request only
+/// when `may_join(members so far, end of their span, p)` allows it (the read scheduler
+/// keeps points the device refuses out, and apart what it refuses to read together).
+pub(crate) fn plan_reads_with(
+    points: &[PointConfig],
+    batch: &BatchConfig,
+    include: impl Fn(usize) -> bool,
+    may_join: impl Fn(&[usize], u32, usize) -> bool,
+) -> Vec<ReadRequest> {
     let mut order: Vec<usize> = (0..points.len())
-        .filter(|&i| points[i].validate().is_ok())
+        .filter(|&i| include(i) && points[i].validate().is_ok())
         .collect();
     order.sort_by_key(|&i| (points[i].table, points[i].address, points[i].count()));
     let mut out: Vec<ReadRequest> = Vec::new();
@@ -453,6 +469,7 @@ pub fn plan_reads(points: &[PointConfig], batch: &BatchConfig) -> Vec<ReadReques
             && *t == p.table
             && start <= *e + gap
             && end.max(*e) - *s <= max
+            && may_join(members, *e, i)
         {
             *e = (*e).max(end);
             members.push(i);

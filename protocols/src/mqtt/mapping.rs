@@ -504,57 +504,17 @@ fn json_timestamp(v: &serde_json::Value) -> Option<TimestampNs> {
     }
 }
 
-/// Minimal RFC 3339 (`2026-11-21T08:59:00.123Z`, `+01:00` offsets) to ns since the epoch.
+/// RFC 3339 (`2026-11-21T08:59:00.123Z`, `+01:00` offsets; `T`, `t` or a space between
+/// date and time) to ns since the epoch. Impossible dates and times (`2023-02-31`, `24:00`)
+/// are refused: the calendar is the `time` crate's.
 fn parse_rfc3339(s: &str) -> Option<TimestampNs> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+    use time::format_description::well_known::Rfc3339;
+    // The time crate takes any byte between date and time; RFC 3339 allows these.
+    if !matches!(s.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut frac_ns = 0i64;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let digits = s.get(start..i)?;
-        if digits.is_empty() {
-            return None;
-        }
-        let d9: String = digits
-            .chars()
-            .chain(std::iter::repeat('0'))
-            .take(9)
-            .collect();
-        frac_ns = d9.parse().ok()?;
-    }
-    let offset_s = match s.get(i..)? {
-        "Z" | "z" => 0,
-        tz if tz.len() == 6 && (tz.starts_with('+') || tz.starts_with('-')) => {
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
-            let oh: i64 = tz.get(1..3)?.parse().ok()?;
-            let om: i64 = tz.get(4..6)?.parse().ok()?;
-            sign * (oh * 3600 + om * 60)
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if mo <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
-    secs.checked_mul(1_000_000_000)?.checked_add(frac_ns)
+    let t = time::OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
 #[cfg(test)]
@@ -782,5 +742,55 @@ mod tests {
         assert_eq!(parse_rfc3339("2023-13-14T23:13:20Z"), None);
         assert_eq!(parse_rfc3339("garbage"), None);
         assert_eq!(parse_rfc3339("2023-11-14T23:13:20.Z"), None);
+    }
+
+    #[test]
+    fn impossible_dates_are_refused() {
+        for bad in [
+            "2023-02-31T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2023-04-31T12:00:00Z",
+            "1900-02-29T00:00:00Z",
+            "2023-11-14T24:00:00Z",
+            "2023-11-14T23:60:00Z",
+            "2023-11-14T23:13:20+24:00",
+            "2023-11-14X23:13:20Z",
+            "2023-11-14T23:13:20Zjunk",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        // Leap days that exist, the other separators RFC 3339 allows, and offsets.
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2000-02-29t00:00:00z"),
+            Some(951_782_400_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14 22:13:20.123456789Z"),
+            Some(1_700_000_000_123_456_789)
+        );
+        assert_eq!(
+            parse_rfc3339("2023-11-14T17:43:20-04:30"),
+            Some(1_700_000_000_000_000_000)
+        );
+        // Before the epoch: negative, as the numbers count.
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:59Z"), Some(-1_000_000_000));
+        // The payload path: an impossible date is a timestamp error (the sample keeps its
+        // arrival time, as for any unreadable timestamp), never a date in March.
+        let mut s = sub("d/t", PayloadFormat::Json, None);
+        s.timestamp_pointer = Some("/t".into());
+        s.fields = vec![JsonFieldConfig {
+            pointer: "/v".into(),
+            stream: "rfc3339/v".into(),
+            scale: 1.0,
+            offset: 0.0,
+        }];
+        let mut m = Mapper::new(vec![s]);
+        let out = m.map("d/t", br#"{"v": 1, "t": "2023-02-31T00:00:00Z"}"#, 5);
+        assert_eq!(out.errors, vec![MappingError::BadTimestamp("/t".into())]);
+        assert_eq!(out.samples[0].ts_ns, 5);
     }
 }

@@ -27,15 +27,16 @@ use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{DnsName, ServerName};
+use time::{OffsetDateTime, Time};
 
-use super::is_valid_gateway_id;
+use outpost_runtime::config::GatewayId;
 
 /// Days the CA certificate is valid for.
 pub const CA_VALIDITY_DAYS: u64 = 3650;
@@ -56,9 +57,6 @@ pub enum CertError {
     /// A hub name is neither a DNS name nor an IP address.
     #[error("invalid hub name {0:?}: expected a DNS name (e.g. outpost-hub) or an IP address")]
     InvalidHubName(String),
-    /// A gateway id breaks the gateway id rule.
-    #[error("invalid gateway id {0:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`")]
-    InvalidGatewayId(String),
     /// A gateway id would collide with the CA's or the hub's files.
     #[error("gateway id {0:?} is reserved (its files would replace the CA's or the hub's)")]
     ReservedGatewayId(String),
@@ -108,7 +106,7 @@ impl std::fmt::Debug for CertifiedPem {
 #[derive(Debug, Clone)]
 pub struct GatewayPem {
     /// The gateway id (subject CN of the certificate).
-    pub id: String,
+    pub id: GatewayId,
     /// Certificate and key.
     pub pem: CertifiedPem,
 }
@@ -145,7 +143,7 @@ pub struct Bundle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayFiles {
     /// The gateway id.
-    pub id: String,
+    pub id: GatewayId,
     /// `<id>.pem`.
     pub cert: PathBuf,
     /// `<id>.key` (0600).
@@ -217,10 +215,8 @@ impl CertificateAuthority {
     }
 
     /// A gateway (TLS client) certificate whose subject CN is `gateway_id`.
-    pub fn issue_gateway(&self, gateway_id: &str) -> Result<CertifiedPem, CertError> {
-        if !is_valid_gateway_id(gateway_id) {
-            return Err(CertError::InvalidGatewayId(gateway_id.to_string()));
-        }
+    pub fn issue_gateway(&self, gateway_id: &GatewayId) -> Result<CertifiedPem, CertError> {
+        let gateway_id = gateway_id.as_str();
         let mut params = base_params(gateway_id, LEAF_VALIDITY_DAYS);
         if DnsName::try_from(gateway_id).is_ok() && gateway_id.parse::<IpAddr>().is_err() {
             let name = gateway_id
@@ -253,7 +249,7 @@ impl CertificateAuthority {
 
 /// Generates a CA, a hub certificate for `hub_names` and one certificate per gateway id,
 /// in memory. Checks every name and id before generating anything.
-pub fn generate_pem(hub_names: &[String], gateways: &[String]) -> Result<BundlePem, CertError> {
+pub fn generate_pem(hub_names: &[String], gateways: &[GatewayId]) -> Result<BundlePem, CertError> {
     check_names(hub_names, gateways)?;
     let ca = CertificateAuthority::new("Outpost CA")?;
     let hub = ca.issue_hub(hub_names)?;
@@ -280,7 +276,7 @@ pub fn generate_pem(hub_names: &[String], gateways: &[String]) -> Result<BundleP
 pub fn generate_bundle(
     out_dir: &Path,
     hub_names: &[String],
-    gateways: &[String],
+    gateways: &[GatewayId],
 ) -> Result<Bundle, CertError> {
     check_names(hub_names, gateways)?;
     let bundle = Bundle {
@@ -328,8 +324,8 @@ pub fn generate_bundle(
     Ok(bundle)
 }
 
-/// Checks hub names and gateway ids: valid, not reserved, no duplicates.
-fn check_names(hub_names: &[String], gateways: &[String]) -> Result<(), CertError> {
+/// Checks hub names (valid) and gateway ids (not reserved, no duplicates).
+fn check_names(hub_names: &[String], gateways: &[GatewayId]) -> Result<(), CertError> {
     if hub_names.is_empty() {
         return Err(CertError::NoHubName);
     }
@@ -338,15 +334,12 @@ fn check_names(hub_names: &[String], gateways: &[String]) -> Result<(), CertErro
     }
     let mut seen: Vec<String> = Vec::with_capacity(gateways.len());
     for id in gateways {
-        if !is_valid_gateway_id(id) {
-            return Err(CertError::InvalidGatewayId(id.clone()));
-        }
         let folded = id.to_ascii_lowercase();
         if RESERVED_NAMES.contains(&folded.as_str()) {
-            return Err(CertError::ReservedGatewayId(id.clone()));
+            return Err(CertError::ReservedGatewayId(id.to_string()));
         }
         if seen.contains(&folded) {
-            return Err(CertError::DuplicateGatewayId(id.clone()));
+            return Err(CertError::DuplicateGatewayId(id.to_string()));
         }
         seen.push(folded);
     }
@@ -377,36 +370,19 @@ fn base_params(common_name: &str, days: u64) -> CertificateParams {
     dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "Outpost");
     params.distinguished_name = dn;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let start = now.saturating_sub(BACKDATE);
-    let end = now.saturating_add(Duration::from_secs(days.saturating_mul(24 * 3600)));
-    let (y, m, d) = civil_from_days(days_since_epoch(start));
-    params.not_before = rcgen::date_time_ymd(y, m, d);
-    let (y, m, d) = civil_from_days(days_since_epoch(end));
-    params.not_after = rcgen::date_time_ymd(y, m, d);
+    (params.not_before, params.not_after) = validity(OffsetDateTime::now_utc(), days);
     params
 }
 
-/// Whole days in `since_epoch` (validity is counted in days: midnight UTC).
-fn days_since_epoch(since_epoch: Duration) -> i64 {
-    i64::try_from(since_epoch.as_secs() / 86_400).unwrap_or(i64::MAX / 2)
-}
-
-/// Proleptic Gregorian date of day `z` counted from 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    (y as i32, m as u8, d as u8)
+/// Validity of a certificate made at `now` for `days` days, in whole days (midnight UTC):
+/// from the day before `now` to the day `days` after it.
+fn validity(now: OffsetDateTime, days: u64) -> (OffsetDateTime, OffsetDateTime) {
+    let midnight = |t: OffsetDateTime| t.replace_time(Time::MIDNIGHT);
+    let days = i64::try_from(days).unwrap_or(i64::MAX);
+    let end = now
+        .checked_add(time::Duration::days(days.min(3_650_000)))
+        .unwrap_or(now);
+    (midnight(now - BACKDATE), midnight(end))
 }
 
 /// Writes `contents` to a new file (never replacing one); `secret` files get mode 0600.
@@ -445,21 +421,40 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn ids(v: &[&str]) -> Vec<GatewayId> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
     #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(59), (1970, 3, 1));
-        assert_eq!(civil_from_days(10_957), (2000, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    fn validity_is_whole_days_from_the_day_before() {
+        use time::Month;
+        let at = |y, m, d, h| {
+            time::Date::from_calendar_date(y, m, d)
+                .unwrap()
+                .with_hms(h, 30, 0)
+                .unwrap()
+                .assume_utc()
+        };
+        let day = |y, m, d| at(y, m, d, 0).replace_time(Time::MIDNIGHT);
+        assert_eq!(
+            validity(at(2024, Month::March, 1, 0), 1),
+            (day(2024, Month::February, 29), day(2024, Month::March, 2))
+        );
+        assert_eq!(
+            validity(at(2026, Month::January, 1, 23), LEAF_VALIDITY_DAYS),
+            (day(2025, Month::December, 31), day(2028, Month::April, 5))
+        );
+        assert_eq!(
+            validity(at(1970, Month::January, 2, 12), CA_VALIDITY_DAYS).0,
+            day(1970, Month::January, 1)
+        );
     }
 
     #[test]
     fn in_memory_bundle_parses() {
         let b = generate_pem(
             &names(&["outpost-hub", "127.0.0.1"]),
-            &names(&["gw-1", "gw_2"]),
+            &ids(&["gw-1", "gw_2"]),
         )
         .unwrap();
         for pem in [&b.ca, &b.hub, &b.gateways[0].pem, &b.gateways[1].pem] {
@@ -484,16 +479,16 @@ mod tests {
             generate_pem(&names(&["bad name"]), &[]),
             Err(CertError::InvalidHubName(_))
         ));
+        // Gateway ids come as `GatewayId`s: what breaks the rule never gets here.
+        for bad in ["gw/1", "_gw", ".gw", "-gw", ".."] {
+            assert!(bad.parse::<GatewayId>().is_err(), "{bad}");
+        }
         assert!(matches!(
-            generate_pem(&ok, &names(&["gw/1"])),
-            Err(CertError::InvalidGatewayId(_))
-        ));
-        assert!(matches!(
-            generate_pem(&ok, &names(&["HUB"])),
+            generate_pem(&ok, &ids(&["HUB"])),
             Err(CertError::ReservedGatewayId(_))
         ));
         assert!(matches!(
-            generate_pem(&ok, &names(&["gw1", "GW1"])),
+            generate_pem(&ok, &ids(&["gw1", "GW1"])),
             Err(CertError::DuplicateGatewayId(_))
         ));
         // A hub-only bundle is fine.
@@ -507,7 +502,7 @@ mod tests {
         let bundle = generate_bundle(
             &out,
             &names(&["outpost-hub", "localhost", "127.0.0.1"]),
-            &names(&["gw-1", "gw-2"]),
+            &ids(&["gw-1", "gw-2"]),
         )
         .unwrap();
         assert_eq!(bundle.gateways[1].cert, out.join("gw-2.pem"));
@@ -555,7 +550,7 @@ mod tests {
 
         // A second run into the same folder refuses and leaves the files alone.
         let before = fs::read(&bundle.ca_key).unwrap();
-        let again = generate_bundle(&out, &names(&["localhost"]), &names(&["gw-3"]));
+        let again = generate_bundle(&out, &names(&["localhost"]), &ids(&["gw-3"]));
         assert!(matches!(again, Err(CertError::Exists(p)) if p == bundle.ca_cert));
         assert_eq!(fs::read(&bundle.ca_key).unwrap(), before);
         assert!(!out.join("gw-3.pem").exists());

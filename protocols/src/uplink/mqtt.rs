@@ -43,7 +43,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outpost_runtime::config::UplinkMqttConfig;
+use outpost_runtime::config::{GatewayId, UplinkMqttConfig};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -157,12 +157,12 @@ pub fn check_topic_prefix(prefix: &str) -> Result<(), MqttUplinkError> {
 }
 
 /// `<prefix>/<gateway>/up`: where a gateway publishes its frames.
-pub fn up_topic(prefix: &str, gateway_id: &str) -> String {
+pub fn up_topic(prefix: &str, gateway_id: &GatewayId) -> String {
     format!("{prefix}/{gateway_id}/up")
 }
 
 /// `<prefix>/<gateway>/down`: where the hub publishes a gateway's acknowledgements.
-pub fn down_topic(prefix: &str, gateway_id: &str) -> String {
+pub fn down_topic(prefix: &str, gateway_id: &GatewayId) -> String {
     format!("{prefix}/{gateway_id}/down")
 }
 
@@ -172,19 +172,18 @@ pub fn up_filter(prefix: &str) -> String {
 }
 
 /// The gateway id in `topic`, which must be `<prefix>/<gateway id>/up` with a valid gateway
-/// id ([`frame::validate_gateway_id`]: no `+`, `#`, `/`, not empty, at most 64 bytes).
-pub fn gateway_of_up_topic<'t>(prefix: &str, topic: &'t str) -> Result<&'t str, TopicError> {
+/// id (the [`GatewayId`] rule: no `+`, `#`, `/`, not empty, at most 64 bytes).
+pub fn gateway_of_up_topic(prefix: &str, topic: &str) -> Result<GatewayId, TopicError> {
     let not_up = || TopicError::NotUplink(quoted(topic));
     let gw = topic
         .strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('/'))
         .and_then(|rest| rest.strip_suffix("/up"))
         .ok_or_else(not_up)?;
-    frame::validate_gateway_id(gw).map_err(|reason| TopicError::GatewayId {
+    GatewayId::parse(gw).map_err(|e| TopicError::GatewayId {
         id: quoted(gw),
-        reason,
-    })?;
-    Ok(gw)
+        reason: e.reason(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -283,7 +282,7 @@ pub struct MqttUplinkOptions {
     /// MQTT client id (default `outpost-<gateway id>-uplink`).
     pub client_id: String,
     /// This gateway's id: the topics' second part.
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// First topic level(s), default [`DEFAULT_TOPIC_PREFIX`].
     pub topic_prefix: String,
     /// Username and password.
@@ -322,12 +321,12 @@ impl MqttUplinkOptions {
     /// Options with the defaults: plain TCP, no credentials, prefix `outpost`, client id
     /// `outpost-<gateway id>-uplink`, keep-alive 30 s, 32 publishes in flight, frames up to
     /// 1 MiB.
-    pub fn new(host: &str, port: u16, gateway_id: &str) -> MqttUplinkOptions {
+    pub fn new(host: &str, port: u16, gateway_id: &GatewayId) -> MqttUplinkOptions {
         MqttUplinkOptions {
             host: host.to_owned(),
             port,
             client_id: format!("outpost-{gateway_id}-uplink"),
-            gateway_id: gateway_id.to_owned(),
+            gateway_id: gateway_id.clone(),
             topic_prefix: DEFAULT_TOPIC_PREFIX.to_owned(),
             credentials: None,
             tls: None,
@@ -340,7 +339,7 @@ impl MqttUplinkOptions {
 
     /// Resolves `[uplink.mqtt]`: reads the password and the TLS files (ring provider).
     pub fn from_config(
-        gateway_id: &str,
+        gateway_id: &GatewayId,
         cfg: &UplinkMqttConfig,
     ) -> Result<MqttUplinkOptions, MqttUplinkError> {
         let (host, port) = split_host_port(&cfg.broker)?;
@@ -384,12 +383,6 @@ impl MqttUplinkOptions {
     pub fn check(&self) -> Result<(), MqttUplinkError> {
         let bad = |m: String| Err(MqttUplinkError::InvalidOptions(m));
         check_topic_prefix(&self.topic_prefix)?;
-        if let Err(reason) = frame::validate_gateway_id(&self.gateway_id) {
-            return bad(format!(
-                "gateway id {:?}: {reason}",
-                quoted(&self.gateway_id)
-            ));
-        }
         if self.client_id.is_empty() || self.client_id.len() > 65_535 {
             return bad("the client id must be 1 to 65535 bytes".into());
         }
@@ -484,7 +477,7 @@ struct State {
 pub struct MqttUplinkSession {
     client: AsyncClient,
     up_topic: String,
-    gateway_id: String,
+    gateway_id: GatewayId,
     max_payload: usize,
     window: Arc<Semaphore>,
     state: Arc<Mutex<State>>,
@@ -788,10 +781,11 @@ mod tests {
 
     #[test]
     fn topics_are_built_from_prefix_and_gateway() {
-        assert_eq!(up_topic("outpost", "gw-1"), "outpost/gw-1/up");
-        assert_eq!(down_topic("site/a", "gw-1"), "site/a/gw-1/down");
+        let gw: GatewayId = "gw-1".parse().unwrap();
+        assert_eq!(up_topic("outpost", &gw), "outpost/gw-1/up");
+        assert_eq!(down_topic("site/a", &gw), "site/a/gw-1/down");
         assert_eq!(up_filter("outpost"), "outpost/+/up");
-        let o = MqttUplinkOptions::new("127.0.0.1", 1883, "gw-1");
+        let o = MqttUplinkOptions::new("127.0.0.1", 1883, &gw);
         assert_eq!(o.up_topic(), "outpost/gw-1/up");
         assert_eq!(o.down_topic(), "outpost/gw-1/down");
         assert_eq!(o.client_id, "outpost-gw-1-uplink");
@@ -800,12 +794,12 @@ mod tests {
     #[test]
     fn the_gateway_id_is_read_from_an_up_topic() {
         assert_eq!(
-            gateway_of_up_topic("outpost", "outpost/gw-1/up"),
-            Ok("gw-1")
+            gateway_of_up_topic("outpost", "outpost/gw-1/up").unwrap(),
+            "gw-1"
         );
         assert_eq!(
-            gateway_of_up_topic("site/a", "site/a/plant.gw_2/up"),
-            Ok("plant.gw_2")
+            gateway_of_up_topic("site/a", "site/a/plant.gw_2/up").unwrap(),
+            "plant.gw_2"
         );
         for bad in [
             "outpost/gw-1/down",
@@ -824,6 +818,8 @@ mod tests {
             ("outpost/a/b/up", "only ASCII"),
             ("outpost/gw 1/up", "only ASCII"),
             ("outpost/-gw/up", "must start"),
+            ("outpost/_gw/up", "must start"),
+            ("outpost/../up", "must start"),
             ("outpost//up", "empty"),
         ] {
             match gateway_of_up_topic("outpost", topic) {
@@ -849,12 +845,11 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        let ok = MqttUplinkOptions::new("127.0.0.1", 1883, "gw-1");
+        let ok = MqttUplinkOptions::new("127.0.0.1", 1883, &"gw-1".parse().unwrap());
         assert!(ok.check().is_ok());
         type Edit = fn(&mut MqttUplinkOptions);
-        let cases: [(&str, Edit); 7] = [
+        let cases: [(&str, Edit); 6] = [
             ("prefix", |o| o.topic_prefix = "a/+".into()),
-            ("gateway", |o| o.gateway_id = "gw/1".into()),
             ("client", |o| o.client_id.clear()),
             ("keep alive", |o| o.keep_alive = Duration::from_millis(500)),
             ("in flight", |o| o.max_in_flight = 0),
@@ -904,7 +899,7 @@ keep_alive = "10s"
         .strict()
         .unwrap();
         let m = c.uplink.unwrap().mqtt.unwrap();
-        let o = MqttUplinkOptions::from_config("gw-cfg", &m).unwrap();
+        let o = MqttUplinkOptions::from_config(&"gw-cfg".parse().unwrap(), &m).unwrap();
         assert_eq!((o.host.as_str(), o.port), ("broker.example", 8883));
         assert_eq!(o.client_id, "outpost-gw-cfg-uplink");
         assert_eq!(o.credentials, Some(("gw-cfg".into(), "pw".into())));
@@ -926,7 +921,7 @@ keep_alive = "10s"
         let b = crate::uplink::certs::generate_bundle(
             dir.path(),
             &["localhost".into()],
-            &["gw-1".to_owned()],
+            &["gw-1".parse().unwrap()],
         )
         .unwrap();
         let ca = std::fs::read(&b.ca_cert).unwrap();
@@ -984,7 +979,7 @@ keep_alive = "10s"
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        let mut o = MqttUplinkOptions::new("127.0.0.1", port, "gw-1");
+        let mut o = MqttUplinkOptions::new("127.0.0.1", port, &"gw-1".parse().unwrap());
         o.connect_timeout = Duration::from_secs(5);
         match MqttUplinkSession::connect(&o).await {
             Err(MqttUplinkError::Connect(_)) => {}
@@ -1003,7 +998,7 @@ keep_alive = "10s"
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(s);
         });
-        let mut o = MqttUplinkOptions::new("127.0.0.1", port, "gw-1");
+        let mut o = MqttUplinkOptions::new("127.0.0.1", port, &"gw-1".parse().unwrap());
         o.connect_timeout = Duration::from_millis(300);
         let t = Instant::now();
         match MqttUplinkSession::connect(&o).await {

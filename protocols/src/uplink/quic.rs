@@ -3,7 +3,7 @@
 //! - [`QuicServer`] (the hub) accepts only clients whose certificate chains to the configured
 //!   CA — others fail the handshake — and hands out each connection with the **gateway id
 //!   read from the client certificate** (subject CN, else the first DNS SAN; it must follow
-//!   the gateway id rule, [`super::is_valid_gateway_id`]). The hub compares it with the id a
+//!   the gateway id rule, [`GatewayId`]). The hub compares it with the id a
 //!   gateway claims in its Hello. Handshakes run concurrently in the background with a
 //!   deadline, so a silent or slow peer cannot stall the others. Which clients are taken on
 //!   is decided by [`admission`]: a cap on handshakes in progress, in all and per source
@@ -42,7 +42,7 @@ use tokio::task::JoinHandle;
 pub use quinn::{ConnectionError, RecvStream, SendStream};
 
 use self::admission::{Admission, AdmissionLimits, Decision, Refused, Ticket};
-use super::is_valid_gateway_id;
+use outpost_runtime::config::GatewayId;
 
 pub mod admission;
 
@@ -202,7 +202,7 @@ pub enum IdentityError {
     NoId,
     /// The id found breaks the gateway id rule (shown truncated).
     #[error(
-        "gateway id {0:?} in the certificate is invalid: expected 1 to 64 letters, digits, `-`, `_` or `.`"
+        "gateway id {0:?} in the certificate is invalid: expected 1 to 64 ASCII letters, digits, `-`, `_` or `.`, starting with a letter or digit"
     )]
     InvalidId(String),
 }
@@ -507,7 +507,7 @@ impl QuicConnection {
 #[derive(Debug, Clone)]
 pub struct GatewayConnection {
     /// The gateway id: subject CN of the client certificate, else its first DNS SAN.
-    pub gateway_id: String,
+    pub gateway_id: GatewayId,
     /// The connection.
     pub connection: QuicConnection,
 }
@@ -870,7 +870,7 @@ async fn handshake(
 }
 
 /// The gateway id of a connection's verified client certificate.
-fn peer_gateway_id(conn: &quinn::Connection) -> Result<String, IdentityError> {
+fn peer_gateway_id(conn: &quinn::Connection) -> Result<GatewayId, IdentityError> {
     let identity = conn.peer_identity().ok_or(IdentityError::NoCertificate)?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
@@ -882,7 +882,7 @@ fn peer_gateway_id(conn: &quinn::Connection) -> Result<String, IdentityError> {
 /// The gateway id a certificate names: its subject CN if it has one, else its first DNS
 /// SAN; it must follow the gateway id rule. Meant for certificates the TLS layer has
 /// already verified; total on any input (errors, never panics).
-pub fn gateway_id_from_cert(cert: &CertificateDer<'_>) -> Result<String, IdentityError> {
+pub fn gateway_id_from_cert(cert: &CertificateDer<'_>) -> Result<GatewayId, IdentityError> {
     let ee = webpki::EndEntityCert::try_from(cert).map_err(IdentityError::Certificate)?;
     let id = match subject_common_name(ee.subject())? {
         Some(cn) => cn,
@@ -892,11 +892,7 @@ pub fn gateway_id_from_cert(cert: &CertificateDer<'_>) -> Result<String, Identit
             .ok_or(IdentityError::NoId)?
             .to_string(),
     };
-    if is_valid_gateway_id(&id) {
-        Ok(id)
-    } else {
-        Err(IdentityError::InvalidId(id.chars().take(80).collect()))
-    }
+    GatewayId::parse(&id).map_err(|_| IdentityError::InvalidId(id.chars().take(80).collect()))
 }
 
 /// The single common name (OID 2.5.4.3) of a DER `Name`'s contents (the RDN SETs, without
@@ -1249,7 +1245,7 @@ mod tests {
         }
 
         fn client_tls(&self, gateway: &str) -> ClientTls {
-            let gw = self.ca.issue_gateway(gateway).unwrap();
+            let gw = self.ca.issue_gateway(&gateway.parse().unwrap()).unwrap();
             ClientTls {
                 ca_pem: self.ca.cert_pem().into_bytes(),
                 cert_pem: gw.cert_pem.into_bytes(),
@@ -1865,6 +1861,14 @@ mod tests {
         ));
         let c = with_dn(&[(OrganizationName, "Outpost")], &["10.0.0.1"]);
         assert!(matches!(gateway_id_from_cert(&c), Err(IdentityError::NoId)));
+        // The one gateway id rule: what a frame could not carry is no identity either.
+        for bad in ["_gw", ".gw", "-gw", ".."] {
+            let c = with_dn(&[(CommonName, bad)], &[]);
+            assert!(
+                matches!(gateway_id_from_cert(&c), Err(IdentityError::InvalidId(_))),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             gateway_id_from_cert(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])),
             Err(IdentityError::Certificate(_))

@@ -27,7 +27,7 @@ pub use hub::{
     parse_hub_checked,
 };
 pub use schema::*;
-pub use types::{Bounded, ByteSize, Dur, Secret};
+pub use types::{Bounded, ByteSize, Dur, GatewayId, GatewayIdError, Secret};
 pub use validate::{topic_filter_wildcards, topic_prefix_problem};
 
 /// Largest config file accepted (a config is hand-written; anything bigger is a mistake).

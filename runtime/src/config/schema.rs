@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::fusion::FusionGroupConfig;
-use super::types::{Bounded, ByteSize, Dur, Secret};
+use super::types::{Bounded, ByteSize, Dur, GatewayId, Secret};
 use crate::logging::LogFormat;
 use crate::model::Priority;
 
@@ -46,8 +46,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
-    /// Identity of this gateway at the hub: letters, digits, `-`, `_`, `.`; at most 64.
-    pub id: String,
+    /// Identity of this gateway at the hub (see [`GatewayId`] for the rule).
+    pub id: GatewayId,
     /// Directory for the outbox, local history and model state. Created if missing.
     pub data_dir: PathBuf,
 }

@@ -211,12 +211,16 @@ fn semantic_errors_point_at_the_key() {
 
 #[test]
 fn several_semantic_errors_are_all_reported() {
+    // (The gateway id is checked by its type while the file is read: a schema error.)
     let text = REFERENCE
-        .replace("id = \"plant-a-gw01\"", "id = \"plant a\"")
+        .replace(
+            "stream = \"boiler/pressure\"",
+            "stream = \"boiler/temperature\"",
+        )
         .replace("quota = \"1GiB\"", "quota = \"1k\"");
     let errs = parse_ref(&text).unwrap_err();
     assert_eq!(errs.0.len(), 2, "{errs}");
-    assert!(errs.to_string().contains("gateway.id"));
+    assert!(errs.to_string().contains("points[1].stream"));
     assert!(errs.to_string().contains("storage.quota"));
 }
 
@@ -981,4 +985,26 @@ fn a_config_file_is_told_apart_by_its_hub_table() {
     std::fs::write(&bad, "[hub\n").unwrap();
     assert_eq!(kind_of(&bad), ConfigKind::Gateway);
     assert_eq!(kind_of(&dir.path().join("none.toml")), ConfigKind::Gateway);
+}
+
+/// The one gateway id rule (the frame codec's, the hub's file names', MQTT topic levels'
+/// and certificate CNs'): what the uplink could not use is refused where it is written.
+#[test]
+fn a_gateway_id_the_uplink_could_not_use_is_refused_where_it_is_written() {
+    let long = "g".repeat(65);
+    for bad in [
+        "_gw", ".gw", "-gw", "..", "gw/1", "gw+", "gw#", "gw 1", "gwé", "", &long,
+    ] {
+        let text = REFERENCE.replace("id = \"plant-a-gw01\"", &format!("id = {bad:?}"));
+        let e = one_error(&text);
+        assert_eq!(e.key, "gateway.id", "{bad:?}: {e}");
+        assert_eq!(e.line, Some(line_of(&text, "id = ")), "{bad:?}: {e}");
+        assert!(e.message.contains("invalid gateway id"), "{bad:?}: {e}");
+    }
+    let long = "g".repeat(64);
+    for good in ["gw_1.site", "G", "0", "plant-A.gw_01", "gw-", &long] {
+        let text = REFERENCE.replace("id = \"plant-a-gw01\"", &format!("id = {good:?}"));
+        let c = parse_ref(&text).unwrap().config;
+        assert_eq!(c.gateway.id.as_str(), good);
+    }
 }

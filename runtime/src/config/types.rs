@@ -168,6 +168,158 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A gateway's identity, checked once where it enters (the config's `gateway.id`, the
+/// `--gateway` of `outpost certs`, a certificate's subject, a frame, an MQTT topic level):
+/// a value of this type is valid everywhere it goes.
+///
+/// The rule: 1 to [`GatewayId::MAX_LEN`] ASCII letters, digits, `-`, `_` or `.`, starting
+/// with a letter or digit. It is the strictest of what carries the id: a frame's gateway id
+/// field, a level of the MQTT topics `<prefix>/<id>/up` and `/down` (no `/`, `+`, `#`), the
+/// hub's folder `<id>/` of output files (never `.` or `..`, nothing hidden), a certificate's
+/// subject CN (printable) and metric labels. Ids are compared as written (case matters).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct GatewayId(String);
+
+/// Why a text is not a [`GatewayId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid gateway id {shown:?}: {reason}; expected 1 to 64 ASCII letters, digits, `-`, `_` \
+     or `.`, starting with a letter or digit"
+)]
+pub struct GatewayIdError {
+    /// The text (its first 80 characters).
+    shown: String,
+    /// What is wrong with it.
+    reason: &'static str,
+}
+
+impl GatewayIdError {
+    /// What is wrong, in a few words (`"empty"`, `"longer than 64 bytes"`, ...).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl GatewayId {
+    /// Longest id, in bytes.
+    pub const MAX_LEN: usize = 64;
+
+    /// Checks `s` against the gateway id rule.
+    pub fn parse(s: &str) -> Result<GatewayId, GatewayIdError> {
+        let fail = |reason| GatewayIdError {
+            shown: s.chars().take(80).collect(),
+            reason,
+        };
+        let b = s.as_bytes();
+        match b.first() {
+            None => Err(fail("empty")),
+            Some(_) if b.len() > Self::MAX_LEN => Err(fail("longer than 64 bytes")),
+            Some(c) if !c.is_ascii_alphanumeric() => {
+                Err(fail("must start with an ASCII letter or digit"))
+            }
+            Some(_)
+                if !b
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) =>
+            {
+                Err(fail(
+                    "only ASCII letters, digits, '-', '_' and '.' are allowed",
+                ))
+            }
+            Some(_) => Ok(GatewayId(s.to_owned())),
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for GatewayId {
+    type Err = GatewayIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        GatewayId::parse(s)
+    }
+}
+
+impl TryFrom<&str> for GatewayId {
+    type Error = GatewayIdError;
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        GatewayId::parse(s)
+    }
+}
+
+impl TryFrom<String> for GatewayId {
+    type Error = GatewayIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        GatewayId::parse(&s)
+    }
+}
+
+impl std::ops::Deref for GatewayId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for GatewayId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for GatewayId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for GatewayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl PartialEq<str> for GatewayId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for GatewayId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<GatewayId> for str {
+    fn eq(&self, other: &GatewayId) -> bool {
+        self == other.0
+    }
+}
+
+impl PartialEq<GatewayId> for &str {
+    fn eq(&self, other: &GatewayId) -> bool {
+        *self == other.0
+    }
+}
+
+impl<'de> Deserialize<'de> for GatewayId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        GatewayId::parse(&s).map_err(de::Error::custom)
+    }
+}
+
 /// A secret (password, private key): written inline, or read from a file or an
 /// environment variable so it need not live in the config file.
 ///
@@ -242,6 +394,73 @@ impl Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_ids_follow_one_rule() {
+        for good in [
+            "gw",
+            "G",
+            "0",
+            "plant-a-gw01",
+            "gw_1.site",
+            "gw-",
+            "a.b_c-d",
+        ] {
+            let id = GatewayId::parse(good).unwrap();
+            assert_eq!(id, good);
+            assert_eq!(id.to_string(), good);
+            assert_eq!(format!("{id:?}"), format!("{good:?}"));
+        }
+        assert!(GatewayId::parse(&"a".repeat(64)).is_ok());
+        for (bad, reason) in [
+            ("", "empty"),
+            (&"a".repeat(65) as &str, "longer than 64 bytes"),
+            ("_gw", "must start with an ASCII letter or digit"),
+            (".", "must start with an ASCII letter or digit"),
+            ("..", "must start with an ASCII letter or digit"),
+            ("-gw", "must start with an ASCII letter or digit"),
+            (
+                "gw/1",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+            (
+                "gw+",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+            (
+                "gw#",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+            (
+                "gw 1",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+            (
+                "gwé",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+            (
+                "gw\0",
+                "only ASCII letters, digits, '-', '_' and '.' are allowed",
+            ),
+        ] {
+            let e = GatewayId::parse(bad).unwrap_err();
+            assert_eq!(e.reason(), reason, "{bad:?}");
+            assert!(e.to_string().starts_with("invalid gateway id"), "{e}");
+        }
+        // A long bad id is shown shortened.
+        let e = GatewayId::parse(&"é".repeat(1000)).unwrap_err();
+        assert!(e.to_string().len() < 400, "{e}");
+        // Deserialized through the same rule.
+        #[derive(Deserialize)]
+        struct T {
+            id: GatewayId,
+        }
+        assert_eq!(toml::from_str::<T>("id = \"gw-1\"").unwrap().id, "gw-1");
+        let e = toml::from_str::<T>("id = \"_gw\"").err().unwrap();
+        assert!(e.to_string().contains("invalid gateway id"), "{e}");
+        assert_eq!("gw-1".parse::<GatewayId>().unwrap().as_str(), "gw-1");
+    }
 
     #[test]
     fn byte_sizes_parse() {

@@ -21,18 +21,6 @@ fn root() -> KeyPath {
 /// Every problem found; empty when the config is valid.
 pub(super) fn validate(c: &Config) -> Problems {
     let mut p = Problems::new();
-    let id = &c.gateway.id;
-    if id.is_empty()
-        || id.len() > 64
-        || !id
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-    {
-        p.push((
-            root().key("gateway").key("id"),
-            format!("invalid gateway id {id:?}: expected 1 to 64 letters, digits, `-`, `_` or `.`"),
-        ));
-    }
     if c.storage.quota.0 < 1 << 20 {
         p.push((
             root().key("storage").key("quota"),
