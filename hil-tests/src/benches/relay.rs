@@ -41,17 +41,26 @@
 //! keeps up and the generator can offer it). Overload: 2× the ceiling for `RELAY_OVERLOAD_S`
 //! (60 s) — `overload_plateau` is delivered/ceiling over the phase, also given per 5 s —
 //! then SIGKILL of the gateway with the load still running, the load stopped, the gateway
-//! started again and left to drain (until the hub's sink holds every reading, or nothing new
-//! arrives for `RELAY_STALL_S`, 30 s, or `RELAY_DRAIN_S`, 600 s, pass). Lost and duplicated
-//! readings are counted at the hub's sink over every reading A acknowledged to the generator
-//! in the gateway's phases (the short probe phases that check the path is up are left out:
-//! readings published before the gateway first subscribed are lost by design). Idle RSS is
-//! the gateway's VmRSS 3 s after it connected, before any load.
+//! started again and left to drain: until the hub's sink holds every reading, or no reading
+//! it lacked arrived for `RELAY_STALL_S` (60 s; copies of readings it holds do not count),
+//! or `RELAY_DRAIN_S` (300 s) passed. `lost_after_restart` counts the readings missing at
+//! the sink when the drain ended (why it ended, and what the gateway's outbox and broker A
+//! still held then, are in the JSON), `dup_after_restart` the extra copies there; both over
+//! every reading A acknowledged to the generator in the gateway's phases (the short probe
+//! phases that check the path is up are left out: readings published before the gateway
+//! first subscribed are lost by design). Idle RSS is the gateway's VmRSS 3 s after it
+//! connected, before any load.
+//!
+//! The gateway's outbox and the hub's sink grow with the backlog (a few GB after an
+//! overload of the current gateway): the run stops with an error when the disk of its
+//! folder has less than `RELAY_MIN_FREE_MB` (3072) free. `RELAY_KEEP=1` keeps the folder
+//! (configs, logs, outbox, sink) and prints its path.
 //!
 //! Last line: `{"bench":"relay","us_per_reading":{"1000":…},"bridge_us_per_reading":{…},
 //! "ratio_max":…,"ceiling_per_s":…,"overload_plateau":…,"overload_rss_mb":…,
-//! "idle_rss_mb":…,"p50_ms_1k":…,"lost_after_restart":…,"dup_after_restart":…, …}` with
-//! more figures after those. Progress goes to stderr.
+//! "idle_rss_mb":…,"p50_ms_1k":…,"lost_after_restart":…,"dup_after_restart":…, …}` (keys in
+//! alphabetical order, with more figures: delivered rates, p99s, the hub's CPU...).
+//! Progress goes to stderr.
 //!
 //! The `outpost` binary is `$OUTPOST_BIN` or the one next to this `bench` binary (build it
 //! with `cargo build --release -p outpost --bin outpost`).
@@ -113,6 +122,8 @@ struct Params {
     overload: Duration,
     drain: Duration,
     stall: Duration,
+    /// Stop before the disk of the run's folder has less free space than this.
+    min_free_mb: u64,
     devices: usize,
     shards: usize,
 }
@@ -172,8 +183,9 @@ impl Params {
             warmup: env_secs("RELAY_WARMUP_S", 3.0)?,
             ramp: env_secs("RELAY_RAMP_S", 10.0)?,
             overload: env_secs("RELAY_OVERLOAD_S", 60.0)?,
-            drain: env_secs("RELAY_DRAIN_S", 600.0)?,
-            stall: env_secs("RELAY_STALL_S", 30.0)?,
+            drain: env_secs("RELAY_DRAIN_S", 300.0)?,
+            stall: env_secs("RELAY_STALL_S", 60.0)?,
+            min_free_mb: env_count("RELAY_MIN_FREE_MB", 3072, 0..=1 << 30)? as u64,
             devices: env_count("RELAY_DEVICES", 100, 1..=999)?,
             shards: env_count("RELAY_GEN_SHARDS", 4, 1..=64)?,
         })
@@ -1089,6 +1101,8 @@ struct SinkTail {
     dir: PathBuf,
     offsets: HashMap<PathBuf, u64>,
     seen: HashMap<u64, u32>,
+    /// `seq` lines read (duplicates included).
+    lines: u64,
     bad_lines: u64,
 }
 
@@ -1098,6 +1112,7 @@ impl SinkTail {
             dir,
             offsets: HashMap::new(),
             seen: HashMap::new(),
+            lines: 0,
             bad_lines: 0,
         }
     }
@@ -1163,7 +1178,10 @@ impl SinkTail {
             })
         });
         match seq {
-            Some(s) => *self.seen.entry(s).or_default() += 1,
+            Some(s) => {
+                *self.seen.entry(s).or_default() += 1;
+                self.lines += 1;
+            }
             None => self.bad_lines += 1,
         }
     }
@@ -1319,6 +1337,50 @@ struct Ctx {
     sampler: RssSampler,
     /// The loads of the gateway's measured phases (not its probes).
     outpost_loads: Vec<LoadReport>,
+    disk: DiskGuard,
+}
+
+/// Stops the run before the disk fills: the gateway's outbox and the hub's sink grow with
+/// the backlog, and a broken gateway can grow them without end.
+struct DiskGuard {
+    dir: PathBuf,
+    min_free_mb: u64,
+    checked: Mutex<Option<Instant>>,
+}
+
+impl DiskGuard {
+    /// An error if the disk of the run's folder is short of space (checked every 2 s at
+    /// most).
+    fn check(&self) -> Result<(), String> {
+        let mut last = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) {
+            return Ok(());
+        }
+        *last = Some(Instant::now());
+        match free_mb(&self.dir) {
+            Some(free) if free < self.min_free_mb => Err(format!(
+                "only {free} MiB left on the disk of {} (RELAY_MIN_FREE_MB={}): stopping before \
+                 the gateway's outbox and the hub's sink fill it",
+                self.dir.display(),
+                self.min_free_mb
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Free space (MiB) of the filesystem holding `dir`, from `df`.
+fn free_mb(dir: &Path) -> Option<u64> {
+    let out = Command::new("df").arg("-Pk").arg(dir).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let avail_kb: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(avail_kb / 1024)
 }
 
 impl Ctx {
@@ -1344,9 +1406,11 @@ fn sleep_checked(
     load: &Load,
     observer: &Observer,
     procs: &mut [&mut Proc],
+    disk: &DiskGuard,
 ) -> Result<(), String> {
     let end = Instant::now() + d;
     loop {
+        disk.check()?;
         if let Some(e) = load.error() {
             return Err(format!("load generator: {e}"));
         }
@@ -1383,10 +1447,10 @@ fn measure(
         ctx.p.devices,
         ctx.p.shards,
     )?;
-    sleep_checked(spec.warmup, &load, t.observer, procs)?;
+    sleep_checked(spec.warmup, &load, t.observer, procs, &ctx.disk)?;
     let hub = t.hub.unwrap_or(u32::MAX);
     let s0 = Snap::take(t.pid, hub, &load);
-    sleep_checked(spec.window, &load, t.observer, procs)?;
+    sleep_checked(spec.window, &load, t.observer, procs, &ctx.disk)?;
     let s1 = Snap::take(t.pid, hub, &load);
     at_end(procs);
     let report = load.stop(Duration::from_secs(60));
@@ -1401,6 +1465,7 @@ fn measure(
         let (mut last, mut progress) = (0, Instant::now());
         loop {
             t.observer.check()?;
+            ctx.disk.check()?;
             let seen = t.observer.distinct(phase);
             if seen >= acked {
                 break;
@@ -1501,6 +1566,34 @@ fn probe(ctx: &mut Ctx, prefix: &str, observer: &Observer, what: &str) -> Result
     } else {
         Err(format!("no reading went through {what} within 30 s"))
     }
+}
+
+/// The number in the retained `$SYS` message `topic` of the broker on `port` (Mosquitto
+/// publishes them every `sys_interval`), waiting at most `within`.
+fn sys_value(rt: &Handle, port: u16, topic: &str, within: Duration) -> Option<f64> {
+    let topic = topic.to_owned();
+    rt.block_on(async move {
+        let read = async {
+            let (mut s, mut buf) = mqtt_connect(port, "relay-sys".into()).await.ok()?;
+            s.write_all(&wire::subscribe(1, &topic, 0)).await.ok()?;
+            loop {
+                while let Some((first, header, total)) = wire::split(&buf, MAX_PACKET).ok()? {
+                    if first >> 4 == wire::PUBLISH
+                        && let Some((t, p)) = wire::publish_parts(first, &buf[header..total])
+                        && t == topic.as_bytes()
+                    {
+                        return std::str::from_utf8(p).ok()?.trim().parse().ok();
+                    }
+                    buf.drain(..total);
+                }
+                buf.reserve(4096);
+                if s.read_buf(&mut buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(within, read).await.ok().flatten()
+    })
 }
 
 fn scrape(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Option<Metrics> {
@@ -1658,53 +1751,81 @@ fn outpost_binary() -> Result<PathBuf, String> {
     }
 }
 
-/// Waits until the hub's sink holds every reading of `loads` (or nothing new arrived for
-/// `stall`, or `cap` passed); returns (lost, duplicated, unexpected, seconds waited).
+/// The readings of the gateway's phases at the hub's sink when the drain ended.
+struct SinkCheck {
+    lost: u64,
+    dup: u64,
+    /// Readings at the sink that A never acknowledged to the generator.
+    unexpected: u64,
+    secs: f64,
+    /// Why the drain ended: `complete`, `stalled`, `time_cap` or `disk`.
+    end: &'static str,
+}
+
+/// Waits until the hub's sink holds every reading of `loads`, or no reading it lacked
+/// arrived for `stall` (copies of readings it holds do not count), or `cap` passed, or the
+/// disk runs short. `status` describes the gateway for the progress lines.
 fn drain_sink(
     sink: &mut SinkTail,
     loads: &[LoadReport],
     stall: Duration,
     cap: Duration,
-) -> (u64, u64, u64, f64) {
+    disk: &DiskGuard,
+    status: &dyn Fn() -> String,
+) -> SinkCheck {
     let t0 = Instant::now();
     let expected: HashSet<u64> = loads.iter().flat_map(LoadReport::expected).collect();
     let phases: HashSet<u64> = loads.iter().map(|l| l.phase).collect();
     let (mut last, mut progress) = (0usize, Instant::now());
     let mut report = Instant::now();
-    loop {
+    let end = loop {
         sink.poll();
         let present = expected
             .iter()
             .filter(|s| sink.seen.contains_key(s))
             .count();
         if present == expected.len() {
-            break;
+            break "complete";
         }
         if present > last {
             (last, progress) = (present, Instant::now());
         }
         if report.elapsed() > Duration::from_secs(10) {
             eprintln!(
-                "relay: draining: {present} of {} readings at the hub's sink",
-                expected.len()
+                "relay: draining: {present} of {} readings at the hub's sink ({} copies); {}",
+                expected.len(),
+                sink.lines,
+                status()
             );
             report = Instant::now();
         }
-        if progress.elapsed() > stall || t0.elapsed() > cap {
+        let end = if progress.elapsed() > stall {
+            Some("stalled")
+        } else if t0.elapsed() > cap {
+            Some("time_cap")
+        } else if let Err(e) = disk.check() {
+            eprintln!("relay: {e}");
+            Some("disk")
+        } else {
+            None
+        };
+        if let Some(end) = end {
             eprintln!(
-                "relay: the drain stopped making progress ({present} of {} at the sink)",
-                expected.len()
+                "relay: the drain ends ({end}) after {:.0} s: {present} of {} readings at the \
+                 sink, none new for {:.0} s; {}",
+                t0.elapsed().as_secs_f64(),
+                expected.len(),
+                progress.elapsed().as_secs_f64(),
+                status()
             );
-            break;
+            break end;
         }
         std::thread::sleep(Duration::from_secs(1));
-    }
-    let mut lost = 0;
-    for s in &expected {
-        if !sink.seen.contains_key(s) {
-            lost += 1;
-        }
-    }
+    };
+    let lost = expected
+        .iter()
+        .filter(|s| !sink.seen.contains_key(s))
+        .count() as u64;
     let (mut dup, mut unexpected) = (0u64, 0u64);
     for (s, n) in &sink.seen {
         if !phases.contains(&phase_of(*s)) {
@@ -1715,24 +1836,42 @@ fn drain_sink(
             unexpected += 1;
         }
     }
-    (lost, dup, unexpected, t0.elapsed().as_secs_f64())
+    SinkCheck {
+        lost,
+        dup,
+        unexpected,
+        secs: t0.elapsed().as_secs_f64(),
+        end,
+    }
 }
 
-/// Runs the benchmark.
+/// Runs the benchmark. With `RELAY_KEEP` set, the run's folder (configs, the gateway's and
+/// the hub's logs, outbox, sink) is kept and named at the end.
 pub fn run(_args: &[String]) -> Result<Json, String> {
     mosquitto::find_broker()?;
     let bin = outpost_binary()?;
     let p = Params::from_env()?;
+    let dir = tempfile::Builder::new()
+        .prefix("outpost-relay-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let r = run_in(dir.path(), &bin, p);
+    if std::env::var_os("RELAY_KEEP").is_some() {
+        eprintln!("relay: the run's folder is kept: {}", dir.keep().display());
+    }
+    r
+}
+
+fn run_in(d: &Path, bin: &Path, p: Params) -> Result<Json, String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let d = dir.path();
     // No queue limits: a broker holding a slow relay's backlog never drops it.
+    // `sys_interval 1`: A's `$SYS` message count tells, after the drain, what it still holds.
     let unlimited = "max_queued_messages 0\n";
-    let a = Mosquitto::start_configured(unlimited, &[]);
+    let a = Mosquitto::start_configured(&format!("{unlimited}sys_interval 1\n"), &[]);
     let b = Mosquitto::start_configured(unlimited, &[]);
     let mut ctx = Ctx {
         rt,
@@ -1742,6 +1881,11 @@ pub fn run(_args: &[String]) -> Result<Json, String> {
         next_phase: 0,
         sampler: RssSampler::start(),
         outpost_loads: Vec::new(),
+        disk: DiskGuard {
+            dir: d.to_path_buf(),
+            min_free_mb: p.min_free_mb,
+            checked: Mutex::new(None),
+        },
     };
     eprintln!(
         "relay: {} devices, rates {:?}/s, phases {:?} + {:?} warm-up, overload {:?}; A on {}, B on {}",
@@ -1796,7 +1940,7 @@ pub fn run(_args: &[String]) -> Result<Json, String> {
     let hub_cfg_s = hub_cfg.to_string_lossy().into_owned();
     let mut hub = Proc::spawn(
         "the hub (outpost hub)",
-        &bin,
+        bin,
         &["hub", &hub_cfg_s],
         &d.join("hub.log"),
     )?;
@@ -1825,7 +1969,7 @@ pub fn run(_args: &[String]) -> Result<Json, String> {
     )?;
 
     let gw_files = GatewayFiles {
-        bin: bin.clone(),
+        bin: bin.to_path_buf(),
         config: d.join("gateway.toml"),
         log: d.join("gateway.log"),
         metrics: SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -1976,15 +2120,55 @@ pub fn run(_args: &[String]) -> Result<Json, String> {
     );
     gw = start_gateway(&ctx, &gw_files)?;
     ctx.sampler.watch(gw.pid());
-    let (lost, dup, unexpected, drain_s) =
-        drain_sink(&mut sink, &ctx.outpost_loads, p.stall, p.drain);
+    let status = || {
+        let m = scrape(&ctx.rt, gw_files.metrics).unwrap_or_default();
+        format!(
+            "the gateway's outbox holds {} records",
+            m.sum("outpost_outbox_records")
+        )
+    };
+    let check = drain_sink(
+        &mut sink,
+        &ctx.outpost_loads,
+        p.stall,
+        p.drain,
+        &ctx.disk,
+        &status,
+    );
+    let SinkCheck {
+        lost,
+        dup,
+        unexpected,
+        secs: drain_s,
+        end: drain_end,
+    } = check;
     let rss_after_drain = mb(status_kb(gw.pid(), "VmRSS"));
     let rss_restart_peak = ctx.sampler.peak_mb();
     let expected: u64 = ctx.outpost_loads.iter().map(LoadReport::acked_total).sum();
     eprintln!(
-        "relay: after the restart: {lost} of {expected} readings lost, {dup} duplicated at the hub's \
-         sink, {unexpected} never acknowledged by A; drain {drain_s:.1} s, RSS peak {rss_restart_peak:.1} MB"
+        "relay: after the restart: {lost} of {expected} readings missing at the hub's sink when the \
+         drain ended ({drain_end}, {drain_s:.1} s), {dup} duplicated, {unexpected} never \
+         acknowledged by A; RSS peak {rss_restart_peak:.1} MB"
     );
+    // Where the missing readings are, if anywhere: still in the gateway's outbox, or still
+    // held by broker A for the gateway's session (the drain stalled rather than lost them).
+    let gm = scrape(&ctx.rt, gw_files.metrics).unwrap_or_default();
+    let total = |name: &str| gm.sum(name) + gm.sum(&format!("{name}_total"));
+    let outbox_records = total("outpost_outbox_records");
+    let acks_given_up = total("outpost_mqtt_acks_given_up");
+    let a_stored = sys_value(
+        ctx.rt.handle(),
+        a.port(),
+        "$SYS/broker/store/messages/count",
+        Duration::from_secs(5),
+    );
+    if lost > 0 {
+        eprintln!(
+            "relay: at the drain's end the gateway's outbox holds {outbox_records} records, it gave \
+             up {acks_given_up} acknowledgements, broker A stores {} messages",
+            fmt_opt(a_stored)
+        );
+    }
     gw.terminate();
     hub.terminate();
 
@@ -2053,10 +2237,14 @@ pub fn run(_args: &[String]) -> Result<Json, String> {
         "overload_p99_ms": ov.p99_ms,
         "overload_us_per_reading": ov.us_per_reading,
         "restart_drain_s": round(drain_s, 1),
+        "restart_drain_end": drain_end,
         "restart_rss_peak_mb": round(rss_restart_peak, 1),
         "rss_after_drain_mb": round(rss_after_drain, 1),
         "readings_checked_at_sink": expected,
         "sink_unexpected": unexpected,
+        "outbox_records_after_drain": outbox_records,
+        "acks_given_up": acks_given_up,
+        "broker_a_stored_after_drain": a_stored,
         "sink_unreadable_lines": sink.bad_lines,
         "unacked_by_a": unacked,
         "undecodable_at_b": op_obs.undecodable() + br_obs.undecodable(),
