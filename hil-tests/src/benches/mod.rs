@@ -8,6 +8,7 @@ pub mod kalman;
 pub mod link_detect;
 pub mod mqtt_ingest;
 pub mod outbox;
+pub mod relay;
 pub mod sync_bytes;
 
 /// Names accepted by the `bench` binary.
@@ -20,6 +21,7 @@ pub const NAMES: &[&str] = &[
     "e2e",
     "link_detect",
     "sync_bytes",
+    "relay",
 ];
 
 /// Runs the benchmark `name` with extra arguments `args`.
@@ -33,6 +35,7 @@ pub fn run(name: &str, args: &[String]) -> Result<serde_json::Value, String> {
         "e2e" => e2e::run(args),
         "link_detect" => link_detect::run(args),
         "sync_bytes" => sync_bytes::run(args),
+        "relay" => relay::run(args),
         _ => Err(format!(
             "unknown benchmark {name:?}; known: {}",
             NAMES.join(", ")

@@ -19,18 +19,25 @@ use outpost_runtime::{Sample, Value};
 const INSTALL: &str = "install it with `apt-get install mosquitto mosquitto-clients`, or run \
                        `hil-tests/run-tests.sh`, which installs the test peers";
 
-/// The broker binary: `$OUTPOST_MOSQUITTO` or `/usr/sbin/mosquitto`. Panics if missing.
-pub fn broker_binary() -> PathBuf {
+/// The broker binary: `$OUTPOST_MOSQUITTO` or `/usr/sbin/mosquitto`; an error naming the
+/// install step if it is missing.
+pub fn find_broker() -> Result<PathBuf, String> {
     let p = std::env::var_os("OUTPOST_MOSQUITTO")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/mosquitto"));
-    if !p.is_file() {
-        panic!(
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
             "the Mosquitto broker ({}) is missing: {INSTALL}",
             p.display()
-        );
+        ))
     }
-    p
+}
+
+/// [`find_broker`], panicking if the broker is missing.
+pub fn broker_binary() -> PathBuf {
+    find_broker().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A Mosquitto client program (`mosquitto_pub`, `mosquitto_sub`). Panics if missing.
@@ -234,6 +241,11 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// The broker's process id while it runs (its CPU and memory are in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the broker process is running.
