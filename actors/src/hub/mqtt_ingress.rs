@@ -324,7 +324,13 @@ fn build(opts: &MqttIngressOptions) -> (AsyncClient, EventLoop) {
             rumqttc::TlsConfiguration::Rustls(tls.clone()),
         ));
     }
-    AsyncClient::new(o, REQUEST_CHANNEL)
+    let (client, mut lp) = AsyncClient::new(o, REQUEST_CHANNEL);
+    // rumqttc leaves Nagle's algorithm on: acknowledgements would wait for the broker's
+    // delayed ACK when traffic is light.
+    let mut net = lp.network_options();
+    net.set_tcp_nodelay(true);
+    lp.set_network_options(net);
+    (client, lp)
 }
 
 async fn run(opts: MqttIngressOptions, ingest: Arc<HubIngest>, c: Counters) {

@@ -80,6 +80,10 @@ async fn run(
         o.set_credentials(u, p);
     }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 256);
+    // Nagle's algorithm (rumqttc's default) would hold small publishes back.
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let qos = if opts.qos == 0 {
         rumqttc::QoS::AtMostOnce
     } else {

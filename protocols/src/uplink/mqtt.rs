@@ -528,6 +528,9 @@ impl MqttUplinkSession {
         let (client, mut lp) = AsyncClient::new(o, cap);
         let mut net = lp.network_options();
         net.set_connection_timeout(opts.connect_timeout.as_secs().max(1));
+        // rumqttc leaves Nagle's algorithm on: a small frame (or PUBACK) then waits for
+        // the peer's delayed ACK, tens of milliseconds when traffic is light.
+        net.set_tcp_nodelay(true);
         lp.set_network_options(net);
         let down_topic = opts.down_topic();
         let after = opts.connect_timeout;

@@ -29,8 +29,9 @@
 //! crashes follow each other, and neither a refresh nor a redelivery that is not
 //! recognised (a message never stored) pushes out a receipt still needed. The test
 //! `redeliveries_are_always_recognised_across_crashes` simulates exactly that and fails
-//! below `2W`; [`capacity_for_in_flight`] keeps twice as many, `4W`, the margin covering
-//! acknowledgements that stay unread longer at a slow broker.
+//! below `2W`; [`capacity_for_in_flight`] keeps twice as many, `4W`, plus
+//! [`ACKS_IN_TRANSIT`] for acknowledgements written but still unread by the broker when
+//! the gateway dies (lost with the connection, so their stored messages come again).
 //!
 //! A capacity lowered between two runs does not evict the previous run's receipts at once:
 //! a source loaded with more keeps that many, less each batch by as many fingerprints as
@@ -44,10 +45,19 @@ use super::outbox::AUX_PREFIX;
 const TAG: u8 = 0x02;
 const KEY_LEN: usize = 18;
 
+/// Acknowledgements that may have been written to the broker's socket, but not read by
+/// the broker, when the gateway dies: they are lost with the connection (a socket closed
+/// with unread data is reset), so their messages come again although they were stored.
+/// Under overload the broker reads slowly and socket buffers hold tens of thousands of
+/// 4-byte PUBACKs: a relay at 68k readings/s killed mid-stream got 5,145 such messages
+/// again, which 4 × `max_in_flight` receipts did not cover.
+pub const ACKS_IN_TRANSIT: usize = 65_536;
+
 /// Receipts a source needs when it reads at most `max_in_flight` messages ahead of its
-/// acknowledgements (see the module documentation): `4 × max_in_flight`.
+/// acknowledgements (see the module documentation): `4 × max_in_flight`, plus
+/// [`ACKS_IN_TRANSIT`]. About 30 bytes of memory each.
 pub const fn capacity_for_in_flight(max_in_flight: usize) -> usize {
-    4 * if max_in_flight == 0 { 1 } else { max_in_flight }
+    4 * (if max_in_flight == 0 { 1 } else { max_in_flight }) + ACKS_IN_TRANSIT
 }
 
 /// 64-bit FNV-1a over the parts, with a separator between them (stable across processes,
@@ -372,8 +382,8 @@ mod tests {
 
     #[test]
     fn capacity_covers_twice_the_window_with_margin() {
-        assert_eq!(capacity_for_in_flight(1024), 4096);
-        assert_eq!(capacity_for_in_flight(0), 4);
+        assert_eq!(capacity_for_in_flight(1024), 4096 + ACKS_IN_TRANSIT);
+        assert_eq!(capacity_for_in_flight(0), 4 + ACKS_IN_TRANSIT);
     }
 
     #[test]
