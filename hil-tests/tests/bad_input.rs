@@ -60,13 +60,16 @@ async fn modbus_exceptions_are_counted_and_other_groups_continue() {
             "outpost_modbus_exceptions",
             &[("device", "ex-dev"), ("code", "2")],
         );
+        // Each missing point answers "illegal data address": found, counted, kept out of
+        // the batched reads and retried alone at a slower pace (not every interval).
+        let unreadable = m.gauge_value("outpost_modbus_unreadable", &[("device", "ex-dev")]);
         let ok = verify_samples(&good, &outbox_samples(&gw), 8);
-        if exc >= 16 && ok.is_ok() {
+        if exc >= 2 && unreadable == Some(2) && ok.is_ok() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "exceptions {exc}, good group {ok:?}"
+            "exceptions {exc}, unreadable points {unreadable:?}, good group {ok:?}"
         );
     }
     let samples = outbox_samples(&gw);

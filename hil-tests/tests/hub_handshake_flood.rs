@@ -140,7 +140,11 @@ async fn half_open_handshakes_do_not_lock_a_gateway_out_of_the_hub() {
     assert_eq!(metrics.counter_value("outpost_hub_connections", &[]), 1);
     // The hub's own gauge (same name and labels: the same series).
     let pending = metrics
-        .gauge("outpost_hub_handshakes_pending", "", &[])
+        .gauge(
+            "outpost_hub_handshakes_pending",
+            "QUIC handshakes in progress",
+            &[],
+        )
         .get();
     assert!(
         pending <= 4,
