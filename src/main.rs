@@ -113,10 +113,28 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each said once: library errors often show their
+/// source in their own message *and* return it as `source()`, which `{:#}` would print
+/// again (an engine error came out three times over).
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }
 
 fn demo(
@@ -301,5 +319,42 @@ mod memory {
             // SAFETY: malloc_trim is thread-safe and only releases free memory.
             let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain_text;
+    use std::fmt;
+
+    /// An error that shows its source in its message and also returns it as `source()`.
+    #[derive(Debug)]
+    struct Wraps(&'static str, Box<dyn std::error::Error + Send + Sync>);
+
+    impl fmt::Display for Wraps {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{}: {}", self.0, self.1)
+        }
+    }
+
+    impl std::error::Error for Wraps {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.1)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::other("could not acquire lock");
+        let engine = Wraps("storage engine error", Box::new(io));
+        let outbox = Wraps("cannot open the outbox in /x", Box::new(engine));
+        let e = anyhow::Error::new(outbox).context("gateway failed");
+        assert_eq!(
+            chain_text(&e),
+            "gateway failed: cannot open the outbox in /x: storage engine error: could not \
+             acquire lock"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(chain_text(&plain), "outer: inner");
     }
 }
